@@ -1,0 +1,366 @@
+"""Random projections of per-sample gradients, computed from hook captures (method.md §2, last bullet).
+
+Every unit's per-sample gradient is a sum of outer products over tokens t:
+    Linear / Conv1D:  G = sum_t d_t a_t^T        (d_t: output gradient, a_t: input activation [, 1 for the bias])
+    Embedding:        G = sum_t e_{id_t} d_t^T    (row-sparse: only the rows of tokens present)
+A projector turns (inputs captured in the forward pass, output gradients captured in the backward pass)
+into a (B, k) feature per sample:
+    identity     vec(G) in the parameter layout [weight.flatten(), bias] (exact; small units)
+    gaussian     P vec(G), P of k x p with N(0, 1/k) entries       } dense: E[P^T P] = I, so inner products
+    rademacher   P vec(G), P of k x p with +-1/sqrt(k) entries     } are preserved in expectation (JL)
+    factorized   P_out G P_in^T = sum_t (P_out d_t)(P_in a_t)^T  (LoGra): never forms G; for embeddings the
+                 input side is a column gather P_row[:, id_t]. A side no larger than its share of k is kept
+                 exact (identity) and the other side gets the rest of the budget.
+Random entries come from a counter-based hash of (seed, layer name, row, column), so a projection is the
+same on every device and any slice of P can be generated on its own (no k x p matrix is stored for the
+dense row-sparse embedding path).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from abc import ABC, abstractmethod
+from dataclasses import asdict, dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from influence.errors import InvalidInputError
+from influence.layers import Layer
+
+DEFAULT_DIM = 256
+# Above this many features an identity projection is refused: the store would hold p numbers per row.
+MAX_IDENTITY_DIM = 1 << 20
+# Dense projection matrices up to this many entries are cached; bigger ones are generated per batch.
+_DENSE_CACHE_ENTRIES = 1 << 24
+
+
+@dataclass(frozen=True)
+class ProjectionSpec:
+    """What a feature store records about its projection: kind, target dimension per layer, seed."""
+
+    kind: str = "factorized"
+    dim: int = DEFAULT_DIM
+    seed: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Counter-based random numbers: entry (j, c) of a layer's P is a pure function of (seed, layer, j, c).
+
+_MASK64 = (1 << 64) - 1
+
+
+def _signed(value: int) -> int:
+    value &= _MASK64
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+_GOLDEN = _signed(0x9E3779B97F4A7C15)
+_MIX1 = _signed(0xBF58476D1CE4E5B9)
+_MIX2 = _signed(0x94D049BB133111EB)
+
+
+def _shift_right(x: torch.Tensor, bits: int) -> torch.Tensor:
+    # Logical shift on int64: the arithmetic shift copies the sign bit, so mask it away.
+    return (x >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def _splitmix64(x: torch.Tensor) -> torch.Tensor:
+    """SplitMix64 finaliser on int64 tensors (wrapping arithmetic)."""
+    z = x + _GOLDEN
+    z = (z ^ _shift_right(z, 30)) * _MIX1
+    z = (z ^ _shift_right(z, 27)) * _MIX2
+    return z ^ _shift_right(z, 31)
+
+
+def stream_key(seed: int, layer_name: str, part: str) -> int:
+    """A 63-bit key for one random stream: (seed, layer, which matrix)."""
+    digest = hashlib.sha256(f"{seed}\x00{layer_name}\x00{part}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def hashed_normal(key: int, rows: torch.Tensor, cols: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+    """Standard normal entries N[j, c] for j in rows (R,), c in cols (C,) -> (R, C), by Box-Muller."""
+    bits = _hash_grid(key, rows, cols)
+    high = _shift_right(bits, 32).to(torch.float64)
+    low = (bits & 0xFFFFFFFF).to(torch.float64)
+    u1 = (high + 1.0) / 4294967297.0  # in (0, 1): log is finite
+    u2 = low / 4294967296.0
+    return (torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2.0 * math.pi * u2)).to(dtype)
+
+
+def hashed_signs(key: int, rows: torch.Tensor, cols: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+    """Rademacher entries (+1 / -1) for rows x cols."""
+    bits = _hash_grid(key, rows, cols)
+    return ((bits >> 40) & 1).to(dtype) * 2 - 1
+
+
+def _hash_grid(key: int, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    row_keys = _splitmix64(rows.to(torch.int64) + key)
+    return _splitmix64(row_keys[:, None] ^ cols.to(torch.int64)[None, :])
+
+
+def random_matrix(key: int, rows: int, cols: int, kind: str, dtype, device) -> torch.Tensor:
+    """A (rows, cols) matrix with entries of variance 1/rows (so E[P^T P] = I)."""
+    r = torch.arange(rows, device=device)
+    c = torch.arange(cols, device=device)
+    values = hashed_signs(key, r, c, dtype) if kind == "rademacher" else hashed_normal(key, r, c, dtype)
+    return values / math.sqrt(rows)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Projectors: one per layer unit.
+
+
+class Projector(ABC):
+    """Turns hook captures of one layer unit into per-sample features (B, dim)."""
+
+    kind: ClassVar[str]
+
+    def __init__(self, layer: Layer, dim: int, seed: int):
+        self.layer = layer
+        self.target_dim = dim
+        self.seed = seed
+
+    @property
+    @abstractmethod
+    def dim(self) -> int:
+        """Feature size of this unit."""
+
+    @abstractmethod
+    def prepare(self, inputs: torch.Tensor) -> Any:
+        """Forward-time capture: inputs (B, T, in) activations, or (B, T) token ids for an embedding."""
+
+    @abstractmethod
+    def combine(self, prepared: Any, grad_out: torch.Tensor) -> torch.Tensor:
+        """Backward-time: output gradients (B, T, out) -> features (B, dim)."""
+
+
+def _flat_param_layout(layer: Layer, g_weight: torch.Tensor, g_bias: torch.Tensor | None) -> torch.Tensor:
+    """Per-sample (B, out, in) weight gradient (+ (B, out) bias) -> (B, p) in the parameter's own layout."""
+    if layer.kind == "conv1d":
+        g_weight = g_weight.transpose(1, 2)  # Conv1D stores its weight as (in, out)
+    flat = g_weight.reshape(g_weight.shape[0], -1)
+    return torch.cat([flat, g_bias], dim=1) if g_bias is not None else flat
+
+
+def exact_linear_gradient(layer: Layer, a: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """vec(G) per sample for a Linear/Conv1D unit: a (B, T, in), d (B, T, out) -> (B, p)."""
+    g_weight = torch.einsum("bto,bti->boi", d, a)
+    g_bias = d.sum(dim=1) if layer.has_bias else None
+    return _flat_param_layout(layer, g_weight, g_bias)
+
+
+def exact_embedding_gradient(layer: Layer, ids: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """vec(G) per sample for an embedding: ids (B, T), d (B, T, dim) -> (B, vocab * dim). Dense: small models."""
+    batch, _, dim = d.shape
+    grad = torch.zeros(batch, layer.rows, dim, dtype=d.dtype, device=d.device)
+    sample = torch.arange(batch, device=d.device)[:, None].expand_as(ids)
+    grad.index_put_((sample, ids), d, accumulate=True)
+    return grad.reshape(batch, -1)
+
+
+def _padding_mask(ids: torch.Tensor, padding_idx: int | None) -> torch.Tensor | None:
+    return None if padding_idx is None else (ids != padding_idx)
+
+
+class IdentityProjector(Projector):
+    kind = "identity"
+
+    def __init__(self, layer: Layer, dim: int, seed: int, padding_idx: int | None = None):
+        super().__init__(layer, dim, seed)
+        self.padding_idx = padding_idx
+
+    @property
+    def dim(self) -> int:
+        return self.layer.num_params
+
+    def prepare(self, inputs):
+        return inputs
+
+    def combine(self, prepared, grad_out):
+        if self.layer.kind == "embedding":
+            mask = _padding_mask(prepared, self.padding_idx)
+            if mask is not None:
+                grad_out = grad_out * mask[..., None].to(grad_out.dtype)  # nn.Embedding: no grad at padding_idx
+            return exact_embedding_gradient(self.layer, prepared, grad_out)
+        return exact_linear_gradient(self.layer, prepared, grad_out)
+
+
+class DenseProjector(Projector):
+    """P vec(G) with a dense seeded Gaussian or Rademacher P (k x p). Costs k x p per sample: for small units,
+    or for research against the factorized default. Embeddings take a row-sparse path: only the columns of
+    P that belong to rows (tokens) present in the batch are generated."""
+
+    kind = "gaussian"
+    _cache: dict[tuple, torch.Tensor]
+
+    def __init__(self, layer: Layer, dim: int, seed: int, padding_idx: int | None = None, kind: str = "gaussian"):
+        super().__init__(layer, dim, seed)
+        self.kind = kind
+        self.padding_idx = padding_idx
+        self.key = stream_key(seed, layer.name, f"dense-{kind}")
+        self._cache = {}
+
+    @property
+    def dim(self) -> int:
+        return self.target_dim
+
+    def _columns(self, cols: torch.Tensor, dtype) -> torch.Tensor:
+        """P[:, cols] as (k, len(cols)), entries of variance 1/k."""
+        rows = torch.arange(self.target_dim, device=cols.device)
+        make = hashed_signs if self.kind == "rademacher" else hashed_normal
+        return make(self.key, rows, cols, dtype) / math.sqrt(self.target_dim)
+
+    def _full(self, dtype, device) -> torch.Tensor | None:
+        p = self.layer.num_params
+        if p * self.target_dim > _DENSE_CACHE_ENTRIES:
+            return None
+        cache_key = (dtype, str(device))
+        if cache_key not in self._cache:
+            self._cache[cache_key] = self._columns(torch.arange(p, device=device), dtype)
+        return self._cache[cache_key]
+
+    def prepare(self, inputs):
+        return inputs
+
+    def combine(self, prepared, grad_out):
+        if self.layer.kind == "embedding":
+            return self._combine_embedding(prepared, grad_out)
+        flat = exact_linear_gradient(self.layer, prepared, grad_out)  # (B, p)
+        full = self._full(flat.dtype, flat.device)
+        if full is not None:
+            return flat @ full.T
+        out = torch.zeros(flat.shape[0], self.target_dim, dtype=flat.dtype, device=flat.device)
+        step = max(1, _DENSE_CACHE_ENTRIES // self.target_dim)
+        for start in range(0, flat.shape[1], step):  # generate P in column blocks: bounded memory
+            cols = torch.arange(start, min(start + step, flat.shape[1]), device=flat.device)
+            out += flat[:, start : start + len(cols)] @ self._columns(cols, flat.dtype).T
+        return out
+
+    def _combine_embedding(self, ids, grad_out):
+        batch, _, width = grad_out.shape
+        mask = _padding_mask(ids, self.padding_idx)
+        if mask is not None:
+            grad_out = grad_out * mask[..., None].to(grad_out.dtype)
+        present, inverse = torch.unique(ids, return_inverse=True)  # rows of G that can be non-zero
+        rows_grad = torch.zeros(batch, len(present), width, dtype=grad_out.dtype, device=grad_out.device)
+        sample = torch.arange(batch, device=ids.device)[:, None].expand_as(ids)
+        rows_grad.index_put_((sample, inverse), grad_out, accumulate=True)
+        cols = (present[:, None] * width + torch.arange(width, device=ids.device)[None, :]).reshape(-1)
+        return rows_grad.reshape(batch, -1) @ self._columns(cols, grad_out.dtype).T
+
+
+def factor_dims(rows: int, cols: int, dim: int) -> tuple[int | None, int | None]:
+    """Split a feature budget `dim` between the two sides of a rows x cols gradient.
+
+    None means that side stays exact. A side no wider than its square-root share is kept exact and gives
+    its budget to the other side; a unit with rows * cols <= dim is not projected at all.
+    """
+    if rows * cols <= dim:
+        return None, None
+    share = max(1, math.isqrt(dim))
+    if rows <= share:
+        return None, min(cols, max(1, dim // rows))
+    if cols <= share:
+        return min(rows, max(1, dim // cols)), None
+    return share, max(1, dim // share)
+
+
+class FactorizedProjector(Projector):
+    """LoGra-style Kronecker projection: features = P_out G P_in^T without forming G."""
+
+    kind = "factorized"
+
+    def __init__(self, layer: Layer, dim: int, seed: int, padding_idx: int | None = None):
+        super().__init__(layer, dim, seed)
+        self.padding_idx = padding_idx
+        in_size = layer.in_features + (1 if layer.has_bias and layer.kind != "embedding" else 0)
+        self.k_out, self.k_in = factor_dims(layer.out_features, in_size, dim)
+        self.in_size = in_size
+        self._matrices: dict[tuple, tuple[torch.Tensor | None, torch.Tensor | None]] = {}
+
+    @property
+    def dim(self) -> int:
+        return (self.k_out or self.layer.out_features) * (self.k_in or self.in_size)
+
+    def matrices(self, dtype, device) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(P_out (k_out, out), P_in (k_in, in [+1 for bias])); None for a side kept exact."""
+        key = (dtype, str(device))
+        if key not in self._matrices:
+            p_out = p_in = None
+            if self.k_out is not None:
+                p_out = random_matrix(stream_key(self.seed, self.layer.name, "out"), self.k_out,
+                                      self.layer.out_features, "gaussian", dtype, device)
+            if self.k_in is not None:
+                p_in = random_matrix(stream_key(self.seed, self.layer.name, "in"), self.k_in,
+                                     self.in_size, "gaussian", dtype, device)
+            self._matrices[key] = (p_out, p_in)
+        return self._matrices[key]
+
+    def prepare(self, inputs):
+        if self.layer.kind == "embedding":
+            return self._prepare_ids(inputs)
+        _, p_in = self.matrices(inputs.dtype, inputs.device)
+        if p_in is None:
+            if self.layer.has_bias:
+                ones = torch.ones(*inputs.shape[:-1], 1, dtype=inputs.dtype, device=inputs.device)
+                return torch.cat([inputs, ones], dim=-1)
+            return inputs
+        if self.layer.has_bias:
+            # [a, 1] @ P_in^T = a @ P_in[:, :-1]^T + P_in[:, -1]: no concatenated copy of the activations.
+            return torch.addmm(p_in[:, -1], inputs.reshape(-1, inputs.shape[-1]), p_in[:, :-1].T).reshape(
+                *inputs.shape[:-1], -1
+            )
+        return inputs @ p_in.T
+
+    def _prepare_ids(self, ids):
+        # The "input" of an embedding is the one-hot of its token, and P_in one_hot = a column of P_in: the
+        # gather happens in combine, where the gradient's dtype is known.
+        return ids
+
+    def combine(self, prepared, grad_out):
+        p_out, p_in = self.matrices(grad_out.dtype, grad_out.device)
+        if self.layer.kind == "embedding":
+            ids = prepared
+            if p_in is None:
+                raise InvalidInputError("factorized projection of an embedding needs a projected vocabulary side")
+            left = p_in.T[ids]  # (B, T, k_in): P_in[:, id_t]
+            mask = _padding_mask(ids, self.padding_idx)
+            if mask is not None:
+                left = left * mask[..., None].to(left.dtype)
+        else:
+            left = prepared
+        right = grad_out if p_out is None else grad_out @ p_out.T  # (B, T, k_out)
+        return torch.einsum("bto,bti->boi", right, left).reshape(grad_out.shape[0], -1)
+
+
+PROJECTORS: dict[str, type[Projector]] = {
+    "identity": IdentityProjector,
+    "gaussian": DenseProjector,
+    "rademacher": DenseProjector,
+    "factorized": FactorizedProjector,
+}
+
+
+def make_projector(spec: ProjectionSpec, layer: Layer, padding_idx: int | None = None) -> Projector:
+    """The projector of one layer unit; deterministic from (spec.seed, layer.name)."""
+    if spec.kind not in PROJECTORS:
+        raise InvalidInputError(f"unknown projection {spec.kind!r}; expected one of {', '.join(PROJECTORS)}")
+    if spec.dim < 1:
+        raise InvalidInputError("projection dim must be positive")
+    cls = PROJECTORS[spec.kind]
+    if cls is DenseProjector:
+        projector: Projector = DenseProjector(layer, spec.dim, spec.seed, padding_idx, kind=spec.kind)
+    else:
+        projector = cls(layer, spec.dim, spec.seed, padding_idx)  # type: ignore[call-arg]
+    if spec.kind == "identity" and projector.dim > MAX_IDENTITY_DIM:
+        raise InvalidInputError(
+            f"identity projection of {layer.name} would store {projector.dim} numbers per row "
+            f"(limit {MAX_IDENTITY_DIM}); use a factorized or dense projection"
+        )
+    return projector

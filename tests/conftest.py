@@ -1,0 +1,113 @@
+"""Shared fixtures: real SST-2 rows, an offline word-level tokenizer, and tiny HF models built from configs."""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+SST2 = SHARED / "datasets" / "sst2"
+
+
+@pytest.fixture(scope="session")
+def sst2_train():
+    from influence.data import read_labelled_tsv
+
+    return read_labelled_tsv(SST2 / "train.tsv", limit=3000)
+
+
+@pytest.fixture(scope="session")
+def sst2_validation():
+    from influence.data import read_labelled_tsv
+
+    return read_labelled_tsv(SST2 / "validation.tsv")
+
+
+def build_word_tokenizer(folder: Path, texts: list[str], size: int = 400):
+    """A word-level fast tokenizer built offline from `texts` (the tests never download a tokenizer)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[EOS]"]
+    words = Counter(w for t in texts for w in t.split())
+    vocab = {tok: i for i, tok in enumerate(specials)}
+    for word, _ in words.most_common(size - len(specials)):
+        vocab[word] = len(vocab)
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]",
+        eos_token="[EOS]",
+    )
+    fast.save_pretrained(folder)
+    return fast
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_dir(tmp_path_factory, sst2_train):
+    folder = tmp_path_factory.mktemp("tiny-tokenizer")
+    build_word_tokenizer(folder, [e.text for e in sst2_train[:2000]])
+    return folder
+
+
+TINY_ARCHS = ("bert", "gpt2", "llama")
+
+
+def tiny_config(arch: str, vocab_size: int, **overrides):
+    from transformers import BertConfig, GPT2Config, LlamaConfig
+
+    common = {"vocab_size": vocab_size, "pad_token_id": 0, "eos_token_id": 4, "bos_token_id": 2}
+    if arch == "bert":
+        cfg = BertConfig(hidden_size=16, num_hidden_layers=3, num_attention_heads=2, intermediate_size=24,
+                         max_position_embeddings=64, **common)
+    elif arch == "gpt2":
+        cfg = GPT2Config(n_embd=16, n_layer=3, n_head=2, n_positions=64, **common)
+    elif arch == "llama":
+        cfg = LlamaConfig(hidden_size=16, intermediate_size=24, num_hidden_layers=3, num_attention_heads=2,
+                          num_key_value_heads=1, head_dim=8, max_position_embeddings=64, **common)
+    else:
+        raise ValueError(arch)
+    for key, value in overrides.items():
+        setattr(cfg, key, value)
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tiny_tokenizer_dir):
+    """make(arch, task) -> folder with a tiny model (safetensors) and the word tokenizer, built once per session."""
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    made: dict[tuple, Path] = {}
+
+    def make(arch: str, task: str = "classification", num_labels: int = 3, **overrides) -> Path:
+        key = (arch, task, num_labels, tuple(sorted(overrides.items())))
+        if key in made:
+            return made[key]
+        folder = tmp_path_factory.mktemp(f"tiny-{arch}-{task}")
+        torch.manual_seed(0)
+        config = tiny_config(arch, vocab_size=400, **overrides)
+        if task == "classification":
+            config.num_labels = num_labels
+            model = AutoModelForSequenceClassification.from_config(config)
+        else:
+            model = AutoModelForCausalLM.from_config(config)
+        model.save_pretrained(folder, safe_serialization=True)
+        for item in Path(tiny_tokenizer_dir).iterdir():
+            shutil.copy(item, folder / item.name)
+        made[key] = folder
+        return folder
+
+    return make
