@@ -75,7 +75,10 @@ def load_tokenizer(source: str | Path, revision: str | None = None):
     from transformers import AutoTokenizer
 
     folder = _resolve_folder(str(source), revision)
-    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+    except (ValueError, OSError, KeyError) as exc:
+        raise UnsupportedModelError(f"cannot load the tokenizer of {source}: {exc}") from exc
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
             raise UnsupportedModelError("the tokenizer has neither a pad nor an EOS token")
@@ -109,10 +112,14 @@ def load_model(
     kwargs = {"trust_remote_code": False, "use_safetensors": True, "dtype": dtype}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        if task == "classification":
-            model = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=num_labels, **kwargs)
-        else:
-            model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+        try:
+            if task == "classification":
+                model = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=num_labels, **kwargs)
+            else:
+                model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+        except (ValueError, OSError, KeyError) as exc:
+            # transformers reports unknown architectures, remote-code requirements and bad files this way.
+            raise UnsupportedModelError(f"cannot load {source} as a {task} model: {exc}") from exc
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     folders = [folder]

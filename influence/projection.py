@@ -30,6 +30,8 @@ from influence.errors import InvalidInputError
 from influence.layers import Layer
 
 DEFAULT_DIM = 256
+# Bumped whenever the same spec would produce different numbers; part of every store's fingerprint.
+PROJECTION_FORMAT = 1
 # Above this many features an identity projection is refused: the store would hold p numbers per row.
 MAX_IDENTITY_DIM = 1 << 20
 # Dense projection matrices up to this many entries are cached; bigger ones are generated per batch.
@@ -45,7 +47,7 @@ class ProjectionSpec:
     seed: int = 0
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {**asdict(self), "format": PROJECTION_FORMAT}
 
 
 # ---------------------------------------------------------------------------------------------------------
