@@ -26,7 +26,14 @@ A minimal session::
 """
 
 from influence.aggregation import AGGREGATORS, aggregate, average_ranks, register_aggregator
-from influence.data import Batch, Example, encode_examples, iter_batches, read_labelled_tsv, stratified_subsample
+from influence.data import (
+    Batch,
+    Example,
+    encode_examples,
+    iter_batches,
+    read_labelled_tsv,
+    stratified_subsample,
+)
 from influence.errors import (
     InfluenceError,
     InvalidInputError,
@@ -37,7 +44,13 @@ from influence.errors import (
     UnsupportedModelError,
 )
 from influence.estimators import ESTIMATORS, Estimator, make_estimator, register_estimator
-from influence.featurize import CheckpointFeaturizer, FeatureSet, build_store, featurize_examples, store_manifest
+from influence.featurize import (
+    CheckpointFeaturizer,
+    FeatureSet,
+    build_store,
+    featurize_examples,
+    store_manifest,
+)
 from influence.finetune import LoraSettings, TrainSettings, finetune_lora, inject_label_noise, predict
 from influence.gradients import Featurizer, layer_cancellation, per_sample_gradients, per_sample_losses
 from influence.index import INDEX_KINDS, LayerIndex, build_store_indexes, load_store_indexes

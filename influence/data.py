@@ -80,7 +80,9 @@ def check_task(task: str) -> str:
     return task
 
 
-def encode_examples(tokenizer, examples: Sequence[Example], task: str, max_length: int) -> list[EncodedExample]:
+def encode_examples(
+    tokenizer, examples: Sequence[Example], task: str, max_length: int
+) -> list[EncodedExample]:
     """Tokenise examples (no padding). Classification labels must be integers."""
     check_task(task)
     if task == "classification":
@@ -116,7 +118,9 @@ def encode_examples(tokenizer, examples: Sequence[Example], task: str, max_lengt
             ids = (prompt + completion)[:max_length]
             token_labels = ([IGNORE_INDEX] * len(prompt) + completion)[:max_length]
         if not any(t != IGNORE_INDEX for t in token_labels[1:]):
-            raise InvalidInputError("a causal-LM example needs at least one completion token after the prompt")
+            raise InvalidInputError(
+                "a causal-LM example needs at least one completion token after the prompt"
+            )
         out.append(EncodedExample(list(ids), token_labels=token_labels))
     return out
 

@@ -167,8 +167,12 @@ def build_store(
             break
         start, end = ranges[chunk]
         feature_set = featurize_examples(
-            featurizer, tokenizer, examples[start:end], manifest.task,
-            batch_size=batch_size, max_length=manifest.max_length,
+            featurizer,
+            tokenizer,
+            examples[start:end],
+            manifest.task,
+            batch_size=batch_size,
+            max_length=manifest.max_length,
         )
         store.write_chunk(chunk, ids[start:end], feature_set.features)
         written.append(chunk)

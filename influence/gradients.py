@@ -44,7 +44,9 @@ def per_sample_losses(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, tor
     logits = output.logits
     if batch.task == "classification":
         if logits.shape[-1] < 2:
-            raise InvalidInputError("classification needs a model with at least 2 labels (regression heads unsupported)")
+            raise InvalidInputError(
+                "classification needs a model with at least 2 labels (regression heads unsupported)"
+            )
         return F.cross_entropy(logits, batch.labels, reduction="none"), logits
     targets = batch.labels[:, 1:]
     token_losses = F.cross_entropy(
@@ -208,8 +210,9 @@ def per_sample_gradients(model: nn.Module, batch: Batch, layers: Sequence[Layer]
     with HookedModel(model, layers, handlers) as hooked:
         results, _, logits = hooked.backward_per_sample(batch)
     return {
-        layer.name: results.get(layer.name, torch.zeros(len(batch), layer.num_params, dtype=logits.dtype,
-                                                        device=device))
+        layer.name: results.get(
+            layer.name, torch.zeros(len(batch), layer.num_params, dtype=logits.dtype, device=device)
+        )
         for layer in layers
     }
 
@@ -274,8 +277,13 @@ def layer_cancellation(
             break
         keep = min(len(batch), max_samples - seen)
         if keep < len(batch):
-            batch = Batch(batch.input_ids[:keep], batch.attention_mask[:keep], batch.labels[:keep], batch.task,
-                          batch.row_ids[:keep])
+            batch = Batch(
+                batch.input_ids[:keep],
+                batch.attention_mask[:keep],
+                batch.labels[:keep],
+                batch.task,
+                batch.row_ids[:keep],
+            )
         with HookedModel(model, layers, handlers) as hooked:
             hooked.backward_per_sample(batch.to(device))
         for name, handler in handlers.items():

@@ -36,18 +36,53 @@ KINDS = ("linear", "conv1d", "embedding")
 
 # Leaf names of projections across HF architectures -> our short names.
 _ATTENTION_LEAVES = {
-    "query": "q", "q_proj": "q", "q_lin": "q", "q": "q", "wq": "q",
-    "key": "k", "k_proj": "k", "k_lin": "k", "k": "k", "wk": "k",
-    "value": "v", "v_proj": "v", "v_lin": "v", "v": "v", "wv": "v",
-    "o_proj": "o", "out_proj": "o", "out_lin": "o", "o": "o", "wo": "o", "c_proj": "o", "dense": "o",
-    "c_attn": "qkv", "query_key_value": "qkv", "qkv_proj": "qkv", "wqkv": "qkv", "qkv": "qkv",
+    "query": "q",
+    "q_proj": "q",
+    "q_lin": "q",
+    "q": "q",
+    "wq": "q",
+    "key": "k",
+    "k_proj": "k",
+    "k_lin": "k",
+    "k": "k",
+    "wk": "k",
+    "value": "v",
+    "v_proj": "v",
+    "v_lin": "v",
+    "v": "v",
+    "wv": "v",
+    "o_proj": "o",
+    "out_proj": "o",
+    "out_lin": "o",
+    "o": "o",
+    "wo": "o",
+    "c_proj": "o",
+    "dense": "o",
+    "c_attn": "qkv",
+    "query_key_value": "qkv",
+    "qkv_proj": "qkv",
+    "wqkv": "qkv",
+    "qkv": "qkv",
 }
 _MLP_LEAVES = {
-    "intermediate.dense": "up", "up_proj": "up", "c_fc": "up", "fc1": "up", "lin1": "up", "w1": "up",
-    "dense_h_to_4h": "up", "fc_in": "up",
-    "output.dense": "down", "down_proj": "down", "fc2": "down", "lin2": "down", "w2": "down",
-    "dense_4h_to_h": "down", "fc_out": "down", "c_proj": "down",
-    "gate_proj": "gate", "w3": "gate",
+    "intermediate.dense": "up",
+    "up_proj": "up",
+    "c_fc": "up",
+    "fc1": "up",
+    "lin1": "up",
+    "w1": "up",
+    "dense_h_to_4h": "up",
+    "fc_in": "up",
+    "output.dense": "down",
+    "down_proj": "down",
+    "fc2": "down",
+    "lin2": "down",
+    "w2": "down",
+    "dense_4h_to_h": "down",
+    "fc_out": "down",
+    "c_proj": "down",
+    "gate_proj": "gate",
+    "w3": "gate",
 }
 _HEAD_ATTRIBUTES = ("classifier", "score", "lm_head", "qa_outputs", "cls")
 _LORA_PATTERN = re.compile(r"\.lora_([AB])\.[^.]+$")
@@ -226,8 +261,12 @@ def discover_layers(model: nn.Module) -> list[Layer]:
     if duplicates:
         # Two modules mapped to one short name: fall back to the module paths so names stay unique.
         found = [
-            (path, _rename(layer, re.sub(r"[^A-Za-z0-9_.]", "_", _canonical_path(path)[0]))  # type: ignore[index]
-             if layer.name in duplicates else layer)
+            (
+                path,
+                _rename(layer, re.sub(r"[^A-Za-z0-9_.]", "_", _canonical_path(path)[0]))  # type: ignore[index]
+                if layer.name in duplicates
+                else layer,
+            )
             for path, layer in found
         ]
     return [layer for _, layer in found]
@@ -260,7 +299,9 @@ def _make_layer(name, path, module, role, block, lora, num_blocks) -> Layer:
         groups.append("WE")
     if role == "head":
         groups.append("CL")
-    return Layer(name, path, kind, role, block, int(rows), int(cols), bias, lora is not None, None, tuple(groups))
+    return Layer(
+        name, path, kind, role, block, int(rows), int(cols), bias, lora is not None, None, tuple(groups)
+    )
 
 
 def _with_groups(layer: Layer, position: str, block_range: str) -> Layer:

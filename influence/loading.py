@@ -41,11 +41,16 @@ def _resolve_folder(source: str, revision: str | None) -> Path:
 
     try:
         return Path(
-            snapshot_download(source, revision=revision, allow_patterns=["*.json", "*.safetensors", "*.txt",
-                                                                          "*.model", "tokenizer*"])
+            snapshot_download(
+                source,
+                revision=revision,
+                allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "tokenizer*"],
+            )
         )
     except Exception as exc:  # huggingface_hub raises many types; all mean "not available here"
-        raise UnsupportedModelError(f"model {source!r} (revision {revision!r}) is not available: {exc}") from exc
+        raise UnsupportedModelError(
+            f"model {source!r} (revision {revision!r}) is not available: {exc}"
+        ) from exc
 
 
 def check_safetensors_only(folder: Path) -> list[Path]:
@@ -114,7 +119,9 @@ def load_model(
         torch.manual_seed(seed)
         try:
             if task == "classification":
-                model = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=num_labels, **kwargs)
+                model = AutoModelForSequenceClassification.from_pretrained(
+                    folder, num_labels=num_labels, **kwargs
+                )
             else:
                 model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
         except (ValueError, OSError, KeyError) as exc:

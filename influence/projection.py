@@ -188,7 +188,9 @@ class IdentityProjector(Projector):
         if self.layer.kind == "embedding":
             mask = _padding_mask(prepared, self.padding_idx)
             if mask is not None:
-                grad_out = grad_out * mask[..., None].to(grad_out.dtype)  # nn.Embedding: no grad at padding_idx
+                grad_out = grad_out * mask[..., None].to(
+                    grad_out.dtype
+                )  # nn.Embedding: no grad at padding_idx
             return exact_embedding_gradient(self.layer, prepared, grad_out)
         return exact_linear_gradient(self.layer, prepared, grad_out)
 
@@ -201,7 +203,9 @@ class DenseProjector(Projector):
     kind = "gaussian"
     _cache: dict[tuple, torch.Tensor]
 
-    def __init__(self, layer: Layer, dim: int, seed: int, padding_idx: int | None = None, kind: str = "gaussian"):
+    def __init__(
+        self, layer: Layer, dim: int, seed: int, padding_idx: int | None = None, kind: str = "gaussian"
+    ):
         super().__init__(layer, dim, seed)
         self.kind = kind
         self.padding_idx = padding_idx
@@ -296,11 +300,23 @@ class FactorizedProjector(Projector):
         if key not in self._matrices:
             p_out = p_in = None
             if self.k_out is not None:
-                p_out = random_matrix(stream_key(self.seed, self.layer.name, "out"), self.k_out,
-                                      self.layer.out_features, "gaussian", dtype, device)
+                p_out = random_matrix(
+                    stream_key(self.seed, self.layer.name, "out"),
+                    self.k_out,
+                    self.layer.out_features,
+                    "gaussian",
+                    dtype,
+                    device,
+                )
             if self.k_in is not None:
-                p_in = random_matrix(stream_key(self.seed, self.layer.name, "in"), self.k_in,
-                                     self.in_size, "gaussian", dtype, device)
+                p_in = random_matrix(
+                    stream_key(self.seed, self.layer.name, "in"),
+                    self.k_in,
+                    self.in_size,
+                    "gaussian",
+                    dtype,
+                    device,
+                )
             self._matrices[key] = (p_out, p_in)
         return self._matrices[key]
 
@@ -330,7 +346,9 @@ class FactorizedProjector(Projector):
         if self.layer.kind == "embedding":
             ids = prepared
             if p_in is None:
-                raise InvalidInputError("factorized projection of an embedding needs a projected vocabulary side")
+                raise InvalidInputError(
+                    "factorized projection of an embedding needs a projected vocabulary side"
+                )
             left = p_in.T[ids]  # (B, T, k_in): P_in[:, id_t]
             mask = _padding_mask(ids, self.padding_idx)
             if mask is not None:

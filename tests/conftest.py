@@ -43,10 +43,16 @@ def build_word_tokenizer(folder: Path, texts: list[str], size: int = 400):
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", 2), ("[SEP]", 3)],
     )
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]",
+        tokenizer_object=tok,
+        pad_token="[PAD]",
+        unk_token="[UNK]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
         eos_token="[EOS]",
     )
     fast.save_pretrained(folder)
@@ -68,13 +74,27 @@ def tiny_config(arch: str, vocab_size: int, **overrides):
 
     common = {"vocab_size": vocab_size, "pad_token_id": 0, "eos_token_id": 4, "bos_token_id": 2}
     if arch == "bert":
-        cfg = BertConfig(hidden_size=16, num_hidden_layers=3, num_attention_heads=2, intermediate_size=24,
-                         max_position_embeddings=64, **common)
+        cfg = BertConfig(
+            hidden_size=16,
+            num_hidden_layers=3,
+            num_attention_heads=2,
+            intermediate_size=24,
+            max_position_embeddings=64,
+            **common,
+        )
     elif arch == "gpt2":
         cfg = GPT2Config(n_embd=16, n_layer=3, n_head=2, n_positions=64, **common)
     elif arch == "llama":
-        cfg = LlamaConfig(hidden_size=16, intermediate_size=24, num_hidden_layers=3, num_attention_heads=2,
-                          num_key_value_heads=1, head_dim=8, max_position_embeddings=64, **common)
+        cfg = LlamaConfig(
+            hidden_size=16,
+            intermediate_size=24,
+            num_hidden_layers=3,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=8,
+            max_position_embeddings=64,
+            **common,
+        )
     else:
         raise ValueError(arch)
     for key, value in overrides.items():

@@ -37,8 +37,9 @@ def test_features_come_back_in_input_order(tiny, sst2_train):
     encoded = encode_examples(tokenizer, examples, "classification", 128)
     exact = per_sample_gradients(model, collate(encoded, 0, "classification", range(20)), layers)
     for layer in layers:
-        np.testing.assert_allclose(result.features[layer.name], exact[layer.name].float().numpy(), rtol=1e-5,
-                                   atol=1e-7)
+        np.testing.assert_allclose(
+            result.features[layer.name], exact[layer.name].float().numpy(), rtol=1e-5, atol=1e-7
+        )
     with torch.no_grad():
         batch = collate(encoded, 0, "classification", range(20))
         logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
@@ -51,30 +52,48 @@ def test_tracin_cp_over_two_checkpoints_equals_the_weighted_sum(tiny_model_dir, 
     models = [load_model(folder, num_labels=3, dtype=torch.float64, seed=s) for s in (0, 1)]  # two heads
     etas = [0.3, 0.05]
     layers = select_layers(discover_layers(models[0].model), ["head", "block.1.attn.v"])
-    featurizer = CheckpointFeaturizer([Featurizer(m.model, layers, ProjectionSpec("identity")) for m in models])
+    featurizer = CheckpointFeaturizer(
+        [Featurizer(m.model, layers, ProjectionSpec("identity")) for m in models]
+    )
     train = featurize_examples(featurizer, models[0].tokenizer, _examples(sst2_train, 12), "classification")
-    test = featurize_examples(featurizer, models[0].tokenizer, _examples(sst2_train[100:], 3), "classification")
+    test = featurize_examples(
+        featurizer, models[0].tokenizer, _examples(sst2_train[100:], 3), "classification"
+    )
     encoded_train = encode_examples(models[0].tokenizer, _examples(sst2_train, 12), "classification", 128)
     encoded_test = encode_examples(models[0].tokenizer, _examples(sst2_train[100:], 3), "classification", 128)
     for layer in layers:
         dims = featurizer.checkpoint_dims[layer.name]
         estimator = make_estimator("tracin-cp", checkpoint_dims=dims, learning_rates=etas)
-        got = estimator.score(torch.from_numpy(train.features[layer.name]).double(),
-                              torch.from_numpy(test.features[layer.name]).double())
+        got = estimator.score(
+            torch.from_numpy(train.features[layer.name]).double(),
+            torch.from_numpy(test.features[layer.name]).double(),
+        )
         want = torch.zeros(12, 3, dtype=torch.float64)
         for eta, loaded in zip(etas, models, strict=True):
-            g_train = per_sample_gradients(loaded.model, collate(encoded_train, 0, "classification", range(12)),
-                                           [layer])[layer.name]
-            g_test = per_sample_gradients(loaded.model, collate(encoded_test, 0, "classification", range(3)),
-                                          [layer])[layer.name]
+            g_train = per_sample_gradients(
+                loaded.model, collate(encoded_train, 0, "classification", range(12)), [layer]
+            )[layer.name]
+            g_test = per_sample_gradients(
+                loaded.model, collate(encoded_test, 0, "classification", range(3)), [layer]
+            )[layer.name]
             want += eta * g_train @ g_test.T
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-9)
 
 
 def _manifest(featurizer, n, chunk_size):
-    return store_manifest(featurizer, model_id="tiny", revision=None, weights_hash="w", tokenizer_name="t",
-                          dataset_hash="d", num_rows=n, task="classification", max_length=64, dtype="float32",
-                          chunk_size=chunk_size)
+    return store_manifest(
+        featurizer,
+        model_id="tiny",
+        revision=None,
+        weights_hash="w",
+        tokenizer_name="t",
+        dataset_hash="d",
+        num_rows=n,
+        task="classification",
+        max_length=64,
+        dtype="float32",
+        chunk_size=chunk_size,
+    )
 
 
 def test_store_build_resumes_after_a_crash_with_identical_features(tiny, sst2_train, tmp_path):
@@ -95,7 +114,9 @@ def test_store_build_resumes_after_a_crash_with_identical_features(tiny, sst2_tr
         return calls["n"] > 2
 
     assert build_store(featurizer, tokenizer, examples, crashed, should_stop=stop_after_two) == [0, 1]
-    resumed = FeatureStore.create(tmp_path / "crashed", _manifest(featurizer, 40, 8))  # a new worker reopens it
+    resumed = FeatureStore.create(
+        tmp_path / "crashed", _manifest(featurizer, 40, 8)
+    )  # a new worker reopens it
     assert resumed.pending_chunks() == [2, 3, 4]
     assert build_store(featurizer, tokenizer, examples, resumed, batch_size=7) == [2, 3, 4]
     resumed.finalize()
@@ -103,8 +124,12 @@ def test_store_build_resumes_after_a_crash_with_identical_features(tiny, sst2_tr
         np.testing.assert_array_equal(resumed.layer(layer.name), whole.layer(layer.name))
     np.testing.assert_array_equal(resumed.row_ids(), np.arange(40))
     with pytest.raises(InvalidInputError):
-        build_store(featurizer, tokenizer, examples[:10], FeatureStore.create(tmp_path / "x", _manifest(featurizer,
-                                                                                                        40, 8)))
+        build_store(
+            featurizer,
+            tokenizer,
+            examples[:10],
+            FeatureStore.create(tmp_path / "x", _manifest(featurizer, 40, 8)),
+        )
 
 
 def test_layer_cancellation_matches_the_formula_on_exact_gradients(tiny, sst2_train):
@@ -112,7 +137,9 @@ def test_layer_cancellation_matches_the_formula_on_exact_gradients(tiny, sst2_tr
     model, tokenizer = tiny
     layers = discover_layers(model)
     encoded = encode_examples(tokenizer, _examples(sst2_train, 24), "classification", 128)
-    batches = [collate(encoded[i : i + 10], 0, "classification", range(i, min(i + 10, 24))) for i in (0, 10, 20)]
+    batches = [
+        collate(encoded[i : i + 10], 0, "classification", range(i, min(i + 10, 24))) for i in (0, 10, 20)
+    ]
     got = layer_cancellation(model, layers, batches, max_samples=17)  # stops inside the second batch
     exact = per_sample_gradients(model, collate(encoded[:17], 0, "classification", range(17)), layers)
     want = cancellation({name: value for name, value in exact.items()})

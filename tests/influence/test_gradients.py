@@ -29,8 +29,14 @@ def _model(tiny_model_dir, arch, task, lora):
     if lora:
         from peft import LoraConfig, get_peft_model
 
-        config = LoraConfig(r=2, lora_alpha=4, lora_dropout=0.0, target_modules=LORA_TARGETS[arch],
-                            init_lora_weights=False, fan_in_fan_out=arch == "gpt2")
+        config = LoraConfig(
+            r=2,
+            lora_alpha=4,
+            lora_dropout=0.0,
+            target_modules=LORA_TARGETS[arch],
+            init_lora_weights=False,
+            fan_in_fan_out=arch == "gpt2",
+        )
         model = get_peft_model(model, config).double().eval()
     return model, loaded.tokenizer
 
@@ -162,7 +168,9 @@ def _explicit_factorized(layer, projector, g):
         weight = g[:, : layer.rows * layer.cols].reshape(n, layer.rows, layer.cols)
         if layer.kind == "conv1d":
             weight = weight.transpose(1, 2)
-        g_aug = torch.cat([weight, g[:, layer.rows * layer.cols :, None]], dim=2) if layer.has_bias else weight
+        g_aug = (
+            torch.cat([weight, g[:, layer.rows * layer.cols :, None]], dim=2) if layer.has_bias else weight
+        )
     p_out, p_in = projector.matrices(g.dtype, g.device)
     if p_out is not None:
         g_aug = p_out @ g_aug
@@ -203,7 +211,9 @@ def test_featurize_is_independent_of_batching(tiny_model_dir, sst2_train):
 def test_hooks_are_removed_and_model_unchanged(tiny_model_dir, sst2_train):
     model, tokenizer = _model(tiny_model_dir, "gpt2", "classification", lora=False)
     layers = discover_layers(model)
-    encoded = encode_examples(tokenizer, [Example(e.text, e.label) for e in sst2_train[:4]], "classification", 32)
+    encoded = encode_examples(
+        tokenizer, [Example(e.text, e.label) for e in sst2_train[:4]], "classification", 32
+    )
     batch = collate(encoded, tokenizer.pad_token_id, "classification", range(4))
     with torch.no_grad():
         before = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits

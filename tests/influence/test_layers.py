@@ -16,8 +16,13 @@ def minilm_lora_layers():
     from peft import LoraConfig, get_peft_model
 
     loaded = load_model(packaged_minilm_path())
-    config = LoraConfig(r=4, lora_alpha=4, target_modules=["query", "value"], modules_to_save=["classifier"],
-                        task_type="SEQ_CLS")
+    config = LoraConfig(
+        r=4,
+        lora_alpha=4,
+        target_modules=["query", "value"],
+        modules_to_save=["classifier"],
+        task_type="SEQ_CLS",
+    )
     return discover_layers(get_peft_model(loaded.model, config))
 
 
@@ -31,10 +36,21 @@ def test_minilm_lora_units(minilm_lora_layers):
     assert len(layers) == 6 * 10 + 3
     assert names(minilm_lora_layers)[0] == "embed" and names(minilm_lora_layers)[-1] == "head"
     embed = layers["embed"]
-    assert (embed.kind, embed.role, embed.rows, embed.cols, embed.has_bias) == ("embedding", "embedding", 30522, 384,
-                                                                               False)
+    assert (embed.kind, embed.role, embed.rows, embed.cols, embed.has_bias) == (
+        "embedding",
+        "embedding",
+        30522,
+        384,
+        False,
+    )
     lora_b = layers["block.3.attn.v.lora_B"]
-    assert (lora_b.rows, lora_b.cols, lora_b.is_lora, lora_b.role, lora_b.block) == (384, 4, True, "attention", 3)
+    assert (lora_b.rows, lora_b.cols, lora_b.is_lora, lora_b.role, lora_b.block) == (
+        384,
+        4,
+        True,
+        "attention",
+        3,
+    )
     assert layers["block.3.attn.v.lora_A"].num_params == 4 * 384
     assert layers["block.0.mlp.up"].num_params == 1536 * 384 + 1536
     assert layers["head"].num_params == 2 * 384 + 2
@@ -47,11 +63,30 @@ def test_minilm_lora_units(minilm_lora_layers):
 @pytest.mark.parametrize(
     ("arch", "expected"),
     [
-        ("bert", ["block.0.attn.q", "block.0.attn.k", "block.0.attn.v", "block.0.attn.o", "block.0.mlp.up",
-                  "block.0.mlp.down"]),
+        (
+            "bert",
+            [
+                "block.0.attn.q",
+                "block.0.attn.k",
+                "block.0.attn.v",
+                "block.0.attn.o",
+                "block.0.mlp.up",
+                "block.0.mlp.down",
+            ],
+        ),
         ("gpt2", ["block.0.attn.qkv", "block.0.attn.o", "block.0.mlp.up", "block.0.mlp.down"]),
-        ("llama", ["block.0.attn.q", "block.0.attn.k", "block.0.attn.v", "block.0.attn.o", "block.0.mlp.gate",
-                   "block.0.mlp.up", "block.0.mlp.down"]),
+        (
+            "llama",
+            [
+                "block.0.attn.q",
+                "block.0.attn.k",
+                "block.0.attn.v",
+                "block.0.attn.o",
+                "block.0.mlp.gate",
+                "block.0.mlp.up",
+                "block.0.mlp.down",
+            ],
+        ),
     ],
 )
 def test_block_names_are_architecture_independent(arch, expected):
@@ -61,12 +96,16 @@ def test_block_names_are_architecture_independent(arch, expected):
         assert [n for n in names(layers) if n.startswith("block.0.")] == expected
         assert names(layers)[0] == "embed" and names(layers)[-1] == "head"
         assert len(set(names(layers))) == len(layers)
-    gpt2_kinds = {layer.kind for layer in discover_layers(AutoModelForCausalLM.from_config(tiny_config("gpt2", 50)))}
+    gpt2_kinds = {
+        layer.kind for layer in discover_layers(AutoModelForCausalLM.from_config(tiny_config("gpt2", 50)))
+    }
     assert "conv1d" in gpt2_kinds
 
 
 def test_groups_and_positions_follow_the_paper():
-    assert block_range_groups(24) == {f"blocks.{a:02d}-{a + 5:02d}": list(range(a, a + 6)) for a in (0, 6, 12, 18)}
+    assert block_range_groups(24) == {
+        f"blocks.{a:02d}-{a + 5:02d}": list(range(a, a + 6)) for a in (0, 6, 12, 18)
+    }
     positions = block_positions(6)
     assert [positions[b] for b in range(6)] == ["first", "first", "middle", "middle", "last", "last"]
     assert block_positions(16)[5] == "first" and block_positions(16)[6] == "middle"
@@ -74,19 +113,25 @@ def test_groups_and_positions_follow_the_paper():
 
 def test_layer_groups(minilm_lora_layers):
     groups = layer_groups(minilm_lora_layers)
-    assert list(groups)[0] == "WE" and list(groups)[-1] == "total"
+    assert next(iter(groups)) == "WE" and list(groups)[-1] == "total"
     assert groups["WE"] == ["embed"]
     assert groups["CL"] == ["pooler", "head"]
     assert len(groups["total"]) == len(minilm_lora_layers)
     assert all(n.startswith(("block.2.", "block.3.")) for n in groups["middle"])
-    assert set(groups["blocks.00-01"]) == {n for n in names(minilm_lora_layers) if n.startswith(("block.0.", "block.1."))}
+    assert set(groups["blocks.00-01"]) == {
+        n for n in names(minilm_lora_layers) if n.startswith(("block.0.", "block.1."))
+    }
 
 
 def test_selectors(minilm_lora_layers):
     layers = minilm_lora_layers
     assert names(select_layers(layers, "block.3.attn.v.lora_B")) == ["block.3.attn.v.lora_B"]
-    assert names(select_layers(layers, "block.*.attn.v.lora_B")) == [f"block.{b}.attn.v.lora_B" for b in range(6)]
-    assert names(select_layers(layers, r"re:attn\.v\.lora_B$")) == [f"block.{b}.attn.v.lora_B" for b in range(6)]
+    assert names(select_layers(layers, "block.*.attn.v.lora_B")) == [
+        f"block.{b}.attn.v.lora_B" for b in range(6)
+    ]
+    assert names(select_layers(layers, r"re:attn\.v\.lora_B$")) == [
+        f"block.{b}.attn.v.lora_B" for b in range(6)
+    ]
     assert {layer.block for layer in select_layers(layers, "blocks:2-3")} == {2, 3}
     assert names(select_layers(layers, "role:embedding")) == ["embed"]
     assert len(select_layers(layers, "role:lora")) == 24
@@ -94,17 +139,33 @@ def test_selectors(minilm_lora_layers):
     assert all(layer.role == "mlp" for layer in select_layers(layers, "role:mlp"))
     assert names(select_layers(layers, "role:head")) == ["pooler", "head"]
     middle_attention = select_layers(layers, "position:middle&role:attention")
-    assert {layer.block for layer in middle_attention} == {2, 3} and all(x.role == "attention" for x in middle_attention)
+    assert {layer.block for layer in middle_attention} == {2, 3} and all(
+        x.role == "attention" for x in middle_attention
+    )
     assert names(select_layers(layers, "WE")) == ["embed"] == names(select_layers(layers, "group:WE"))
     assert names(select_layers(layers, ["WE", "CL"])) == ["embed", "pooler", "head"]
     assert select_layers(layers, None) == list(layers)
     by_dict = select_layers(layers, {"roles": ["lora"], "blocks": [4, 5], "regex": "attn.q"})
-    assert names(by_dict) == ["block.4.attn.q.lora_A", "block.4.attn.q.lora_B", "block.5.attn.q.lora_A",
-                              "block.5.attn.q.lora_B"]
+    assert names(by_dict) == [
+        "block.4.attn.q.lora_A",
+        "block.4.attn.q.lora_B",
+        "block.5.attn.q.lora_A",
+        "block.5.attn.q.lora_B",
+    ]
 
 
-@pytest.mark.parametrize("bad", ["block.99.attn.q", "role:nonsense", "position:centre", "re:(", "blocks:x-y",
-                                 "weird:thing", {"colour": "red"}])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "block.99.attn.q",
+        "role:nonsense",
+        "position:centre",
+        "re:(",
+        "blocks:x-y",
+        "weird:thing",
+        {"colour": "red"},
+    ],
+)
 def test_bad_selectors_are_refused_clearly(minilm_lora_layers, bad):
     with pytest.raises(UnknownLayerError):
         select_layers(minilm_lora_layers, bad)

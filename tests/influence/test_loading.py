@@ -17,13 +17,17 @@ from tests.conftest import tiny_config
 
 def _logits(loaded, texts):
     encoded = encode_examples(loaded.tokenizer, [Example(t, 0) for t in texts], "classification", 32)
-    batch = next(iter_batches(encoded, loaded.tokenizer.pad_token_id, "classification", 64, sort_by_length=False))
+    batch = next(
+        iter_batches(encoded, loaded.tokenizer.pad_token_id, "classification", 64, sort_by_length=False)
+    )
     with torch.no_grad():
         return loaded.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
 
 
-@pytest.mark.parametrize(("arch", "task"), [("bert", "classification"), ("gpt2", "causal-lm"),
-                                            ("llama", "classification"), ("llama", "causal-lm")])
+@pytest.mark.parametrize(
+    ("arch", "task"),
+    [("bert", "classification"), ("gpt2", "causal-lm"), ("llama", "classification"), ("llama", "causal-lm")],
+)
 def test_tiny_models_load_from_folder(tiny_model_dir, arch, task):
     loaded = load_model(tiny_model_dir(arch, task), task=task, num_labels=3)
     assert not loaded.model.training
@@ -58,8 +62,10 @@ def test_remote_code_is_never_run(tmp_path, tiny_model_dir):
     (folder / "modeling_evil.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
     config = json.loads((folder / "config.json").read_text())
     config["model_type"] = "evil-custom"
-    config["auto_map"] = {"AutoConfig": "modeling_evil.EvilConfig",
-                          "AutoModelForSequenceClassification": "modeling_evil.EvilModel"}
+    config["auto_map"] = {
+        "AutoConfig": "modeling_evil.EvilConfig",
+        "AutoModelForSequenceClassification": "modeling_evil.EvilModel",
+    }
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(UnsupportedModelError):
         load_model(folder)
@@ -76,8 +82,12 @@ def test_adapter_round_trip(tmp_path, tiny_model_dir):
 
     folder = tiny_model_dir("bert")
     base = load_model(folder, num_labels=3)
-    peft_model = get_peft_model(base.model, LoraConfig(r=2, target_modules=["query", "value"],
-                                                       init_lora_weights=False, modules_to_save=["classifier"]))
+    peft_model = get_peft_model(
+        base.model,
+        LoraConfig(
+            r=2, target_modules=["query", "value"], init_lora_weights=False, modules_to_save=["classifier"]
+        ),
+    )
     peft_model.save_pretrained(tmp_path / "adapter", safe_serialization=True)
     texts = ["a fine film", "not good at all , really"]
     want = _logits(type(base)(**{**base.__dict__, "model": peft_model.eval()}), texts)

@@ -49,7 +49,10 @@ def test_hashed_randoms_are_deterministic_sliceable_and_standard():
 def test_projection_is_unbiased_for_inner_products():
     """E[P^T P] = I: averaged over many seeds, projected inner products approach the exact ones."""
     gen = torch.Generator().manual_seed(0)
-    x, y = torch.randn(300, generator=gen, dtype=torch.float64), torch.randn(300, generator=gen, dtype=torch.float64)
+    x, y = (
+        torch.randn(300, generator=gen, dtype=torch.float64),
+        torch.randn(300, generator=gen, dtype=torch.float64),
+    )
     y = y + 0.5 * x  # a positive inner product, as for related samples
     for kind in ("gaussian", "rademacher"):
         estimates = []
@@ -85,14 +88,29 @@ def minilm_gradients():
 
     loaded = load_model(packaged_minilm_path())
     torch.manual_seed(0)
-    config = LoraConfig(r=4, lora_alpha=4, target_modules=["query", "value"], modules_to_save=["classifier"],
-                        init_lora_weights=False)
+    config = LoraConfig(
+        r=4,
+        lora_alpha=4,
+        target_modules=["query", "value"],
+        modules_to_save=["classifier"],
+        init_lora_weights=False,
+    )
     model = get_peft_model(loaded.model, config)
-    layers = select_layers(discover_layers(model), ["block.2.attn.v", "block.3.mlp.down", "pooler", "head",
-                                                    "block.2.attn.v.lora_A", "block.2.attn.v.lora_B"])
+    layers = select_layers(
+        discover_layers(model),
+        [
+            "block.2.attn.v",
+            "block.3.mlp.down",
+            "pooler",
+            "head",
+            "block.2.attn.v.lora_A",
+            "block.2.attn.v.lora_B",
+        ],
+    )
     rows = read_labelled_tsv(SST2 / "train.tsv", limit=112)
-    batch = collate(encode_examples(loaded.tokenizer, rows, "classification", 64), 0, "classification",
-                    range(len(rows)))
+    batch = collate(
+        encode_examples(loaded.tokenizer, rows, "classification", 64), 0, "classification", range(len(rows))
+    )
     return model, layers, batch, per_sample_gradients(model, batch, layers)
 
 
@@ -122,7 +140,9 @@ def test_projected_grad_dot_fidelity_by_dimension(minilm_gradients, record_prope
         for dim in dims:
             rels, rhos = [], []
             for seed in range(3):
-                features = Featurizer(model, chosen, ProjectionSpec(kind, dim, seed)).featurize(batch).features
+                features = (
+                    Featurizer(model, chosen, ProjectionSpec(kind, dim, seed)).featurize(batch).features
+                )
                 for layer in chosen:
                     rel, rho = _fidelity(exact[layer.name], features[layer.name])
                     rels.append(rel)

@@ -10,8 +10,10 @@ import influence
 
 
 def test_library_imports_no_service_framework():
-    code = ("import sys, influence; bad = [m for m in ('fastapi', 'celery', 'sqlalchemy', 'app', 'worker') "
-            "if m in sys.modules]; print(','.join(bad))")
+    code = (
+        "import sys, influence; bad = [m for m in ('fastapi', 'celery', 'sqlalchemy', 'app', 'worker') "
+        "if m in sys.modules]; print(','.join(bad))"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == ""
 

@@ -25,14 +25,20 @@ def tuned(tmp_path_factory, sst2_train, sst2_validation):
     """MiniLM + LoRA (r=4, q and v) fine-tuned for one epoch on 512 SST-2 rows (the paper's setting)."""
     train = stratified_subsample(sst2_train, 512, seed=0)
     out = tmp_path_factory.mktemp("minilm-lora")
-    result = finetune_lora(packaged_minilm_path(), train, out, eval_set=sst2_validation[:64],
-                           lora=LoraSettings(r=4, alpha=4, target_modules=("query", "value")),
-                           train_settings=TrainSettings(epochs=1, lr=2e-3, max_length=MAX_LENGTH))
+    result = finetune_lora(
+        packaged_minilm_path(),
+        train,
+        out,
+        eval_set=sst2_validation[:64],
+        lora=LoraSettings(r=4, alpha=4, target_modules=("query", "value")),
+        train_settings=TrainSettings(epochs=1, lr=2e-3, max_length=MAX_LENGTH),
+    )
     return load_model(packaged_minilm_path(), adapter=result.best_adapter)
 
 
-def test_all_layers_end_to_end_and_factorized_matches_exact(tuned, sst2_train, sst2_validation, tmp_path,
-                                                             record_property):
+def test_all_layers_end_to_end_and_factorized_matches_exact(
+    tuned, sst2_train, sst2_validation, tmp_path, record_property
+):
     model, tokenizer = tuned.model, tuned.tokenizer
     layers = discover_layers(model)
     assert len(layers) == 63 and {layer.kind for layer in layers} == {"embedding", "linear"}
@@ -44,9 +50,19 @@ def test_all_layers_end_to_end_and_factorized_matches_exact(tuned, sst2_train, s
     featurizer = Featurizer(model, layers, ProjectionSpec("factorized", DEFAULT_DIM, seed=0))
 
     # every layer, end to end into a store: chunks, finalize, reopen with checksums
-    manifest = store_manifest(featurizer, model_id="minilm", revision=None, weights_hash=tuned.weights_hash,
-                              tokenizer_name="minilm", dataset_hash="sst2-256", num_rows=N_TRAIN,
-                              task="classification", max_length=MAX_LENGTH, dtype="float32", chunk_size=96)
+    manifest = store_manifest(
+        featurizer,
+        model_id="minilm",
+        revision=None,
+        weights_hash=tuned.weights_hash,
+        tokenizer_name="minilm",
+        dataset_hash="sst2-256",
+        num_rows=N_TRAIN,
+        task="classification",
+        max_length=MAX_LENGTH,
+        dtype="float32",
+        chunk_size=96,
+    )
     store = FeatureStore.create(tmp_path / "store", manifest)
     assert build_store(featurizer, tokenizer, train, store, batch_size=32) == [0, 1, 2]
     store.finalize()
@@ -66,14 +82,18 @@ def test_all_layers_end_to_end_and_factorized_matches_exact(tuned, sst2_train, s
     group_projected = np.zeros((N_TRAIN, N_TEST))
     for layer in lora_layers:
         exact_scores = exact_train[layer.name] @ exact_test[layer.name].T
-        projected = store.layer(layer.name).astype(np.float64) @ queries.features[layer.name].astype(np.float64).T
+        projected = (
+            store.layer(layer.name).astype(np.float64) @ queries.features[layer.name].astype(np.float64).T
+        )
         rhos[layer.name] = _mean_spearman(exact_scores, projected)
         group_exact += exact_scores
         group_projected += projected
     values = np.array(list(rhos.values()))
     group_rho = _mean_spearman(group_exact, group_projected)
-    print(f"Spearman, LoRA layers together: {group_rho:.3f}; per layer: min {values.min():.3f} "
-          f"({min(rhos, key=rhos.get)}), median {np.median(values):.3f}, mean {values.mean():.3f}")
+    print(
+        f"Spearman, LoRA layers together: {group_rho:.3f}; per layer: min {values.min():.3f} "
+        f"({min(rhos, key=rhos.get)}), median {np.median(values):.3f}, mean {values.mean():.3f}"
+    )
     record_property("lora_group_spearman", group_rho)
     record_property("lora_layer_spearman", rhos)
     # The LoRA layers as the service scores them together, and the typical single layer, track exact scores.
