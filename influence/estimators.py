@@ -1,0 +1,273 @@
+"""Per-layer influence estimators (method.md §2), each "transform the query, then inner product".
+
+One instance serves one layer unit u. With train features g_i (rows of the layer's feature matrix, projected
+per-sample gradients) and a test feature q, every estimator scores
+
+    I(z_i, x) = row_scale(||g_i||)_i * g_i . transform_query(q)
+
+so a single feature store (and index) per layer serves them all. Sign: positive = the sample helps.
+
+A new estimator is one class and one line::
+
+    @register_estimator("my-estimator")
+    class MyEstimator(Estimator): ...
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, ClassVar, TypeVar
+
+import torch
+
+from influence.errors import InvalidInputError
+
+TrainChunks = Callable[[], Iterable[torch.Tensor]]
+
+
+class Estimator(ABC):
+    """A per-layer influence estimator: a query transform, an optional row scale, then an inner product."""
+
+    name: ClassVar[str]
+    #: True when row_scale uses the train feature norms: score() then computes them when none are given.
+    needs_norms: ClassVar[bool] = False
+
+    def fit(self, train_chunks: TrainChunks, num_params: int) -> None:  # noqa: B027 (optional hook)
+        """Fit layer statistics from the train features: train_chunks() yields (c, k) blocks, may be called
+        more than once; num_params is the layer's raw parameter count p_u. Default: nothing to fit."""
+
+    @abstractmethod
+    def transform_query(self, queries: torch.Tensor) -> torch.Tensor:
+        """Map test features (m, k) to the vectors the train features are dotted with, (m, k)."""
+
+    def row_scale(self, norms: torch.Tensor) -> torch.Tensor | None:
+        """Per-train-row factor (n,) from the train feature norms (n,); None means 1."""
+        return None
+
+    def score_transformed(
+        self, train: torch.Tensor, transformed: torch.Tensor, norms: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Scores (n, m) of train features (n, k) against already transformed queries (m, k).
+
+        Lets callers transform the queries once and stream the train rows in chunks.
+        """
+        dtype = torch.promote_types(train.dtype, transformed.dtype)
+        train = train.to(dtype)
+        scores = train @ transformed.to(device=train.device, dtype=dtype).T
+        if norms is None and self.needs_norms:
+            norms = torch.linalg.vector_norm(train, dim=1)
+        if norms is not None:
+            if tuple(norms.shape) != (train.shape[0],):
+                raise InvalidInputError(
+                    f"norms must have shape ({train.shape[0]},), got {tuple(norms.shape)}"
+                )
+            scale = self.row_scale(norms.to(device=train.device))
+            if scale is not None:
+                scores *= scale.to(dtype).unsqueeze(1)
+        return scores
+
+    def score(
+        self, train: torch.Tensor, queries: torch.Tensor, norms: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Influence scores (n, m) of train features (n, k) on test features (m, k); norms: optional (n,)."""
+        _check_features(train, queries)
+        return self.score_transformed(train, self.transform_query(queries), norms)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Fitted statistics, to persist beside the feature store. Default: none."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore what state_dict() returned."""
+        if state:
+            raise InvalidInputError(f"estimator {self.name!r} has no state, got keys {sorted(state)}")
+
+
+def _check_features(train: torch.Tensor, queries: torch.Tensor) -> None:
+    if train.ndim != 2 or queries.ndim != 2 or train.shape[1] != queries.shape[1]:
+        raise InvalidInputError(
+            f"features must be (n, k) and queries (m, k) with the same k, got {tuple(train.shape)} and "
+            f"{tuple(queries.shape)}"
+        )
+
+
+def _check_queries(queries: torch.Tensor, k: int | None = None) -> None:
+    if queries.ndim != 2 or (k is not None and queries.shape[1] != k):
+        expected = "(m, k)" if k is None else f"(m, {k})"
+        raise InvalidInputError(f"queries must have shape {expected}, got {tuple(queries.shape)}")
+
+
+ESTIMATORS: dict[str, type[Estimator]] = {}
+E = TypeVar("E", bound=type[Estimator])
+
+
+def register_estimator(name: str) -> Callable[[E], E]:
+    """Class decorator: register an Estimator subclass under `name` (also sets its `name`)."""
+
+    def decorate(cls: E) -> E:
+        if name in ESTIMATORS:
+            raise ValueError(f"estimator {name!r} is already registered")
+        cls.name = name
+        ESTIMATORS[name] = cls
+        return cls
+
+    return decorate
+
+
+def make_estimator(name: str, **options: Any) -> Estimator:
+    """A new, unfitted estimator by registry name; options go to its constructor."""
+    if name not in ESTIMATORS:
+        raise InvalidInputError(f"unknown estimator {name!r}; expected one of {', '.join(ESTIMATORS)}")
+    try:
+        return ESTIMATORS[name](**options)
+    except TypeError as error:  # an unknown or missing option
+        raise InvalidInputError(f"bad options for estimator {name!r}: {error}") from error
+
+
+@register_estimator("grad-dot")
+class GradDot(Estimator):
+    """Grad-Dot / TracIn at one checkpoint: g(z_i) . g(x)."""
+
+    def transform_query(self, queries: torch.Tensor) -> torch.Tensor:
+        _check_queries(queries)
+        return queries
+
+
+def _safe_reciprocal(values: torch.Tensor) -> torch.Tensor:
+    """1 / values, with 0 where values == 0 (a zero gradient has no direction: its cosine is 0)."""
+    return torch.where(
+        values > 0, values.reciprocal(), torch.zeros((), dtype=values.dtype, device=values.device)
+    )
+
+
+@register_estimator("cosine")
+class Cosine(Estimator):
+    """Cosine similarity: g(z_i) . g(x) / (||g(z_i)|| ||g(x)||); 0 where either gradient is zero."""
+
+    needs_norms = True
+
+    def transform_query(self, queries: torch.Tensor) -> torch.Tensor:
+        _check_queries(queries)
+        return queries * _safe_reciprocal(torch.linalg.vector_norm(queries, dim=1)).unsqueeze(1)
+
+    def row_scale(self, norms: torch.Tensor) -> torch.Tensor:
+        return _safe_reciprocal(norms)
+
+
+@register_estimator("datainf")
+class DataInf(Estimator):
+    """DataInf: q -> M_u q with M_u = (1/lambda)(I - (1/n) sum_i g_i g_i^T / (lambda + ||g_i||^2)).
+
+    lambda = damping_ratio * mean_i ||g_i||^2 / p_u unless `damping` is given (the paper: ratio 0.1).
+    Fitted in float64 in two streaming passes (the damping needs the mean norm first).
+    """
+
+    def __init__(self, damping: float | None = None, damping_ratio: float = 0.1):
+        if damping is not None and not (math.isfinite(damping) and damping > 0):
+            raise InvalidInputError(f"damping must be a positive number, got {damping!r}")
+        if not (math.isfinite(damping_ratio) and damping_ratio > 0):
+            raise InvalidInputError(f"damping_ratio must be a positive number, got {damping_ratio!r}")
+        self.damping_option = damping
+        self.damping_ratio = float(damping_ratio)
+        self.matrix: torch.Tensor | None = None  # M_u, (k, k) float64
+        self.damping: float | None = None
+        self.num_samples = 0
+
+    def fit(self, train_chunks: TrainChunks, num_params: int) -> None:
+        """Fit M_u: train_chunks() yields (c, k) train features; num_params = p_u (raw parameters of u)."""
+        if int(num_params) < 1:
+            raise InvalidInputError(f"num_params must be a positive parameter count, got {num_params!r}")
+        damping = self.damping_option
+        if damping is None:
+            n, squared = 0, 0.0
+            for chunk in train_chunks():
+                chunk = _as_chunk(chunk)
+                n += chunk.shape[0]
+                squared += float(chunk.square().sum())
+            if n == 0:
+                raise InvalidInputError("DataInf needs at least one train feature row")
+            damping = self.damping_ratio * squared / n / int(num_params)
+            if not damping > 0:
+                raise InvalidInputError(
+                    "every train gradient of this layer is zero: DataInf's damping would be 0; pass damping="
+                )
+        weighted: torch.Tensor | None = None
+        n = 0
+        for chunk in train_chunks():
+            chunk = _as_chunk(chunk)
+            n += chunk.shape[0]
+            weights = (damping + chunk.square().sum(dim=1)).reciprocal()
+            partial = (chunk * weights.unsqueeze(1)).T @ chunk
+            weighted = partial if weighted is None else weighted.add_(partial)
+        if weighted is None or n == 0:
+            raise InvalidInputError("DataInf needs at least one train feature row")
+        identity = torch.eye(weighted.shape[0], dtype=torch.float64, device=weighted.device)
+        self.matrix = (identity - weighted / n) / damping
+        self.damping = float(damping)
+        self.num_samples = n
+
+    def transform_query(self, queries: torch.Tensor) -> torch.Tensor:
+        if self.matrix is None:
+            raise InvalidInputError("DataInf is not fitted: call fit() or load_state_dict() first")
+        _check_queries(queries, self.matrix.shape[0])
+        matrix = self.matrix.to(queries.device)
+        # M is symmetric, so (M q_j)^T for every row j is q @ M. Computed in float64, returned in q's dtype.
+        return (queries.to(torch.float64) @ matrix).to(queries.dtype)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        if self.matrix is None:
+            raise InvalidInputError("DataInf is not fitted: nothing to save")
+        return {
+            "matrix": self.matrix.cpu(),
+            "damping": torch.tensor(self.damping, dtype=torch.float64),
+            "num_samples": torch.tensor(self.num_samples, dtype=torch.int64),
+        }
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        if set(state) != {"matrix", "damping", "num_samples"}:
+            raise InvalidInputError(f"DataInf state needs matrix, damping, num_samples; got {sorted(state)}")
+        matrix = state["matrix"]
+        if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
+            raise InvalidInputError(f"DataInf matrix must be square, got {tuple(matrix.shape)}")
+        self.matrix = matrix.to(torch.float64)
+        self.damping = float(state["damping"])
+        self.num_samples = int(state["num_samples"])
+
+
+def _as_chunk(chunk: Any) -> torch.Tensor:
+    chunk = torch.as_tensor(chunk).to(torch.float64)
+    if chunk.ndim != 2:
+        raise InvalidInputError(f"train feature chunks must be (c, k), got {tuple(chunk.shape)}")
+    return chunk
+
+
+@register_estimator("tracin-cp")
+class TracInCP(Estimator):
+    """TracIn-CP: sum_c eta_c g^c(z_i) . g^c(x) over checkpoints c.
+
+    Features are the concatenation of per-checkpoint blocks of widths `checkpoint_dims`; the query's block c
+    is multiplied by `learning_rates[c]`.
+    """
+
+    def __init__(self, checkpoint_dims: Sequence[int], learning_rates: Sequence[float]):
+        dims = [int(d) for d in checkpoint_dims]
+        rates = [float(r) for r in learning_rates]
+        if not dims or len(dims) != len(rates):
+            raise InvalidInputError(
+                f"tracin-cp needs one learning rate per checkpoint: {len(dims)} dims, {len(rates)} rates"
+            )
+        if min(dims) < 1:
+            raise InvalidInputError(f"checkpoint_dims must be positive, got {dims}")
+        if not all(math.isfinite(r) for r in rates):
+            raise InvalidInputError(f"learning_rates must be finite, got {rates}")
+        self.checkpoint_dims = dims
+        self.learning_rates = rates
+        self._weights = torch.repeat_interleave(
+            torch.tensor(rates, dtype=torch.float64), torch.tensor(dims, dtype=torch.int64)
+        )
+
+    def transform_query(self, queries: torch.Tensor) -> torch.Tensor:
+        _check_queries(queries, len(self._weights))
+        return queries * self._weights.to(device=queries.device, dtype=queries.dtype)

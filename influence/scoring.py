@@ -1,0 +1,233 @@
+"""Exact influence scores over per-layer feature matrices: chunked matrix products, materialised or lazy.
+
+Features are the stored per-layer train features (n, k), typically float16/float32 memmaps; queries are the
+test features (m, k) of the same layer. Scores are float32 (n, m) per layer, positive = helpful.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from influence.errors import InvalidInputError
+from influence.estimators import Estimator
+
+DEFAULT_CHUNK_ROWS = 65536
+
+
+def _rows_as_tensor(features: Any, i0: int, i1: int, device: torch.device) -> torch.Tensor:
+    """Rows i0:i1 of a (n, k) array-like as float32 on `device`: a memmap's pages are read once, here."""
+    if isinstance(features, torch.Tensor):
+        rows = features[i0:i1]
+    else:
+        block = np.asarray(features[i0:i1])
+        if not block.flags.writeable:
+            block = block.copy()  # torch refuses read-only memory (a memmap opened with mode "r")
+        rows = torch.from_numpy(block)
+    return rows.to(device=device, dtype=torch.float32)
+
+
+def _as_queries(queries: Any) -> torch.Tensor:
+    tensor = queries if isinstance(queries, torch.Tensor) else torch.as_tensor(np.asarray(queries))
+    return tensor.detach()
+
+
+def _norms_as_tensor(norms: Any, n: int) -> torch.Tensor | None:
+    if norms is None:
+        return None
+    tensor = norms if isinstance(norms, torch.Tensor) else torch.as_tensor(np.asarray(norms))
+    if tuple(tensor.shape) != (n,):
+        raise InvalidInputError(f"norms must have shape ({n},), got {tuple(tensor.shape)}")
+    return tensor.to(torch.float32)
+
+
+def _feature_shape(features: Any, name: str = "features") -> tuple[int, int]:
+    shape = tuple(getattr(features, "shape", ()))
+    if len(shape) != 2:
+        raise InvalidInputError(f"{name} must be an (n, k) matrix, got shape {shape}")
+    return int(shape[0]), int(shape[1])
+
+
+def score_layer(
+    train: Any,
+    queries: Any,
+    estimator: Estimator,
+    norms: Any = None,
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+) -> torch.Tensor:
+    """Exact scores of one layer: train features (n, k) (array, memmap, tensor; float16/32/64) against
+    queries (m, k). norms: optional (n,) train feature norms (computed per chunk when the estimator needs them
+    and none are given). Returns (n, m) float32 on the queries' device.
+    """
+    n, k = _feature_shape(train)
+    query_tensor = _as_queries(queries)
+    if query_tensor.ndim != 2 or query_tensor.shape[1] != k:
+        raise InvalidInputError(
+            f"queries must have shape (m, {k}) to match the features, got {tuple(query_tensor.shape)}"
+        )
+    if int(chunk_rows) < 1:
+        raise InvalidInputError("chunk_rows must be positive")
+    norm_tensor = _norms_as_tensor(norms, n)
+    device = query_tensor.device
+    if query_tensor.dtype in (torch.float16, torch.bfloat16):
+        query_tensor = query_tensor.float()  # the transform is done at no less than float32 precision
+    # Transform once (DataInf works in float64 inside), then score in float32.
+    transformed = estimator.transform_query(query_tensor).to(torch.float32)
+    out = torch.empty((n, query_tensor.shape[0]), dtype=torch.float32, device=device)
+    for i0 in range(0, n, int(chunk_rows)):
+        i1 = min(n, i0 + int(chunk_rows))
+        rows = _rows_as_tensor(train, i0, i1, device)
+        chunk_norms = None if norm_tensor is None else norm_tensor[i0:i1]
+        out[i0:i1] = estimator.score_transformed(rows, transformed, chunk_norms)
+    return out
+
+
+class LazyScores:
+    """A (n, U, m) score tensor computed on demand, layer by layer, for `aggregate`.
+
+    Serves ``[:, u, j0:j1]`` (layer u's scores; the last layer's full (n, m) block is cached so a sweep over
+    column chunks computes it once) and ``[i0:i1]`` (rows, U, m). Nothing of size n * U * m is ever held.
+    features: layer name -> (n, k_u) train features; queries: name -> (m, k_u); estimators: name -> fitted
+    Estimator; norms: optional name -> (n,) train feature norms. Layer order is that of `features`.
+    """
+
+    def __init__(
+        self,
+        features: Mapping[str, Any],
+        queries: Mapping[str, Any],
+        estimators: Mapping[str, Estimator],
+        norms: Mapping[str, Any] | None = None,
+        chunk_rows: int = DEFAULT_CHUNK_ROWS,
+    ):
+        self.layers: list[str] = list(features)
+        if not self.layers:
+            raise InvalidInputError("LazyScores needs at least one layer")
+        for mapping, what in ((queries, "queries"), (estimators, "estimators")):
+            missing = [name for name in self.layers if name not in mapping]
+            if missing:
+                raise InvalidInputError(f"{what} missing for layers {missing}")
+        sizes = {name: _feature_shape(features[name], f"features[{name!r}]") for name in self.layers}
+        counts = {n for n, _ in sizes.values()}
+        if len(counts) != 1:
+            raise InvalidInputError(
+                f"every layer must have the same number of train rows, got {sorted(counts)}"
+            )
+        self.features = dict(features)
+        self.queries = {name: _as_queries(queries[name]) for name in self.layers}
+        widths = set()
+        for name in self.layers:
+            q = self.queries[name]
+            if q.ndim != 2 or q.shape[1] != sizes[name][1]:
+                raise InvalidInputError(
+                    f"queries[{name!r}] must have shape (m, {sizes[name][1]}), got {tuple(q.shape)}"
+                )
+            widths.add(int(q.shape[0]))
+        if len(widths) != 1:
+            raise InvalidInputError(f"every layer must have the same number of queries, got {sorted(widths)}")
+        self.estimators = dict(estimators)
+        self.norms = dict(norms) if norms is not None else {}
+        self.chunk_rows = int(chunk_rows)
+        n = counts.pop()
+        self.shape: tuple[int, int, int] = (n, len(self.layers), widths.pop())
+        self._cached: tuple[int, torch.Tensor] | None = None
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def layer_scores(self, u: int) -> torch.Tensor:
+        """All scores (n, m) float32 of layer u (cached: the last one asked for)."""
+        if self._cached is not None and self._cached[0] == u:
+            return self._cached[1]
+        self._cached = None  # free the previous block before computing the next one
+        name = self.layers[u]
+        block = score_layer(
+            self.features[name],
+            self.queries[name],
+            self.estimators[name],
+            self.norms.get(name),
+            self.chunk_rows,
+        )
+        self._cached = (u, block)
+        return block
+
+    def rows(self, i0: int, i1: int) -> torch.Tensor:
+        """Scores (i1 - i0, U, m) float32 of train rows i0:i1 for every layer."""
+        parts = []
+        for name in self.layers:
+            norms = self.norms.get(name)
+            parts.append(
+                score_layer(
+                    self.features[name][i0:i1],
+                    self.queries[name],
+                    self.estimators[name],
+                    None if norms is None else norms[i0:i1],
+                    self.chunk_rows,
+                )
+            )
+        return torch.stack(parts, dim=1)
+
+    def __getitem__(self, key: Any) -> torch.Tensor:
+        n, num_layers, _ = self.shape
+        if isinstance(key, slice):
+            i0, i1 = _unit_slice(key, n)
+            return self.rows(i0, i1)
+        if (
+            isinstance(key, tuple)
+            and len(key) == 3
+            and key[0] == slice(None)
+            and isinstance(key[1], int | np.integer)
+            and isinstance(key[2], slice)
+        ):
+            u = int(key[1])
+            if not -num_layers <= u < num_layers:
+                raise IndexError(f"layer index {u} out of range for {num_layers} layers")
+            j0, j1 = _unit_slice(key[2], self.shape[2])
+            return self.layer_scores(u % num_layers)[:, j0:j1]
+        raise TypeError("LazyScores supports only [i0:i1] and [:, u, j0:j1]")
+
+
+def _unit_slice(key: slice, size: int) -> tuple[int, int]:
+    start, stop, step = key.indices(size)
+    if step != 1:
+        raise TypeError("LazyScores slices must have step 1")
+    return start, max(start, stop)
+
+
+def score_tensor(
+    features: Mapping[str, Any],
+    queries: Mapping[str, Any],
+    estimators: Mapping[str, Estimator],
+    norms: Mapping[str, Any] | None = None,
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+) -> np.ndarray:
+    """Materialise the (n, U, m) float32 score tensor (small sets, downloads); layers in `features` order."""
+    lazy = LazyScores(features, queries, estimators, norms, chunk_rows)
+    out = np.empty(lazy.shape, dtype=np.float32)
+    for u in range(lazy.shape[1]):
+        out[:, u, :] = lazy.layer_scores(u).cpu().numpy()
+    return out
+
+
+def top_k(agg: Any, k: int, direction: Literal["helpful", "harmful"]) -> np.ndarray:
+    """Indices (min(k, n),) int64 of the k most helpful (highest) or harmful (lowest) aggregated scores.
+
+    agg: (n,) scores, numpy or torch. Most extreme first; ties go to the lower index.
+    """
+    values = agg.detach().cpu().numpy() if isinstance(agg, torch.Tensor) else np.asarray(agg)
+    if values.ndim != 1:
+        raise InvalidInputError(f"aggregated scores must be one-dimensional, got shape {values.shape}")
+    if np.isnan(values.astype(np.float64)).any():
+        raise InvalidInputError("aggregated scores contain NaN")
+    if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 0:
+        raise InvalidInputError(f"k must be a non-negative integer, got {k!r}")
+    if direction == "harmful":
+        order = np.argsort(values, kind="stable")
+    elif direction == "helpful":
+        # Negating keeps a stable sort's lower-index-first rule for ties (float64: exact for any input).
+        order = np.argsort(-values.astype(np.float64), kind="stable")
+    else:
+        raise InvalidInputError(f"direction must be 'helpful' or 'harmful', got {direction!r}")
+    return order[: int(k)].astype(np.int64)
