@@ -97,3 +97,20 @@ def test_adapter_round_trip(tmp_path, tiny_model_dir):
     (tmp_path / "adapter" / "adapter_model.safetensors").unlink()
     with pytest.raises(UnsupportedModelError):
         load_model(folder, num_labels=3, adapter=tmp_path / "adapter")
+
+
+def test_hub_id_and_revision_resolve_from_the_local_cache(tmp_path, tiny_model_dir, monkeypatch):
+    """A hub id (+ revision) loads offline from a HuggingFace cache laid out as the hub client writes it."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--acme--tiny-bert"
+    snapshot = repo / "snapshots" / commit
+    shutil.copytree(tiny_model_dir("bert"), snapshot)
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub"))
+    by_branch = load_model("acme/tiny-bert", revision="main", num_labels=3)
+    by_commit = load_model("acme/tiny-bert", revision=commit, num_labels=3)
+    assert by_branch.weights_hash == by_commit.weights_hash == weights_hash(tiny_model_dir("bert"))
+    with pytest.raises(UnsupportedModelError):
+        load_model("acme/tiny-bert", revision="no-such-branch", num_labels=3)
