@@ -1,0 +1,1 @@
+"""The influence service: a thin FastAPI layer over the `influence` library."""

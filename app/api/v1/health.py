@@ -1,0 +1,64 @@
+"""Liveness and readiness. /healthz: the process answers. /readyz: its dependencies answer too."""
+
+from __future__ import annotations
+
+import time
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
+
+from app.api.deps import ReadinessChecksDep
+from app.errors import problem_response
+from app.schemas.common import problems
+
+router = APIRouter(tags=["health"])
+
+
+class Health(BaseModel):
+    status: str = "ok"
+
+
+class CheckOut(BaseModel):
+    ok: bool
+    detail: str
+    seconds: float
+
+
+class Readiness(BaseModel):
+    status: str = Field(description="ready")
+    checks: dict[str, CheckOut]
+
+
+@router.get("/healthz", response_model=Health, summary="Liveness: the process answers")
+def healthz() -> Health:
+    return Health()
+
+
+@router.get(
+    "/readyz",
+    response_model=Readiness,
+    responses=problems(503),
+    summary="Readiness: database (migrated), broker and a live worker",
+    description="503 (problem+json, with the same `checks` member) when any check fails.",
+)
+def readyz(checks: ReadinessChecksDep):
+    results: dict[str, CheckOut] = {}
+    for check in checks:
+        started = time.perf_counter()
+        try:
+            detail, ok = check.probe(), True
+        except Exception as exc:  # a failing dependency is the answer, not an error of this request
+            detail, ok = str(exc) or exc.__class__.__name__, False
+        results[check.name] = CheckOut(ok=ok, detail=detail, seconds=round(time.perf_counter() - started, 4))
+    failing = [name for name, result in results.items() if not result.ok]
+    if failing:
+        return problem_response(
+            503,
+            "not-ready",
+            "Not ready",
+            "; ".join(f"{name}: {results[name].detail}" for name in failing),
+            instance="/readyz",
+            checks={name: result.model_dump() for name, result in results.items()},
+        )
+    return JSONResponse(Readiness(status="ready", checks=results).model_dump())

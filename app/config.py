@@ -1,0 +1,67 @@
+"""All settings in one place (env prefix INFLUENCE_); every setting is documented in .env.example."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Service settings. Embedded default: SQLite + local artifacts + a filesystem broker, no servers."""
+
+    model_config = SettingsConfigDict(env_prefix="INFLUENCE_", env_file=".env", extra="ignore")
+
+    data_dir: Path = Field(Path("var"), description="Root of local state: SQLite file, artifacts, broker folders")
+    database_url: str | None = Field(None, description="SQLAlchemy URL; default sqlite:///<data_dir>/influence.db")
+    broker_url: str | None = Field(
+        None, description="Celery broker; default a filesystem broker under <data_dir>/broker (no server)"
+    )
+    artifacts_dir: Path | None = Field(
+        None, description="Feature stores, datasets, adapters; default <data_dir>/artifacts"
+    )
+    allowed_roots: list[Path] = Field(
+        default_factory=list, description="Server-side folders that datasets and models may be registered from"
+    )
+    max_upload_bytes: int = Field(200 * 1024 * 1024, description="Largest accepted dataset upload (HTTP 413 above)")
+    max_rows: int = Field(2_000_000, description="Most rows in one dataset")
+    max_text_chars: int = Field(20_000, description="Longest text field accepted in a row or query example")
+    max_query_examples: int = Field(256, description="Most examples in one query")
+    max_top_k: int = Field(1000, description="Largest top_k of a query")
+    chunk_size: int = Field(512, description="Rows per index-build chunk (the unit of parallelism and resume)")
+    batch_size: int = Field(32, description="Featurisation batch size")
+    max_length: int = Field(128, description="Token limit per example when featurising")
+    device: str = Field("auto", description="auto | cpu | cuda: where workers featurise")
+    worker_concurrency: int = Field(1, description="Processes of the embedded worker")
+    broker_visibility_timeout: int = Field(
+        900, description="Seconds before Redis hands an unacknowledged task (a dead worker's) to another worker"
+    )
+    port: int = Field(8000, description="Port of `make serve`")
+
+    @property
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{(self.data_dir / 'influence.db').resolve()}"
+
+    @property
+    def resolved_artifacts_dir(self) -> Path:
+        return (self.artifacts_dir or self.data_dir / "artifacts").resolve()
+
+    @property
+    def resolved_broker_url(self) -> str:
+        return self.broker_url or "filesystem://"
+
+    @property
+    def uses_filesystem_broker(self) -> bool:
+        return self.resolved_broker_url.startswith("filesystem://")
+
+    @property
+    def broker_dir(self) -> Path:
+        return (self.data_dir / "broker").resolve()
+
+
+@lru_cache
+def get_settings() -> Settings:
+    """The process-wide settings (tests build their own Settings and override the dependency)."""
+    return Settings()

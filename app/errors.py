@@ -1,0 +1,185 @@
+"""The service's one error hierarchy and the handlers that turn every error into problem+json (RFC 9457).
+
+Services raise a `ServiceError` subclass (or let an `influence.errors` exception through); routes never build
+error responses themselves. Bodies: {type, title, status, detail, instance} plus extension members (`errors`
+for validation failures, `checks` for readiness). 4xx means the caller can fix the request; a 500 is a bug and
+says nothing about internals.
+"""
+
+from __future__ import annotations
+
+import logging
+from http import HTTPStatus
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from influence import errors as lib
+
+log = logging.getLogger(__name__)
+
+PROBLEM_MEDIA_TYPE = "application/problem+json"
+PROBLEM_TYPE_PREFIX = "urn:influence:problem:"
+
+
+class ServiceError(Exception):
+    """An error the caller is told about: HTTP status, a stable problem type, a title and a detail."""
+
+    status: int = 500
+    type: str = "internal-error"
+    title: str = "Internal server error"
+
+    def __init__(self, detail: str, **extensions: Any):
+        super().__init__(detail)
+        self.detail = detail
+        self.extensions = extensions
+
+
+class BadRequest(ServiceError):
+    status, type, title = 400, "bad-request", "Bad request"
+
+
+class Forbidden(ServiceError):
+    status, type, title = 403, "forbidden", "Forbidden"
+
+
+class NotFound(ServiceError):
+    status, type, title = 404, "not-found", "Not found"
+
+
+class Conflict(ServiceError):
+    status, type, title = 409, "conflict", "Conflict"
+
+
+class PayloadTooLarge(ServiceError):
+    status, type, title = 413, "payload-too-large", "Payload too large"
+
+
+class Invalid(ServiceError):
+    status, type, title = 422, "invalid-input", "Invalid input"
+
+
+class Unavailable(ServiceError):
+    status, type, title = 503, "unavailable", "Service unavailable"
+
+
+# influence.errors -> (status, type, title); the most specific class wins (looked up along the MRO).
+LIBRARY_ERRORS: dict[type[Exception], tuple[int, str, str]] = {
+    lib.UnknownLayerError: (422, "unknown-layer", "Unknown layer"),
+    lib.UnsupportedModelError: (422, "unsupported-model", "Unsupported model"),
+    lib.InvalidInputError: (422, "invalid-input", "Invalid input"),
+    lib.ManifestMismatchError: (409, "manifest-mismatch", "Index does not match"),
+    lib.StoreIncompleteError: (409, "store-incomplete", "Index not ready"),
+    lib.StoreCorruptedError: (409, "store-corrupted", "Index corrupted; rebuild it"),
+    lib.InfluenceError: (422, "invalid-input", "Invalid input"),
+}
+
+# Statuses that Starlette/FastAPI raise as HTTPException (unknown route, wrong method, ...): one title per
+# type, the same as our own classes use.
+_HTTP_PROBLEMS = {
+    cls.status: (cls.type, cls.title)
+    for cls in (BadRequest, Forbidden, NotFound, Conflict, PayloadTooLarge, Invalid, Unavailable)
+}
+
+
+def problem_response(
+    status: int,
+    type_: str,
+    title: str,
+    detail: str | None = None,
+    *,
+    instance: str | None = None,
+    headers: dict[str, str] | None = None,
+    **extensions: Any,
+) -> JSONResponse:
+    """A problem+json response; `type_` is a short slug (made a URN) or already a URI."""
+    body: dict[str, Any] = {
+        "type": type_ if ":" in type_ else PROBLEM_TYPE_PREFIX + type_,
+        "title": title,
+        "status": status,
+    }
+    if detail is not None:
+        body["detail"] = detail
+    if instance is not None:
+        body["instance"] = instance
+    body.update(jsonable_encoder(extensions))
+    return JSONResponse(body, status_code=status, media_type=PROBLEM_MEDIA_TYPE, headers=headers)
+
+
+def _library_problem(exc: lib.InfluenceError) -> tuple[int, str, str]:
+    for cls in type(exc).__mro__:
+        if cls in LIBRARY_ERRORS:
+            return LIBRARY_ERRORS[cls]
+    return LIBRARY_ERRORS[lib.InfluenceError]
+
+
+def _location(loc: Any) -> str:
+    return ".".join(str(part) for part in loc)
+
+
+def _validation_errors(exc: RequestValidationError) -> list[dict[str, Any]]:
+    out = []
+    for error in exc.errors():
+        out.append(
+            {
+                "loc": [str(p) for p in error.get("loc", ())],
+                "msg": error.get("msg", ""),
+                "type": error.get("type", ""),
+            }
+        )
+    return out
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Every error leaves the app as problem+json: ours, the library's, FastAPI's and the unexpected."""
+
+    @app.exception_handler(ServiceError)
+    async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
+        return problem_response(
+            exc.status, exc.type, exc.title, exc.detail, instance=request.url.path, **exc.extensions
+        )
+
+    @app.exception_handler(lib.InfluenceError)
+    async def _library_error(request: Request, exc: lib.InfluenceError) -> JSONResponse:
+        status, type_, title = _library_problem(exc)
+        return problem_response(status, type_, title, str(exc), instance=request.url.path)
+
+    @app.exception_handler(RequestValidationError)
+    async def _request_invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = _validation_errors(exc)
+        detail = "; ".join(f"{_location(e['loc'])}: {e['msg']}" for e in errors[:5]) or "invalid request"
+        if len(errors) > 5:
+            detail += f"; ... {len(errors)} problems in all"
+        return problem_response(
+            422, "invalid-request", "Invalid request", detail, instance=request.url.path, errors=errors
+        )
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        known = exc.status_code in HTTPStatus._value2member_map_
+        phrase = HTTPStatus(exc.status_code).phrase if known else "Error"
+        type_, title = _HTTP_PROBLEMS.get(exc.status_code, ("about:blank", phrase))
+        return problem_response(
+            exc.status_code,
+            type_,
+            title,
+            exc.detail if isinstance(exc.detail, str) else None,
+            instance=request.url.path,
+            headers=getattr(exc, "headers", None),
+        )
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        # A bug: log everything, tell the caller nothing about internals.
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return problem_response(
+            500,
+            "internal-error",
+            "Internal server error",
+            "an unexpected error occurred; it has been logged",
+            instance=request.url.path,
+        )

@@ -1,0 +1,158 @@
+"""The FastAPI application factory. Building an app opens no connection and never migrates the database.
+
+    create_app(settings, job_queue=CeleryJobQueue(settings), readiness_checks=[broker, worker])
+
+Run: `uvicorn --factory app.main:create_app` (or `app.main:app`, built on first access); migrate first with
+`python -m app.migrate`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, HTTPException
+from fastapi.openapi.utils import get_openapi
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app.api.deps import ReadinessCheck
+from app.api.v1 import datasets, health, indexes, jobs, models
+from app.config import Settings, get_settings
+from app.db import make_engine, make_session_factory
+from app.errors import PROBLEM_MEDIA_TYPE, install_error_handlers, problem_response
+from app.schemas.common import Problem
+from app.services.jobs import JobQueue
+from influence import __version__
+
+# Room for the multipart framing and the small form fields around an upload of max_upload_bytes.
+FORM_OVERHEAD_BYTES = 1 << 20
+
+
+class BodyLimitMiddleware:
+    """Refuses request bodies over `max_bytes` with 413: early from Content-Length, else while streaming.
+
+    The exact upload limit is applied to the file itself by the dataset service; this guard keeps a huge
+    body from being spooled to disk at all.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None:
+            try:
+                length = int(declared)
+            except ValueError:
+                length = -1
+            if length < 0:
+                await problem_response(400, "bad-request", "Bad request", "invalid Content-Length")(
+                    scope, receive, send
+                )
+                return
+            if length > self.max_bytes:
+                await problem_response(
+                    413,
+                    "payload-too-large",
+                    "Payload too large",
+                    f"the request body ({length} bytes) exceeds the limit of {self.max_bytes} bytes",
+                    instance=scope.get("path"),
+                )(scope, receive, send)
+                return
+        received = 0
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    # FastAPI re-raises its HTTPException from body parsing; the handler renders problem+json.
+                    raise HTTPException(413, f"the request body exceeds the limit of {self.max_bytes} bytes")
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+
+def create_app(
+    settings: Settings | None = None,
+    *,
+    job_queue: JobQueue | None = None,
+    readiness_checks: Sequence[ReadinessCheck] | None = None,
+) -> FastAPI:
+    """The API. `job_queue` hands committed jobs to workers (without one, job-creating routes answer 503);
+    `readiness_checks` join the database check at /readyz (None: a failing `worker` check says so)."""
+    settings = settings or get_settings()
+    engine = make_engine(settings.resolved_database_url)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        engine.dispose()
+
+    app = FastAPI(
+        title="Influence service",
+        version=__version__,
+        summary="Which training rows drove this prediction? Layer-wise training-data influence over HTTP.",
+        description=(
+            "Register a model and a dataset, build an index (an asynchronous job), then query it. "
+            "Errors are application/problem+json (RFC 9457)."
+        ),
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.engine = engine
+    app.state.session_factory = make_session_factory(engine)
+    app.state.job_queue = job_queue
+    app.state.readiness_checks = list(readiness_checks) if readiness_checks is not None else None
+
+    app.openapi = lambda: _openapi_with_problems(app)  # type: ignore[method-assign]
+    install_error_handlers(app)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_upload_bytes + FORM_OVERHEAD_BYTES)
+    app.include_router(health.router)
+    for module in (models, datasets, indexes, jobs):
+        app.include_router(module.router, prefix="/v1")
+    return app
+
+
+def _openapi_with_problems(app: FastAPI) -> dict[str, Any]:
+    """The OpenAPI document, with every error response declared as application/problem+json (Problem)."""
+    if app.openapi_schema:
+        return app.openapi_schema
+    schema = get_openapi(
+        title=app.title,
+        version=app.version,
+        summary=app.summary,
+        description=app.description,
+        routes=app.routes,
+    )
+    problem = {"$ref": "#/components/schemas/Problem"}
+    for operations in schema.get("paths", {}).values():
+        for operation in operations.values():
+            for status, response in operation.get("responses", {}).items():
+                if status.isdigit() and int(status) >= 400:
+                    response["content"] = {PROBLEM_MEDIA_TYPE: {"schema": problem}}
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    components["Problem"] = Problem.model_json_schema(ref_template="#/components/schemas/{model}")
+    for unused in ("HTTPValidationError", "ValidationError"):
+        components.pop(unused, None)
+    # FastAPI names a form body after its route; give the dataset form a name a reader can use.
+    generated = "Body_create_dataset_v1_datasets_post"
+    if generated in components:
+        components["DatasetRegistrationForm"] = components.pop(generated)
+        form = schema["paths"]["/v1/datasets"]["post"]["requestBody"]["content"]["multipart/form-data"]
+        form["schema"] = {"$ref": "#/components/schemas/DatasetRegistrationForm"}
+    app.openapi_schema = schema
+    return schema
+
+
+def __getattr__(name: str) -> Any:
+    # `uvicorn app.main:app` without building an app (and reading settings) at import time.
+    if name == "app":
+        return create_app()
+    raise AttributeError(name)

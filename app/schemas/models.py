@@ -1,0 +1,113 @@
+"""Model registration: what a caller sends and what the service answers."""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from app.schemas.common import UTCDateTime
+
+Task = Literal["classification", "causal-lm"]
+
+
+class CheckpointIn(BaseModel):
+    """One training checkpoint (a PEFT adapter folder on the server) and the learning rate it was taken at."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    adapter: str = Field(min_length=1, max_length=1000, description="Absolute path of a PEFT adapter folder")
+    learning_rate: float = Field(gt=0, description="TracIn-CP weight of this checkpoint")
+    name: str | None = Field(None, min_length=1, max_length=200, description="Defaults to the folder name")
+
+    @field_validator("learning_rate")
+    @classmethod
+    def _finite(cls, value: float) -> float:
+        if not math.isfinite(value):
+            raise ValueError("must be finite")
+        return value
+
+
+class ModelCreate(BaseModel):
+    """Register a model. `source` is an absolute folder under an allowed root, or a hub id (`org/name`)
+    resolved from the local cache only. Layers are listed from the config, without loading weights."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "name": "minilm-sst2",
+                    "source": "/models/all-MiniLM-L6-v2",
+                    "task": "classification",
+                    "num_labels": 2,
+                    "adapter": "/models/runs/sst2-lora",
+                }
+            ]
+        },
+    )
+
+    name: str = Field(min_length=1, max_length=200)
+    source: str = Field(min_length=1, max_length=1000, description="Hub id or absolute local folder")
+    revision: str | None = Field(
+        None, min_length=1, max_length=200, description="Hub revision (hub ids only)"
+    )
+    task: Task = "classification"
+    num_labels: int | None = Field(
+        None, ge=1, le=100_000, description="Classes of the head (classification); default: the config's"
+    )
+    adapter: str | None = Field(None, min_length=1, max_length=1000, description="PEFT adapter folder")
+    checkpoints: list[CheckpointIn] = Field(
+        default_factory=list, max_length=64, description="TracIn-CP checkpoints (adapters), oldest first"
+    )
+
+
+class CheckpointOut(BaseModel):
+    name: str
+    adapter: str
+    learning_rate: float
+    weights_hash: str
+
+
+class ModelOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: str
+    name: str
+    source: str
+    revision: str | None
+    task: Task
+    num_labels: int | None = Field(description="Classes of the head; null for causal-lm")
+    adapter: str | None
+    checkpoints: list[CheckpointOut]
+    weights_hash: str = Field(description="sha256 over the safetensors of the model and its adapter")
+    num_layers: int
+    num_blocks: int
+    created_at: UTCDateTime
+
+
+class LayerOut(BaseModel):
+    """One layer unit (influence.Layer): rows x cols is its weight in its own layout."""
+
+    name: str
+    module_path: str
+    kind: Literal["linear", "conv1d", "embedding"]
+    role: Literal["embedding", "attention", "mlp", "head", "lora"]
+    block: int | None
+    position: str | None
+    rows: int
+    cols: int
+    has_bias: bool
+    is_lora: bool
+    num_params: int
+    groups: list[str]
+
+
+class ModelLayers(BaseModel):
+    model_id: str
+    num_blocks: int
+    layers: list[LayerOut]
+    groups: dict[str, list[str]] = Field(
+        description="Group name -> member layer names (WE, blocks.*, CL, ...)"
+    )

@@ -1,0 +1,623 @@
+"""Dataset registration: parse an uploaded (or server-side) file, validate every row, write a normalised artifact.
+
+The artifact (under <artifacts>/datasets/<id>/, path relative to the artifacts dir in `Dataset.path`):
+    rows.jsonl     one JSON object per row, in file order: {"text", "text_pair", "label", "noisy"}
+                   (text_pair / noisy are null when the mapping has no such column)
+    rows.offsets   little-endian int64 byte offset of every line (random access for paging)
+    meta.json      what the row in the database says, for a reader without the database
+
+Labels. classification: a class index per row. A file may give integers (JSON numbers, or digits in CSV/TSV)
+or label names (any other strings); names are numbered in sorted order (Python string order): label i is
+`label_names[i]`. A file mixing the two is refused. causal-lm: the label column is optional and holds the
+completion (strings; numbers are turned into their text); without one the row is plain language modelling.
+
+Nothing half-made survives a failure: the artifact is written under <artifacts>/tmp/, renamed into place only
+after every row validated, and deleted again if the transaction that records the row rolls back.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import sys
+import uuid
+from array import array
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from app.config import Settings
+from app.db import after_rollback
+from app.errors import Conflict, Invalid, NotFound, PayloadTooLarge
+from app.models import Dataset, new_id
+from app.services.paths import resolve_allowed_path
+from influence.data import Example
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("jsonl", "csv", "tsv", "parquet")
+TASKS = ("classification", "causal-lm")
+SUFFIX_FORMATS = {
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".csv": "csv",
+    ".tsv": "tsv",
+    ".tab": "tsv",
+    ".parquet": "parquet",
+    ".pq": "parquet",
+}
+ROWS_FILE = "rows.jsonl"
+OFFSETS_FILE = "rows.offsets"
+META_FILE = "meta.json"
+_READ_BLOCK = 1 << 20
+MAX_CLASSES = 100_000  # as many as a model registration accepts (num_labels)
+_INTEGER = re.compile(r"^[+-]?\d+$")
+_TRUE = {"true", "t", "yes", "y", "1"}
+_FALSE = {"false", "f", "no", "n", "0"}
+
+
+@dataclass(frozen=True)
+class ColumnSpec:
+    """Source column (JSONL field) of each part of a row; label None: none (causal-lm only)."""
+
+    text: str
+    text_pair: str | None = None
+    label: str | None = None
+    noisy: str | None = None
+
+    def as_dict(self) -> dict[str, str | None]:
+        return {"text": self.text, "text_pair": self.text_pair, "label": self.label, "noisy": self.noisy}
+
+    def mapped(self) -> list[tuple[str, str]]:
+        """(role, column) of the mapped parts."""
+        return [(role, column) for role, column in self.as_dict().items() if column is not None]
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """What the caller asked for, besides the bytes."""
+
+    columns: ColumnSpec
+    task: str = "classification"
+    name: str | None = None
+    format: str | None = None
+
+
+# --- queries ----------------------------------------------------------------------------------------------
+
+
+def get_dataset(session: Session, dataset_id: str) -> Dataset:
+    dataset = session.get(Dataset, dataset_id)
+    if dataset is None:
+        raise NotFound(f"dataset {dataset_id!r} does not exist")
+    return dataset
+
+
+def list_datasets(session: Session, *, offset: int = 0, limit: int = 50) -> tuple[Sequence[Dataset], int]:
+    total = session.scalar(select(func.count()).select_from(Dataset)) or 0
+    rows = session.scalars(
+        select(Dataset).order_by(Dataset.created_at.desc(), Dataset.id).offset(offset).limit(limit)
+    ).all()
+    return rows, total
+
+
+def dataset_dir(settings: Settings, dataset_id: str) -> Path:
+    return settings.resolved_artifacts_dir / "datasets" / dataset_id
+
+
+def rows_path(settings: Settings, dataset: Dataset) -> Path:
+    """The normalised rows file (Dataset.path is relative to the artifacts dir; absolute paths are kept)."""
+    return settings.resolved_artifacts_dir / dataset.path
+
+
+def _open_rows(settings: Settings, dataset: Dataset) -> tuple[Path, Path]:
+    path = rows_path(settings, dataset)
+    offsets = path.with_name(OFFSETS_FILE)
+    if not path.is_file() or not offsets.is_file():
+        raise Conflict(
+            f"the rows of dataset {dataset.id!r} are missing from the artifact store; register it again"
+        )
+    return path, offsets
+
+
+def read_rows(settings: Settings, dataset: Dataset, offset: int, limit: int) -> list[dict[str, Any]]:
+    """Rows [offset, offset + limit) as stored, each with its position `row`; seeks, never scans."""
+    import numpy as np
+
+    if offset >= dataset.row_count or limit <= 0:
+        return []
+    path, offsets_path = _open_rows(settings, dataset)
+    stop = min(dataset.row_count, offset + limit)
+    starts = np.fromfile(offsets_path, dtype="<i8", count=1, offset=offset * 8)
+    out = []
+    with open(path, "rb") as handle:
+        handle.seek(int(starts[0]))
+        for position in range(offset, stop):
+            row = json.loads(handle.readline())
+            row["row"] = position
+            out.append(row)
+    return out
+
+
+def iter_rows(settings: Settings, dataset: Dataset) -> Iterator[dict[str, Any]]:
+    """Every stored row in order: {"text", "text_pair", "label", "noisy"} (label: class index or completion)."""
+    path, _ = _open_rows(settings, dataset)
+    with open(path, "rb") as handle:
+        for line in handle:
+            yield json.loads(line)
+
+
+def load_examples(settings: Settings, dataset: Dataset) -> list[Example]:
+    """The dataset as influence.Example objects, row i at index i (what featurisation consumes)."""
+    return [
+        Example(text=r["text"], label=r["label"], text_pair=r["text_pair"])
+        for r in iter_rows(settings, dataset)
+    ]
+
+
+# --- registration -----------------------------------------------------------------------------------------
+
+
+def register_upload(
+    session: Session, settings: Settings, spec: DatasetSpec, upload: IO[bytes], filename: str | None
+) -> Dataset:
+    """Register an uploaded file (any seekable binary file object)."""
+    fmt = _pick_format(spec.format, filename, "the uploaded file")
+    upload.seek(0)
+    size, digest = _size_and_hash(upload, limit=settings.max_upload_bytes)
+    upload.seek(0)
+    name = spec.name or (Path(filename).stem if filename else "") or "dataset"
+    return _register(session, settings, spec, upload, fmt, size, digest, name, filename or None)
+
+
+def register_path(session: Session, settings: Settings, spec: DatasetSpec, raw_path: str) -> Dataset:
+    """Register a server-side file under an allowed root (read in place; the upload limit does not apply)."""
+    path = resolve_allowed_path(settings, raw_path, "path")
+    if not path.is_file():
+        raise Invalid(f"path {raw_path!r} is not an existing file")
+    fmt = _pick_format(spec.format, path.name, f"path {raw_path!r}")
+    try:
+        handle = open(path, "rb")  # noqa: SIM115 - closed below, after two passes over one descriptor
+    except OSError as exc:
+        raise Invalid(f"path {raw_path!r} cannot be read: {exc.strerror}") from None
+    with handle:
+        size, digest = _size_and_hash(handle, limit=None)
+        handle.seek(0)
+        return _register(
+            session, settings, spec, handle, fmt, size, digest, spec.name or path.stem, str(path)
+        )
+
+
+def _pick_format(given: str | None, filename: str | None, what: str) -> str:
+    if given is not None:
+        if given not in FORMATS:
+            raise Invalid(f"unknown format {given!r}; expected one of {', '.join(FORMATS)}")
+        return given
+    suffix = Path(filename or "").suffix.lower()
+    if suffix in SUFFIX_FORMATS:
+        return SUFFIX_FORMATS[suffix]
+    raise Invalid(f"cannot tell the format of {what} from its name; pass format = {' | '.join(FORMATS)}")
+
+
+def _size_and_hash(handle: IO[bytes], limit: int | None) -> tuple[int, str]:
+    digest = hashlib.sha256()
+    size = 0
+    for block in iter(lambda: handle.read(_READ_BLOCK), b""):
+        size += len(block)
+        if limit is not None and size > limit:
+            raise PayloadTooLarge(f"the upload exceeds the limit of {limit} bytes")
+        digest.update(block)
+    return size, digest.hexdigest()
+
+
+def _check_spec(spec: DatasetSpec) -> None:
+    if spec.task not in TASKS:
+        raise Invalid(f"unknown task {spec.task!r}; expected one of {', '.join(TASKS)}")
+    if spec.task == "classification" and spec.columns.label is None:
+        raise Invalid("classification data needs a label column (label_column)")
+    used = [column for _, column in spec.columns.mapped()]
+    duplicates = sorted({c for c in used if used.count(c) > 1})
+    if duplicates:
+        raise Invalid(f"column {duplicates[0]!r} is mapped to more than one role")
+
+
+def _register(
+    session: Session,
+    settings: Settings,
+    spec: DatasetSpec,
+    handle: IO[bytes],
+    fmt: str,
+    size: int,
+    digest: str,
+    name: str,
+    source: str | None,
+) -> Dataset:
+    _check_spec(spec)
+    if size == 0:
+        raise Invalid("the file is empty")
+    dataset_id = new_id()
+    artifacts = settings.resolved_artifacts_dir
+    staging = artifacts / "tmp" / f"dataset-{dataset_id}-{uuid.uuid4().hex[:8]}"
+    final = dataset_dir(settings, dataset_id)
+    staging.mkdir(parents=True)
+    try:
+        records = _records(handle, fmt, spec.columns, settings.max_rows)
+        summary = _write_rows(staging, records, spec, settings)
+        meta = {
+            "id": dataset_id,
+            "name": name,
+            "format": fmt,
+            "task": spec.task,
+            "columns": spec.columns.as_dict(),
+            "content_hash": digest,
+            "row_count": summary.row_count,
+            "labels": summary.labels,
+            "label_names": summary.label_names,
+        }
+        (staging / META_FILE).write_text(json.dumps(meta, indent=1))
+        final.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(staging, final)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # gone already after the rename
+    after_rollback(session, lambda: shutil.rmtree(final, ignore_errors=True))
+    dataset = Dataset(
+        id=dataset_id,
+        name=name[:200],
+        format=fmt,
+        task=spec.task,
+        source=source,
+        size_bytes=size,
+        columns=spec.columns.as_dict(),
+        row_count=summary.row_count,
+        content_hash=digest,
+        path=str((final / ROWS_FILE).relative_to(artifacts)),
+        labels=summary.labels,
+        label_names=summary.label_names,
+        has_noisy_flag=spec.columns.noisy is not None,
+    )
+    session.add(dataset)
+    session.flush()
+    return dataset
+
+
+# --- reading the formats: (where, record) pairs; `where` names the line (text formats) or row (Parquet) ---
+
+
+def _records(
+    handle: IO[bytes], fmt: str, columns: ColumnSpec, max_rows: int
+) -> Iterator[tuple[str, Mapping[str, Any]]]:
+    if fmt == "jsonl":
+        return _jsonl_records(handle)
+    if fmt in ("csv", "tsv"):
+        return _delimited_records(handle, fmt, columns)
+    return _parquet_records(handle, columns, max_rows)
+
+
+def _text_lines(handle: IO[bytes]) -> Iterator[tuple[int, str]]:
+    """(line number, decoded line with its ending), refusing what is not UTF-8 with the line's number."""
+    for number, raw in enumerate(handle, start=1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise Invalid(f"line {number}: not UTF-8 text (byte {exc.start} of the line)") from None
+        if number == 1 and line.startswith("\ufeff"):
+            line = line[1:]
+        yield number, line
+
+
+def _jsonl_records(handle: IO[bytes]) -> Iterator[tuple[str, Mapping[str, Any]]]:
+    for number, line in _text_lines(handle):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise Invalid(f"line {number}: invalid JSON: {exc.msg} (column {exc.colno})") from None
+        if not isinstance(record, dict):
+            raise Invalid(f"line {number}: expected a JSON object, got {_json_type(record)}")
+        yield f"line {number}", record
+
+
+def _delimited_records(
+    handle: IO[bytes], fmt: str, columns: ColumnSpec
+) -> Iterator[tuple[str, Mapping[str, Any]]]:
+    # CSV: RFC 4180 quoting. TSV: no quoting at all (fields hold no tabs or newlines), as GLUE writes it.
+    lines = (line for _, line in _text_lines(handle))
+    if fmt == "csv":
+        reader = csv.reader(lines, delimiter=",", strict=True)
+    else:
+        reader = csv.reader(lines, delimiter="\t", quoting=csv.QUOTE_NONE, strict=True)
+    try:
+        header = next(reader, None)
+        while header is not None and not header:
+            header = next(reader, None)
+        if header is None:
+            raise Invalid("the file has no header line")
+        header = [name.strip() for name in header]
+        missing = [(role, column) for role, column in columns.mapped() if column not in header]
+        if missing:
+            role, column = missing[0]
+            raise Invalid(
+                f"column {column!r} (the {role} column) is not in the header; columns: {', '.join(header)}"
+            )
+        for _, column in columns.mapped():
+            if header.count(column) > 1:
+                raise Invalid(f"column {column!r} appears {header.count(column)} times in the header")
+        positions = {column: header.index(column) for _, column in columns.mapped()}
+        for fields in reader:
+            if not fields or (len(fields) == 1 and not fields[0].strip()):
+                continue
+            if len(fields) != len(header):
+                raise Invalid(
+                    f"line {reader.line_num}: {len(fields)} fields, but the header has {len(header)}"
+                )
+            yield f"line {reader.line_num}", {column: fields[i] for column, i in positions.items()}
+    except csv.Error as exc:
+        raise Invalid(f"line {reader.line_num}: unreadable {fmt.upper()}: {exc}") from None
+
+
+def _parquet_records(
+    handle: IO[bytes], columns: ColumnSpec, max_rows: int
+) -> Iterator[tuple[str, Mapping[str, Any]]]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        parquet = pq.ParquetFile(handle)
+        schema = parquet.schema_arrow
+    except (pa.ArrowException, OSError, ValueError) as exc:
+        raise Invalid(f"not a readable Parquet file: {exc}") from None
+    names = schema.names
+    if parquet.metadata.num_rows > max_rows:
+        raise PayloadTooLarge(f"the file has {parquet.metadata.num_rows} rows; the limit is {max_rows}")
+    for role, column in columns.mapped():
+        if column not in names:
+            raise Invalid(
+                f"column {column!r} (the {role} column) is not in the file; columns: {', '.join(names)}"
+            )
+        kind = schema.field(column).type
+        if pa.types.is_dictionary(kind):
+            kind = kind.value_type
+        if role in ("text", "text_pair") and not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+            raise Invalid(f"column {column!r} (the {role} column) has type {kind}; expected strings")
+        if role == "label" and not (
+            pa.types.is_integer(kind)
+            or pa.types.is_string(kind)
+            or pa.types.is_large_string(kind)
+            or pa.types.is_floating(kind)
+        ):
+            raise Invalid(
+                f"column {column!r} (the label column) has type {kind}; expected integers or strings"
+            )
+        if role == "noisy" and not (pa.types.is_boolean(kind) or pa.types.is_integer(kind)):
+            raise Invalid(f"column {column!r} (the noisy column) has type {kind}; expected booleans or 0/1")
+    wanted = sorted({column for _, column in columns.mapped()})
+    number = 0
+    try:
+        for batch in parquet.iter_batches(batch_size=8192, columns=wanted):
+            values = {column: batch.column(column).to_pylist() for column in wanted}
+            for i in range(batch.num_rows):
+                number += 1
+                yield f"row {number}", {column: values[column][i] for column in wanted}
+    except (pa.ArrowException, OSError) as exc:
+        raise Invalid(f"row {number + 1}: unreadable Parquet data: {exc}") from None
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    return "an object"
+
+
+# --- validating and writing rows --------------------------------------------------------------------------
+
+
+@dataclass
+class _Summary:
+    row_count: int
+    labels: list[int]
+    label_names: list[str] | None
+
+
+class _Rows:
+    """Validates raw records into normalised rows; remembers what it needs to describe the dataset."""
+
+    def __init__(self, spec: DatasetSpec, settings: Settings):
+        self.columns = spec.columns
+        self.task = spec.task
+        self.max_chars = settings.max_text_chars
+        self.max_rows = settings.max_rows
+        self.count = 0
+        self.label_kind: tuple[str, str] | None = None  # ("integer" | "name", where first seen)
+        self.integers: set[int] = set()
+        self.names: set[str] = set()
+
+    def normalise(self, where: str, record: Mapping[str, Any]) -> dict[str, Any]:
+        self.count += 1
+        if self.count > self.max_rows:
+            raise PayloadTooLarge(f"the file has more than {self.max_rows} rows (the limit)")
+        cols = self.columns
+        row: dict[str, Any] = {
+            "text": self._text(where, record, cols.text, "text"),
+            "text_pair": self._text(where, record, cols.text_pair, "text_pair") if cols.text_pair else None,
+            "label": None,
+            "noisy": self._noisy(where, record, cols.noisy) if cols.noisy else None,
+        }
+        if cols.label is not None:
+            row["label"] = (
+                self._class_label(where, record, cols.label)
+                if self.task == "classification"
+                else self._completion(where, record, cols.label)
+            )
+        return row
+
+    def _value(self, where: str, record: Mapping[str, Any], column: str) -> Any:
+        if column not in record:
+            fields = ", ".join(map(str, list(record)[:20]))
+            raise Invalid(f"{where}: no {column!r} field (fields: {fields})")
+        return record[column]
+
+    def _text(self, where: str, record: Mapping[str, Any], column: str, role: str) -> str:
+        value = self._value(where, record, column)
+        if not isinstance(value, str):
+            raise Invalid(
+                f"{where}: column {column!r} (the {role}) must be a string, got {_json_type(value)}"
+            )
+        if not value.strip():
+            raise Invalid(f"{where}: column {column!r} (the {role}) is empty")
+        if len(value) > self.max_chars:
+            raise Invalid(
+                f"{where}: column {column!r} (the {role}) has {len(value)} characters; "
+                f"the limit is {self.max_chars}"
+            )
+        return value
+
+    def _class_label(self, where: str, record: Mapping[str, Any], column: str) -> int | str:
+        value = self._value(where, record, column)
+        if isinstance(value, str):
+            value = value.strip()
+        kind: str
+        if isinstance(value, bool) or value is None or value == "":
+            raise Invalid(
+                f"{where}: column {column!r} (the label) must be a class index or a label name, "
+                f"got {_json_type(value) if value != '' else 'an empty value'}"
+            )
+        if isinstance(value, float):
+            if not math.isfinite(value) or not value.is_integer():
+                raise Invalid(f"{where}: column {column!r} (the label) {value!r} is not a whole number")
+            value = int(value)
+        if isinstance(value, int) or (isinstance(value, str) and _INTEGER.match(value)):
+            kind, label = "integer", int(value)
+            if label < 0:
+                raise Invalid(
+                    f"{where}: column {column!r} (the label) {label} is negative; classes count from 0"
+                )
+        elif isinstance(value, str):
+            kind, label = "name", value
+        else:
+            raise Invalid(
+                f"{where}: column {column!r} (the label) must be a class index or a label name, "
+                f"got {_json_type(value)}"
+            )
+        if self.label_kind is None:
+            self.label_kind = (kind, where)
+        elif self.label_kind[0] != kind:
+            first_kind, first_where = self.label_kind
+            raise Invalid(
+                f"{where}: label {value!r} is {'an integer' if kind == 'integer' else 'a name'}, but the label "
+                f"at {first_where} was {'an integer' if first_kind == 'integer' else 'a name'}; labels must be "
+                "all class indices or all names"
+            )
+        if kind == "integer":
+            if int(label) >= MAX_CLASSES:
+                raise Invalid(
+                    f"{where}: column {column!r} (the label) {label} is not a class index below {MAX_CLASSES}"
+                )
+            self.integers.add(int(label))
+        else:
+            self.names.add(str(label))
+            if len(self.names) > MAX_CLASSES:
+                raise Invalid(
+                    f"{where}: column {column!r} has more than {MAX_CLASSES} distinct label names; "
+                    "is it the label column?"
+                )
+        return label
+
+    def _completion(self, where: str, record: Mapping[str, Any], column: str) -> str | None:
+        value = self._value(where, record, column)
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+            raise Invalid(
+                f"{where}: column {column!r} (the completion) must be text, got {_json_type(value)}"
+            )
+        text = value if isinstance(value, str) else json.dumps(value)
+        if len(text) > self.max_chars:
+            raise Invalid(
+                f"{where}: column {column!r} (the completion) has {len(text)} characters; "
+                f"the limit is {self.max_chars}"
+            )
+        return text
+
+    def _noisy(self, where: str, record: Mapping[str, Any], column: str) -> bool:
+        value = self._value(where, record, column)
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+            return value.strip().lower() in _TRUE
+        raise Invalid(f"{where}: column {column!r} (the noisy flag) must be true/false or 1/0, got {value!r}")
+
+    def summary(self) -> _Summary:
+        if self.task != "classification":
+            return _Summary(self.count, [], None)
+        if self.names:
+            names = sorted(self.names)
+            return _Summary(self.count, list(range(len(names))), names)
+        return _Summary(self.count, sorted(self.integers), None)
+
+
+def _write_rows(
+    folder: Path, records: Iterator[tuple[str, Mapping[str, Any]]], spec: DatasetSpec, settings: Settings
+) -> _Summary:
+    rows = _Rows(spec, settings)
+    offsets = array("q")
+    path = folder / ROWS_FILE
+    with open(path, "wb") as out:
+        position = 0
+        for where, record in records:
+            line = (json.dumps(rows.normalise(where, record), ensure_ascii=False) + "\n").encode("utf-8")
+            offsets.append(position)
+            out.write(line)
+            position += len(line)
+    if rows.count == 0:
+        raise Invalid("the file has no data rows")
+    summary = rows.summary()
+    if summary.label_names is not None:
+        offsets = _number_label_names(path, summary.label_names)
+    _write_offsets(folder / OFFSETS_FILE, offsets)
+    return summary
+
+
+def _number_label_names(path: Path, names: list[str]) -> array:
+    """Rewrite the rows with class indices in place of label names (names sorted); the new offsets."""
+    index = {name: i for i, name in enumerate(names)}
+    offsets = array("q")
+    numbered = path.with_suffix(".numbered")
+    with open(path, "rb") as source, open(numbered, "wb") as out:
+        position = 0
+        for raw in source:
+            row = json.loads(raw)
+            row["label"] = index[row["label"]]
+            line = (json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8")
+            offsets.append(position)
+            out.write(line)
+            position += len(line)
+    os.replace(numbered, path)
+    return offsets
+
+
+def _write_offsets(path: Path, offsets: array) -> None:
+    if sys.byteorder != "little":  # pragma: no cover - the file format is little-endian everywhere
+        offsets.byteswap()
+    with open(path, "wb") as out:
+        offsets.tofile(out)

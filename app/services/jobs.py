@@ -1,0 +1,249 @@
+"""Jobs: their life cycle in the database (the source of truth) and the queue they are handed to.
+
+    queued --mark_running--> running --mark_succeeded--> succeeded
+       |                        |------mark_failed-----> failed
+       |                        '------mark_cancelled--> cancelled   (the worker saw cancel_requested)
+       '--request_cancel--> cancelled                               (never started)
+
+State changes are conditional UPDATEs (`... WHERE status IN (...)`), so an API cancelling a queued job and a
+worker claiming it cannot both win, on SQLite and PostgreSQL alike. Every helper works on the caller's
+session and never commits: the caller's unit of work does (a worker: one short `session_scope` per step).
+A job is handed to the queue only after the transaction that created it commits (`enqueue_after_commit`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
+
+from app.db import after_commit
+from app.errors import Conflict, Invalid, NotFound, Unavailable
+from app.models import JOB_STATUSES, Job, utcnow
+
+log = logging.getLogger(__name__)
+
+FINISHED = ("succeeded", "failed", "cancelled")
+ACTIVE = ("queued", "running")
+MAX_ERROR_CHARS = 4000
+
+
+class JobQueue(Protocol):
+    """Hands a committed job to the workers (the Celery implementation lives in worker/queue.py)."""
+
+    def enqueue(self, job: Job) -> None: ...
+
+
+FinishHook = Callable[[Session, Job], None]
+_FINISH_HOOKS: dict[str, list[FinishHook]] = {}
+
+
+def register_finish_hook(kind: str, hook: FinishHook) -> None:
+    """Run `hook(session, job)` whenever a job of `kind` reaches a final state through these helpers, in the
+    same transaction: e.g. the index of a build job cancelled while queued (it never reaches a worker) or
+    refused by the broker gets its status from here. Registering the same hook twice has no effect."""
+    hooks = _FINISH_HOOKS.setdefault(kind, [])
+    if hook not in hooks:
+        hooks.append(hook)
+
+
+def _finished(session: Session, job_id: str) -> None:
+    job = session.get(Job, job_id)
+    if job is not None:
+        for hook in _FINISH_HOOKS.get(job.kind, ()):
+            hook(session, job)
+
+
+def as_utc(moment: datetime | None) -> datetime | None:
+    """SQLite hands back naive datetimes; every stored moment is UTC."""
+    if moment is None or moment.tzinfo is not None:
+        return moment
+    return moment.replace(tzinfo=UTC)
+
+
+def duration_seconds(job: Job, now: datetime | None = None) -> float | None:
+    """Seconds from start to finish (to now while running); None before the start."""
+    started = as_utc(job.started_at)
+    if started is None:
+        return None
+    end = as_utc(job.finished_at) or (now or utcnow())
+    return max(0.0, (end - started).total_seconds())
+
+
+def create_job(
+    session: Session,
+    kind: str,
+    *,
+    target_id: str | None = None,
+    params: dict[str, Any] | None = None,
+    total: int = 0,
+) -> Job:
+    """A queued job, flushed (its id is known); enqueue it with `enqueue_after_commit`."""
+    job = Job(kind=kind, status="queued", target_id=target_id, params=params or {}, total=total, done=0)
+    session.add(job)
+    session.flush()
+    return job
+
+
+def enqueue_after_commit(session: Session, queue: JobQueue, job: Job) -> None:
+    """Hand `job` to the queue once the current unit of work commits (never a job whose row may vanish).
+
+    If the broker refuses it, the job is marked failed in its own transaction (so it does not sit `queued`
+    forever) and Unavailable (503) is raised: the rows stay committed, the job says why it never ran.
+    """
+
+    def enqueue() -> None:
+        try:
+            queue.enqueue(job)
+        except Exception as exc:
+            log.exception("could not enqueue job %s", job.id)
+            _fail_unqueued(session, job.id, f"could not enqueue the job: {exc}")
+            raise Unavailable(
+                f"job {job.id} was recorded but could not be queued (it is marked failed): {exc}"
+            ) from exc
+
+    after_commit(session, enqueue)
+
+
+def _fail_unqueued(session: Session, job_id: str, error: str) -> None:
+    bind = session.get_bind()
+    with Session(bind=bind) as own:
+        mark_failed(own, job_id, error)
+        own.commit()
+
+
+def get_job(session: Session, job_id: str) -> Job:
+    job = session.get(Job, job_id)
+    if job is None:
+        raise NotFound(f"job {job_id!r} does not exist")
+    return job
+
+
+def list_jobs(
+    session: Session,
+    *,
+    status: str | None = None,
+    kind: str | None = None,
+    target_id: str | None = None,
+    offset: int = 0,
+    limit: int = 50,
+) -> tuple[Sequence[Job], int]:
+    """A page of jobs, newest first, and the total matching."""
+    if status is not None and status not in JOB_STATUSES:
+        raise Invalid(f"unknown job status {status!r}; expected one of {', '.join(JOB_STATUSES)}")
+    query = select(Job)
+    if status is not None:
+        query = query.where(Job.status == status)
+    if kind is not None:
+        query = query.where(Job.kind == kind)
+    if target_id is not None:
+        query = query.where(Job.target_id == target_id)
+    total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
+    rows = session.scalars(query.order_by(Job.created_at.desc(), Job.id).offset(offset).limit(limit)).all()
+    return rows, total
+
+
+def _transition(session: Session, job_id: str, allowed: Sequence[str], **values: Any) -> bool:
+    """UPDATE the job WHERE its status is one of `allowed`; True if it changed."""
+    result = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status.in_(allowed))
+        .values(**values)
+        .execution_options(synchronize_session=False)
+    )
+    changed = bool(result.rowcount)
+    if changed:
+        job = session.get(Job, job_id)
+        if job is not None:
+            session.refresh(job)
+    return changed
+
+
+def mark_running(session: Session, job_id: str) -> Job | None:
+    """Claim a job for a worker: queued -> running, or a redelivered running job (attempts + 1).
+
+    Returns None when the job is finished or cancelled (the worker then skips it); raises NotFound for an
+    unknown id. `started_at` is the first start: a redelivery keeps it.
+    """
+    job = get_job(session, job_id)
+    now = utcnow()
+    if _transition(session, job_id, ("queued",), status="running", started_at=now, attempts=Job.attempts + 1):
+        return session.get(Job, job_id)
+    if _transition(session, job_id, ("running",), attempts=Job.attempts + 1):
+        return session.get(Job, job_id)
+    session.refresh(job)
+    return None
+
+
+def update_progress(session: Session, job_id: str, done: int, total: int | None = None) -> bool:
+    """Record progress of a running job; returns True when cancellation was requested (stop soon)."""
+    values: dict[str, Any] = {"done": int(done)}
+    if total is not None:
+        values["total"] = int(total)
+    _transition(session, job_id, ("running",), **values)
+    return is_cancel_requested(session, job_id)
+
+
+def is_cancel_requested(session: Session, job_id: str) -> bool:
+    row = session.execute(select(Job.status, Job.cancel_requested).where(Job.id == job_id)).one_or_none()
+    if row is None:
+        raise NotFound(f"job {job_id!r} does not exist")
+    status, requested = row
+    return bool(requested) or status == "cancelled"
+
+
+def mark_succeeded(session: Session, job_id: str, result: dict[str, Any] | None = None) -> bool:
+    """running -> succeeded with its result; done is set to total. False if the job was not running."""
+    job = get_job(session, job_id)
+    changed = _transition(
+        session,
+        job_id,
+        ("running",),
+        status="succeeded",
+        result=result,
+        done=max(job.done, job.total),
+        finished_at=utcnow(),
+    )
+    if changed:
+        _finished(session, job_id)
+    return changed
+
+
+def mark_failed(session: Session, job_id: str, error: str) -> bool:
+    """queued|running -> failed with a message (trimmed). False if the job had already finished."""
+    get_job(session, job_id)
+    message = error if len(error) <= MAX_ERROR_CHARS else error[: MAX_ERROR_CHARS - 3] + "..."
+    changed = _transition(session, job_id, ACTIVE, status="failed", error=message, finished_at=utcnow())
+    if changed:
+        _finished(session, job_id)
+    return changed
+
+
+def mark_cancelled(session: Session, job_id: str) -> bool:
+    """queued|running -> cancelled (a worker honouring a request). False if the job had already finished."""
+    get_job(session, job_id)
+    changed = _transition(
+        session, job_id, ACTIVE, status="cancelled", cancel_requested=True, finished_at=utcnow()
+    )
+    if changed:
+        _finished(session, job_id)
+    return changed
+
+
+def request_cancel(session: Session, job_id: str) -> Job:
+    """Cancel a job: a queued one is cancelled at once, a running one is asked to stop (its worker checks
+    `cancel_requested` between chunks). A finished job cannot be cancelled (Conflict)."""
+    job = get_job(session, job_id)
+    if _transition(
+        session, job_id, ("queued",), status="cancelled", cancel_requested=True, finished_at=utcnow()
+    ):
+        _finished(session, job_id)
+        return job
+    if _transition(session, job_id, ("running",), cancel_requested=True):
+        return job
+    session.refresh(job)
+    raise Conflict(f"job {job_id!r} has already finished ({job.status}); there is nothing to cancel")
