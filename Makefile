@@ -9,7 +9,7 @@ export TRANSFORMERS_OFFLINE := 1
 export TRANSFORMERS_VERBOSITY := error
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv test lint bench-quick clean
+.PHONY: venv test lint bench-quick clean serve demo
 
 venv: $(STAMP)
 
@@ -27,6 +27,16 @@ test: venv
 
 lint: venv
 	$(PY) -m ruff check influence tests bench
+
+# The embedded service: SQLite + local artifacts under var/, a real Celery worker child process on a broker that
+# needs no server, the API on 127.0.0.1:${PORT:-8000}. Ctrl-C stops both.
+serve: venv
+	$(PY) -m app.embedded serve --host 127.0.0.1 --port $${PORT:-8000}
+
+# Fine-tunes MiniLM on noisy SST-2 once (cached under var/demo), starts the embedded service, builds an index over
+# HTTP and asks which training rows helped / harmed three validation sentences.
+demo: venv
+	$(PY) scripts/demo.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

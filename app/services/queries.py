@@ -1,0 +1,450 @@
+"""Queries: which training rows most helped / harmed each example, per layer and aggregated.
+
+For an index that is ready:
+  1. featurize the examples with the index's projection (read from its manifest) on the cached model, after
+     checking that model, tokenizer, dataset and projection still match the manifest;
+  2. per layer, transform the features for the estimator (DataInf: the matrix fitted at build time);
+  3. exact (default): score every row of the store (influence.scoring over its memory-mapped matrices), in
+     groups of examples sized to a memory budget; approximate (when asked): per-layer FAISS search proposes
+     candidates for each direction, the union is scored exactly, and ranking/aggregation run over the
+     candidates only (the answer says so);
+  4. aggregate over the layers per example (influence.aggregate), take the top-k helpful / harmful rows and
+     report, for each, the per-layer scores and ranks behind its aggregated score.
+The exact path is the library's computation step for step (a test compares them).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from app.config import Settings
+from app.errors import Conflict, Invalid
+from app.models import Dataset, Index, RegisteredModel
+from app.schemas.indexes import QueryRequest
+from app.services.datasets import read_rows
+from app.services.indexes import get_index, layer_from_dict
+from app.services.pipelines import ModelCache, ModelSpec, resolve_device
+
+# Scores held at once while scoring exactly (float32): n rows x U layers x g examples <= this.
+SCORE_BUDGET_ELEMENTS = 1 << 26
+APPROXIMATE_CANDIDATE_FACTOR = 4
+
+
+class StoreCache:
+    """Opened feature stores (checksums verified once, when first opened) and their FAISS indexes."""
+
+    def __init__(self, capacity: int = 8):
+        self.capacity = capacity
+        self._stores: OrderedDict[str, Any] = OrderedDict()
+        self._faiss: dict[str, dict[str, Any]] = {}
+        self._lock = threading.Lock()
+
+    def store(self, settings: Settings, index: Index):
+        from influence import FeatureStore
+
+        with self._lock:
+            if index.id in self._stores:
+                self._stores.move_to_end(index.id)
+                return self._stores[index.id]
+        store = FeatureStore.open(settings.resolved_artifacts_dir / index.store_path, verify=True)
+        with self._lock:
+            self._stores[index.id] = store
+            while len(self._stores) > self.capacity:
+                evicted, _ = self._stores.popitem(last=False)
+                self._faiss.pop(evicted, None)
+        return store
+
+    def faiss(self, index_id: str, store, layers: Sequence[str]) -> dict[str, Any]:
+        from influence import load_store_indexes
+
+        with self._lock:
+            held = self._faiss.setdefault(index_id, {})
+            missing = [name for name in layers if name not in held]
+        if missing:
+            loaded = load_store_indexes(store, missing)
+            with self._lock:
+                held.update(loaded)
+        return {name: held[name] for name in layers}
+
+
+@dataclass
+class QueryRuntime:
+    """What an API process keeps between queries: loaded models and opened stores."""
+
+    models: ModelCache = field(default_factory=ModelCache)
+    stores: StoreCache = field(default_factory=StoreCache)
+
+
+@dataclass
+class _Prepared:
+    store: Any
+    layers: list[str]
+    queries: dict[str, np.ndarray]  # layer -> (m, k) float32
+    estimators: dict[str, Any]
+    losses: np.ndarray
+    predictions: np.ndarray
+
+
+def _examples(request: QueryRequest, settings: Settings, dataset: Dataset, task: str) -> list:
+    from influence.data import Example
+
+    if len(request.examples) > settings.max_query_examples:
+        raise Invalid(f"{len(request.examples)} examples; a query takes at most {settings.max_query_examples}")
+    names = dataset.label_names or []
+    out = []
+    for i, example in enumerate(request.examples):
+        for part in (example.text, example.text_pair or ""):
+            if len(part) > settings.max_text_chars:
+                raise Invalid(f"examples[{i}]: text longer than {settings.max_text_chars} characters")
+        label = example.label
+        if task == "classification":
+            if isinstance(label, str):
+                if label not in names:
+                    raise Invalid(
+                        f"examples[{i}].label {label!r} is not a label name of the dataset"
+                        + (f" ({', '.join(names[:10])})" if names else " (its labels are class indices)")
+                    )
+                label = names.index(label)
+            if label is None:
+                raise Invalid(f"examples[{i}].label is required for a classification index")
+        elif label is not None and not isinstance(label, str):
+            label = str(label)
+        out.append(Example(text=example.text, label=label, text_pair=example.text_pair))
+    pairs = {example.text_pair is None for example in out}
+    if len(pairs) > 1:
+        raise Invalid("either every example has a text_pair or none does")
+    return out
+
+
+def check_labels(examples: Sequence, model: RegisteredModel) -> None:
+    if model.task != "classification":
+        return
+    classes = int(model.num_labels or 2)
+    for i, example in enumerate(examples):
+        if not isinstance(example.label, int) or not 0 <= example.label < classes:
+            raise Invalid(f"examples[{i}].label {example.label!r} is not a class index in [0, {classes})")
+
+
+def select_query_layers(index: Index, model: RegisteredModel, selector: Any) -> list[str]:
+    """The index's layers the selector picks (names, groups, selectors), in index order; 422 if it picks none."""
+    from influence import select_layers
+    from influence.errors import UnknownLayerError
+
+    by_name = {record["name"]: record for record in model.layers}
+    index_layers = [layer_from_dict(by_name[name]) for name in index.layers if name in by_name]
+    if len(index_layers) != len(index.layers):
+        raise Conflict(f"index {index.id!r} names layers its model no longer lists; rebuild it")
+    try:
+        chosen = select_layers(index_layers, selector)
+    except UnknownLayerError as exc:
+        raise Invalid(f"{exc}: the query may only use layers the index holds ({len(index.layers)} layers)") from None
+    return [layer.name for layer in chosen]
+
+
+def _estimators(store, layers: Sequence[str], name: str) -> dict[str, Any]:
+    import torch
+
+    from influence import make_estimator
+    from influence.errors import StoreIncompleteError
+
+    out = {}
+    for layer in layers:
+        estimator = make_estimator(name)
+        if name == "datainf":
+            if not store.has_layer_statistics(layer):
+                raise StoreIncompleteError(
+                    f"the index has no DataInf statistics for layer {layer!r}; rebuild it to query with datainf"
+                )
+            state = store.load_layer_statistics(layer)
+            estimator.load_state_dict({key: torch.from_numpy(np.array(value)) for key, value in state.items()})
+        out[layer] = estimator
+    return out
+
+
+def prepare(
+    settings: Settings,
+    runtime: QueryRuntime,
+    index: Index,
+    model: RegisteredModel,
+    dataset: Dataset,
+    request: QueryRequest,
+) -> _Prepared:
+    """Check the index against the model, featurize the examples, build the per-layer estimators."""
+    from influence import ManifestMismatchError, featurize_examples
+
+    if index.status != "ready":
+        raise Conflict(
+            f"index {index.id!r} is not ready (status {index.status}); "
+            + (f"follow its build job {index.job_id!r}" if index.status in ("pending", "building") else "rebuild it")
+        )
+    layers = select_query_layers(index, model, request.layers)
+    examples = _examples(request, settings, dataset, model.task)
+    check_labels(examples, model)
+    store = runtime.stores.store(settings, index)
+    spec = ModelSpec.of(model)
+    cached = runtime.models.get(spec, resolve_device(settings.device))
+    featurizer = cached.featurizer(layers, store.manifest.projection)
+    # What the query computes must be what the store was built from (ManifestMismatchError -> 409).
+    store.manifest.check_compatible(
+        {
+            "model_id": model.id,
+            "revision": model.revision or "",
+            "weights_hash": spec.weights_hash,
+            "tokenizer": cached.tokenizer_id,
+            "dataset_hash": dataset.content_hash,
+            "projection": featurizer.projection.to_dict(),
+            "task": model.task,
+        }
+    )
+    for name in layers:
+        if featurizer.dims[name] != store.layer_spec(name).dim:
+            raise ManifestMismatchError(
+                f"layer {name!r}: the model gives {featurizer.dims[name]} features, the index holds "
+                f"{store.layer_spec(name).dim}"
+            )
+    with cached.lock:
+        features = featurize_examples(
+            featurizer,
+            cached.loaded.tokenizer,
+            examples,
+            model.task,
+            batch_size=settings.batch_size,
+            max_length=store.manifest.max_length,
+        )
+    return _Prepared(
+        store=store,
+        layers=layers,
+        queries={name: features.features[name] for name in layers},
+        estimators=_estimators(store, layers, request.estimator),
+        losses=features.losses,
+        predictions=features.predictions,
+    )
+
+
+# -------------------------------------------------------------------------------------------- scoring
+
+
+@dataclass
+class _Ranked:
+    """One example's outcome over its ranked rows (all rows, or the candidates)."""
+
+    positions: np.ndarray  # (c,) store positions of the ranked rows
+    scores: np.ndarray  # (c, U) float32 per-layer scores
+    aggregated: np.ndarray  # (c,) float64
+    helpful: np.ndarray | None  # indices into positions, most helpful first
+    harmful: np.ndarray | None
+
+
+def _pick(aggregated: np.ndarray, top_k: int, direction: str) -> tuple[np.ndarray | None, np.ndarray | None]:
+    from influence import top_k as take
+
+    k = min(top_k, len(aggregated))
+    helpful = take(aggregated, k, "helpful") if direction in ("helpful", "both") else None
+    harmful = take(aggregated, k, "harmful") if direction in ("harmful", "both") else None
+    return helpful, harmful
+
+
+def _aggregate(scores: np.ndarray, request: QueryRequest) -> np.ndarray:
+    from influence import aggregate
+
+    return aggregate(scores, request.aggregation, vote_k=request.vote_k)
+
+
+def exact_scores(prepared: _Prepared, columns: Sequence[int]) -> np.ndarray:
+    """(n, U, len(columns)) float32 scores of every store row, per layer, for some examples."""
+    from influence import score_tensor
+
+    store = prepared.store
+    return score_tensor(
+        {name: store.layer(name) for name in prepared.layers},
+        {name: prepared.queries[name][list(columns)] for name in prepared.layers},
+        prepared.estimators,
+        # Copies of the (n,) norms: torch warns about wrapping read-only memmaps.
+        {name: np.array(store.norms(name)) for name in prepared.layers},
+    )
+
+
+def rank_exact(prepared: _Prepared, request: QueryRequest) -> list[_Ranked]:
+    n = prepared.store.num_rows
+    m = len(prepared.losses)
+    group = max(1, SCORE_BUDGET_ELEMENTS // max(1, n * len(prepared.layers)))
+    out: list[_Ranked] = []
+    positions = np.arange(n, dtype=np.int64)
+    for start in range(0, m, group):
+        columns = list(range(start, min(m, start + group)))
+        block = exact_scores(prepared, columns)
+        for j in range(len(columns)):
+            scores = block[:, :, j : j + 1]
+            aggregated = _aggregate(scores, request)
+            helpful, harmful = _pick(aggregated, request.top_k, request.direction)
+            out.append(_Ranked(positions, np.ascontiguousarray(scores[:, :, 0]), aggregated, helpful, harmful))
+        del block
+    return out
+
+
+def rank_approximate(
+    prepared: _Prepared, request: QueryRequest, faiss: dict[str, Any], per_layer: int
+) -> list[_Ranked]:
+    import torch
+
+    from influence import score_layer
+
+    store = prepared.store
+    n = store.num_rows
+    k = min(per_layer, n)
+    m = len(prepared.losses)
+    candidates: list[set[int]] = [set() for _ in range(m)]
+    for name in prepared.layers:
+        transformed = (
+            prepared.estimators[name].transform_query(torch.from_numpy(prepared.queries[name])).float().numpy()
+        )
+        for sign, wanted in ((1.0, ("helpful", "both")), (-1.0, ("harmful", "both"))):
+            if request.direction not in wanted:
+                continue
+            _, found = faiss[name].search(sign * transformed, k)
+            for j in range(m):
+                candidates[j].update(int(p) for p in found[j] if p >= 0)
+    out: list[_Ranked] = []
+    for j in range(m):
+        positions = np.array(sorted(candidates[j]), dtype=np.int64)
+        scores = np.empty((len(positions), len(prepared.layers)), dtype=np.float32)
+        for u, name in enumerate(prepared.layers):
+            features = np.asarray(store.layer(name)[positions])
+            norms = np.asarray(store.norms(name)[positions])
+            query = prepared.queries[name][j : j + 1]
+            scores[:, u] = score_layer(features, query, prepared.estimators[name], norms)[:, 0].numpy()
+        aggregated = _aggregate(scores[:, :, None], request)
+        helpful, harmful = _pick(aggregated, request.top_k, request.direction)
+        out.append(_Ranked(positions, scores, aggregated, helpful, harmful))
+    return out
+
+
+# --------------------------------------------------------------------------------------------- answer
+
+
+def _layer_ranks(scores: np.ndarray) -> np.ndarray:
+    """(c, U) float64 0-based average ranks of each row within its layer, ascending."""
+    import torch
+
+    from influence import average_ranks
+
+    return average_ranks(torch.from_numpy(scores)).numpy()
+
+
+def _hits(
+    chosen: np.ndarray | None,
+    ranked: _Ranked,
+    ranks: np.ndarray,
+    row_ids: np.ndarray,
+    rows: dict[int, dict[str, Any]],
+    layers: Sequence[str],
+) -> list[dict[str, Any]] | None:
+    if chosen is None:
+        return None
+    out = []
+    for local in chosen:
+        row_id = int(row_ids[ranked.positions[local]])
+        row = rows[row_id]
+        out.append(
+            {
+                "row": row_id,
+                "text": row["text"],
+                "text_pair": row.get("text_pair"),
+                "label": row.get("label"),
+                "noisy": row.get("noisy"),
+                "score": float(ranked.aggregated[local]),
+                "layers": [
+                    {"layer": name, "score": float(ranked.scores[local, u]), "rank": float(ranks[local, u])}
+                    for u, name in enumerate(layers)
+                ],
+            }
+        )
+    return out
+
+
+def _read_hit_rows(settings: Settings, dataset: Dataset, row_ids: set[int]) -> dict[int, dict[str, Any]]:
+    return {row_id: read_rows(settings, dataset, row_id, 1)[0] for row_id in sorted(row_ids)}
+
+
+def run_query(
+    session, settings: Settings, runtime: QueryRuntime, index_id: str, request: QueryRequest
+) -> dict[str, Any]:
+    """Answer a query (the QueryResponse schema as a dict)."""
+    started = time.perf_counter()
+    if request.top_k > settings.max_top_k:
+        raise Invalid(f"top_k {request.top_k} is over the limit of {settings.max_top_k}")
+    index = get_index(session, index_id)
+    model = session.get(RegisteredModel, index.model_id)
+    dataset = session.get(Dataset, index.dataset_id)
+    if model is None or dataset is None:
+        raise Conflict(f"index {index_id!r} names a model or dataset that no longer exists")
+    prepared = prepare(settings, runtime, index, model, dataset, request)
+    approximation = None
+    if request.approximate:
+        per_layer = request.candidates_per_layer or APPROXIMATE_CANDIDATE_FACTOR * request.top_k
+        faiss = runtime.stores.faiss(index.id, prepared.store, prepared.layers)
+        ranked = rank_approximate(prepared, request, faiss, per_layer)
+        kind = next(iter(faiss.values())).kind
+        what = (
+            "candidate rows come from per-layer FAISS search (top candidates_per_layer per layer and "
+            "direction, their union per example); those candidates are scored exactly, and per-layer ranks and "
+            "the aggregation are over the candidates only, not every row"
+        )
+        if request.estimator == "cosine":
+            what += "; for cosine the search ranks by the unnormalised inner product, favouring large gradients"
+        approximation = {
+            "what": what,
+            "faiss_kind": kind,
+            "faiss_exact_search": bool(next(iter(faiss.values())).is_exact),
+            "candidates_per_layer": int(min(per_layer, prepared.store.num_rows)),
+        }
+    else:
+        ranked = rank_exact(prepared, request)
+
+    row_ids = prepared.store.row_ids()
+    wanted: set[int] = set()
+    for item in ranked:
+        for chosen in (item.helpful, item.harmful):
+            if chosen is not None:
+                wanted.update(int(row_ids[item.positions[i]]) for i in chosen)
+    rows = _read_hit_rows(settings, dataset, wanted)
+
+    results = []
+    for j, item in enumerate(ranked):
+        shown = np.unique(np.concatenate([c for c in (item.helpful, item.harmful) if c is not None]))
+        ranks = np.zeros_like(item.scores, dtype=np.float64)
+        if len(shown):
+            ranks[shown] = _layer_ranks(item.scores)[shown]
+        example = request.examples[j]
+        results.append(
+            {
+                "example": j,
+                "text": example.text,
+                "label": example.label,
+                "prediction": int(prepared.predictions[j]) if model.task == "classification" else None,
+                "loss": float(prepared.losses[j]),
+                "candidates": len(item.positions),
+                "helpful": _hits(item.helpful, item, ranks, row_ids, rows, prepared.layers),
+                "harmful": _hits(item.harmful, item, ranks, row_ids, rows, prepared.layers),
+            }
+        )
+    return {
+        "index_id": index.id,
+        "estimator": request.estimator,
+        "aggregation": request.aggregation,
+        "vote_k": request.vote_k,
+        "direction": request.direction,
+        "layers": prepared.layers,
+        "num_rows": prepared.store.num_rows,
+        "approximate": request.approximate,
+        "approximation": approximation,
+        "results": results,
+        "seconds": round(time.perf_counter() - started, 4),
+    }

@@ -1,0 +1,144 @@
+"""Helpers shared by the worker and index/query tests: register over HTTP, wait for jobs, run a real worker."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def tsv(rows, noisy=None) -> bytes:
+    header = ["sentence", "label"] + (["noisy"] if noisy is not None else [])
+    lines = ["\t".join(header)]
+    for i, (text, label) in enumerate(rows):
+        cells = [text, str(label)] + ([str(bool(noisy[i])).lower()] if noisy is not None else [])
+        lines.append("\t".join(cells))
+    return ("\n".join(lines) + "\n").encode("utf-8")
+
+
+def register_model(client, folder, *, name="tiny-bert", num_labels=2, adapter=None) -> dict:
+    body = {"name": name, "source": str(folder), "task": "classification", "num_labels": num_labels}
+    if adapter is not None:
+        body["adapter"] = str(adapter)
+    response = client.post("/v1/models", json=body)
+    assert response.status_code == 201, response.text
+    return response.json()
+
+
+def register_dataset(client, rows, *, name="sst2", noisy=None) -> dict:
+    data = {"name": name, "text_column": "sentence", "label_column": "label"}
+    if noisy is not None:
+        data["noisy_column"] = "noisy"
+    response = client.post(
+        "/v1/datasets", files={"file": (f"{name}.tsv", tsv(rows, noisy), "text/tab-separated-values")}, data=data
+    )
+    assert response.status_code == 201, response.text
+    return response.json()
+
+
+def wait_for_job(client, job_id: str, timeout: float = 120.0, until=("succeeded", "failed", "cancelled")) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        job = client.get(f"/v1/jobs/{job_id}").json()
+        if job["status"] in until:
+            return job
+        if time.monotonic() > deadline:
+            raise AssertionError(f"job {job_id} still {job['status']} after {timeout}s: {job}")
+        time.sleep(0.2)
+
+
+def worker_env(settings, **extra) -> dict[str, str]:
+    """The environment of a worker process for `settings` (the INFLUENCE_* variables it reads)."""
+    env = dict(os.environ)
+    env.update(
+        {
+            "INFLUENCE_DATA_DIR": str(settings.data_dir),
+            "INFLUENCE_DATABASE_URL": settings.resolved_database_url,
+            "INFLUENCE_ARTIFACTS_DIR": str(settings.resolved_artifacts_dir),
+            "INFLUENCE_DEVICE": "cpu",
+            "INFLUENCE_CHUNK_SIZE": str(settings.chunk_size),
+            "INFLUENCE_BATCH_SIZE": str(settings.batch_size),
+            "INFLUENCE_BROKER_VISIBILITY_TIMEOUT": str(settings.broker_visibility_timeout),
+            "HF_HUB_OFFLINE": "1",
+            "TRANSFORMERS_OFFLINE": "1",
+            "TRANSFORMERS_VERBOSITY": "error",
+            "TOKENIZERS_PARALLELISM": "false",
+            "OMP_NUM_THREADS": "1",
+            "PYTHONPATH": str(ROOT),
+        }
+    )
+    if settings.broker_url:
+        env["INFLUENCE_BROKER_URL"] = settings.broker_url
+    else:
+        env.pop("INFLUENCE_BROKER_URL", None)
+    env.update(extra)
+    return env
+
+
+class WorkerProcess:
+    """A real `celery worker` process (its own process group, so kill -9 takes its pool with it)."""
+
+    def __init__(self, settings, name: str, log: Path, concurrency: int = 1, **env):
+        self.command = [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "worker.celery_app",
+            "worker",
+            "--loglevel",
+            "info",
+            "--concurrency",
+            str(concurrency),
+            "--queues",
+            "cpu,gpu",
+            "--hostname",
+            f"{name}@%h",
+            "--without-gossip",
+            "--without-mingle",
+        ]
+        self.env = worker_env(settings, **env)
+        self.log = log
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> WorkerProcess:
+        handle = open(self.log, "ab")  # noqa: SIM115 - the child owns it until it exits
+        self.process = subprocess.Popen(
+            self.command, cwd=ROOT, env=self.env, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        handle.close()
+        return self
+
+    def kill(self) -> None:
+        """kill -9 the worker and its pool processes."""
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout=30)
+
+    def stop(self, timeout: float = 20.0) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGTERM)  # warm shutdown: the main process stops its pool
+        try:
+            self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+
+def assert_problem(response, status: int, *fragments: str) -> dict:
+    """A problem+json error with this status whose detail contains every fragment."""
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/problem+json"
+    body = response.json()
+    assert body["status"] == status
+    for fragment in fragments:
+        assert fragment in body["detail"], body["detail"]
+    return body

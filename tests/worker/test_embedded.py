@@ -1,0 +1,109 @@
+"""The embedded runner (`python -m app.embedded serve`, what `make serve` runs): it migrates its SQLite file,
+starts a real worker child on the filesystem broker, restarts that child when it dies, and stops it on exit."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from tests.worker.support import ROOT
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                out.append(int(entry.name))
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def _wait_ready(client: httpx.Client, timeout: float) -> dict:
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            response = client.get("/readyz")
+            if response.status_code == 200:
+                return response.json()
+            last = response.text
+        except httpx.TransportError as exc:
+            last = str(exc)
+        time.sleep(0.5)
+    raise AssertionError(f"not ready after {timeout}s: {last}")
+
+
+def test_serve_migrates_runs_a_worker_restarts_it_and_stops_it(tmp_path):
+    port = _free_port()
+    data_dir = tmp_path / "var"
+    env = {
+        **os.environ,
+        "INFLUENCE_DATA_DIR": str(data_dir),
+        "INFLUENCE_ALLOWED_ROOTS": json.dumps([str(tmp_path)]),
+        "INFLUENCE_DEVICE": "cpu",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": str(ROOT),
+    }
+    for variable in ("INFLUENCE_DATABASE_URL", "INFLUENCE_BROKER_URL", "INFLUENCE_ARTIFACTS_DIR"):
+        env.pop(variable, None)
+    log = open(tmp_path / "serve.log", "wb")  # noqa: SIM115
+    runner = subprocess.Popen(
+        [sys.executable, "-m", "app.embedded", "serve", "--port", str(port)],
+        cwd=tmp_path,  # the data dir is resolved once, whatever the working directory of the worker child
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
+            checks = _wait_ready(client, timeout=120)["checks"]
+            assert checks["database"]["detail"].startswith("sqlite")
+            assert checks["broker"]["detail"] == f"filesystem broker at {data_dir / 'broker'}"
+            assert checks["worker"]["detail"].startswith("worker embedded@")
+            assert (data_dir / "influence.db").is_file()
+            assert {p.name for p in (data_dir / "broker").iterdir()} >= {"queue", "control", "processed"}
+
+            (worker,) = _children(runner.pid)
+            os.kill(worker, signal.SIGKILL)
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and not [p for p in _children(runner.pid) if p != worker]:
+                time.sleep(0.2)
+            (restarted,) = [p for p in _children(runner.pid) if p != worker]
+            _wait_ready(client, timeout=120)
+        runner.send_signal(signal.SIGINT)
+        assert runner.wait(timeout=90) == 0
+        assert not _alive(restarted)
+        text = (tmp_path / "serve.log").read_text(errors="replace")
+        assert "starting it again" in text and "worker stopped" in text
+    finally:
+        if runner.poll() is None:
+            os.killpg(runner.pid, signal.SIGKILL)
+            runner.wait()
+        log.close()
