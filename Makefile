@@ -26,7 +26,7 @@ test: venv
 	$(PY) -m pytest -q
 
 lint: venv
-	$(PY) -m ruff check influence tests bench
+	$(PY) -m ruff check influence app worker migrations scripts tests
 
 # The embedded service: SQLite + local artifacts under var/, a real Celery worker child process on a broker that
 # needs no server, the API on 127.0.0.1:${PORT:-8000}. Ctrl-C stops both.
