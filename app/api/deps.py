@@ -16,7 +16,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
 from app.config import Settings
-from app.db import commit_unit_of_work, rollback_unit_of_work
+from app.db import session_scope
 from app.errors import Unavailable
 from app.services.jobs import JobQueue
 
@@ -36,16 +36,8 @@ def get_session(request: Request) -> Iterator[Session]:
     an error response, and a client that gets 201 can read what it created. Commit hooks (enqueueing a job)
     run after the commit; rollback hooks (deleting an artifact written for this request) after a rollback.
     """
-    session = request.app.state.session_factory()
-    try:
-        try:
-            yield session
-        except BaseException:
-            rollback_unit_of_work(session)
-            raise
-        commit_unit_of_work(session)
-    finally:
-        session.close()
+    with session_scope(request.app.state.session_factory) as session:
+        yield session
 
 
 def get_job_queue(request: Request) -> JobQueue:
