@@ -12,6 +12,7 @@ formula by formula, lives in one place each:
     store.py        append-only memory-mapped feature store; index.py: FAISS per layer
     featurize.py    example sets -> features (in memory or into a store)
     scoring.py      exact scores over the store, lazily per layer
+    report.py       the layer report: NDR / AUC-NDR per layer, group, aggregation and estimator
     finetune.py     LoRA fine-tuning with seeded label noise, for experiments
 
 A minimal session::
@@ -68,6 +69,7 @@ from influence.metrics import (
     random_baseline_ndr_at,
 )
 from influence.projection import DEFAULT_DIM, PROJECTORS, ProjectionSpec, make_projector
+from influence.report import LayerReport, layer_report
 from influence.scoring import LazyScores, score_layer, score_tensor, top_k
 from influence.store import FeatureStore, LayerSpec, StoreManifest
 from influence.version import __version__
@@ -92,6 +94,7 @@ __all__ = [
     "InvalidInputError",
     "Layer",
     "LayerIndex",
+    "LayerReport",
     "LayerSpec",
     "LazyScores",
     "LoadedModel",
@@ -119,6 +122,7 @@ __all__ = [
     "iter_batches",
     "layer_cancellation",
     "layer_groups",
+    "layer_report",
     "load_model",
     "load_store_indexes",
     "load_tokenizer",
