@@ -6,6 +6,7 @@ test features (m, k) of the same layer. Scores are float32 (n, m) per layer, pos
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from typing import Any, Literal
 
@@ -16,6 +17,10 @@ from influence.errors import InvalidInputError
 from influence.estimators import Estimator
 
 DEFAULT_CHUNK_ROWS = 65536
+# On CPU, rows are converted to float32 and scored in blocks of about this many features (4 MiB of float32),
+# into one reused buffer: the converted block is still in cache when the product reads it, and no chunk-sized
+# temporaries are allocated (and page-faulted) per chunk. Measured by bench/scoring.py (docs/benchmarks.md).
+CPU_BLOCK_ELEMENTS = 1 << 20
 
 
 def _rows_as_tensor(features: Any, i0: int, i1: int, device: torch.device) -> torch.Tensor:
@@ -28,6 +33,51 @@ def _rows_as_tensor(features: Any, i0: int, i1: int, device: torch.device) -> to
             block = block.copy()  # torch refuses read-only memory (a memmap opened with mode "r")
         rows = torch.from_numpy(block)
     return rows.to(device=device, dtype=torch.float32)
+
+
+def _readonly_view(block: np.ndarray) -> torch.Tensor:
+    """A tensor over a numpy block without copying it, read-only memory included (only ever read here)."""
+    if block.flags.writeable:
+        return torch.from_numpy(block)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "The given NumPy array is not writable"
+        return torch.from_numpy(block)
+
+
+def _score_rows_cpu(
+    train: Any,
+    i0: int,
+    i1: int,
+    transformed: torch.Tensor,
+    estimator: Estimator,
+    norm_tensor: torch.Tensor | None,
+    out: torch.Tensor,
+    buffer: torch.Tensor,
+) -> None:
+    """Scores of rows i0:i1 into out[i0:i1], in blocks of buffer's rows. A float16 (or read-only, or other)
+    block is converted into `buffer` (block_rows, k) float32 in one pass, straight from the source (no
+    intermediate copy), then scored while in cache; float32 blocks in writable memory are scored in place."""
+    step = buffer.shape[0]
+    for b0 in range(i0, i1, step):
+        b1 = min(i1, b0 + step)
+        source = train[b0:b1]
+        if isinstance(source, torch.Tensor):
+            if source.dtype == torch.float32 and source.device.type == "cpu":
+                rows = source  # already float32 in memory: scored in place, as before
+            else:
+                rows = buffer[: b1 - b0]
+                rows.copy_(source)
+        else:
+            source = np.asarray(source)
+            if source.dtype == np.float32 and source.flags.writeable:
+                rows = torch.from_numpy(source)  # a writable float32 array: scored in place, as before
+            else:
+                if source.dtype.kind != "f" or source.dtype.itemsize > 4 or not source.flags.c_contiguous:
+                    source = np.ascontiguousarray(source, dtype=np.float32)
+                rows = buffer[: b1 - b0]
+                rows.copy_(_readonly_view(source))
+        block_norms = None if norm_tensor is None else norm_tensor[b0:b1]
+        out[b0:b1] = estimator.score_transformed(rows, transformed, block_norms)
 
 
 def _as_queries(queries: Any) -> torch.Tensor:
@@ -77,6 +127,11 @@ def score_layer(
     # Transform once (DataInf works in float64 inside), then score in float32.
     transformed = estimator.transform_query(query_tensor).to(torch.float32)
     out = torch.empty((n, query_tensor.shape[0]), dtype=torch.float32, device=device)
+    if device.type == "cpu" and n > 0:
+        block_rows = max(1, min(int(chunk_rows), n, CPU_BLOCK_ELEMENTS // max(1, k)))
+        buffer = torch.empty((block_rows, k), dtype=torch.float32)
+        _score_rows_cpu(train, 0, n, transformed, estimator, norm_tensor, out, buffer)
+        return out
     for i0 in range(0, n, int(chunk_rows)):
         i1 = min(n, i0 + int(chunk_rows))
         rows = _rows_as_tensor(train, i0, i1, device)
@@ -224,10 +279,26 @@ def top_k(agg: Any, k: int, direction: Literal["helpful", "harmful"]) -> np.ndar
     if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 0:
         raise InvalidInputError(f"k must be a non-negative integer, got {k!r}")
     if direction == "harmful":
-        order = np.argsort(values, kind="stable")
+        keys = values
     elif direction == "helpful":
-        # Negating keeps a stable sort's lower-index-first rule for ties (float64: exact for any input).
-        order = np.argsort(-values.astype(np.float64), kind="stable")
+        # Negating keeps the lower-index-first rule for ties (float64: exact for any input).
+        keys = -values.astype(np.float64)
     else:
         raise InvalidInputError(f"direction must be 'helpful' or 'harmful', got {direction!r}")
-    return order[: int(k)].astype(np.int64)
+    return _smallest_first(keys, int(k))
+
+
+def _smallest_first(keys: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the k smallest keys, ascending, ties to the lower index: np.argsort(keys, kind="stable")[:k]
+    computed by partial selection (O(n) instead of O(n log n): the top-10 of 1M rows in a few ms)."""
+    n = len(keys)
+    if k >= n or n <= 4 * k or n < 1024:
+        return np.argsort(keys, kind="stable")[:k].astype(np.int64)
+    if k == 0:
+        return np.zeros(0, dtype=np.int64)
+    kth = np.partition(keys, k - 1)[k - 1]
+    below = np.flatnonzero(keys < kth)
+    tied = np.flatnonzero(keys == kth)[: k - len(below)]  # the lowest indices among the k-th value's ties
+    chosen = np.concatenate([below, tied])
+    # primary key: the value; secondary: the index (np.lexsort sorts by its last key first)
+    return chosen[np.lexsort((chosen, keys[chosen]))].astype(np.int64)

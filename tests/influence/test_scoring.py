@@ -163,3 +163,13 @@ def test_top_k():
         top_k(agg, -1, "helpful")
     with pytest.raises(InvalidInputError, match="one-dimensional"):
         top_k(agg.reshape(2, 3), 1, "helpful")
+
+
+def test_top_k_partial_selection_equals_a_stable_full_sort_on_large_tie_heavy_inputs():
+    """Above 1,024 rows top_k selects partially; it must equal argsort(kind="stable")[:k], ties included."""
+    rng = np.random.default_rng(7)
+    for values in (rng.integers(0, 20, size=5000).astype(np.float32), rng.normal(size=5000)):
+        for k in (1, 10, 37, 1000):
+            assert np.array_equal(top_k(values, k, "harmful"), np.argsort(values, kind="stable")[:k])
+            want = np.argsort(-values.astype(np.float64), kind="stable")[:k]
+            assert np.array_equal(top_k(values, k, "helpful"), want)

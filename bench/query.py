@@ -1,0 +1,537 @@
+"""Item 2: query latency over HTTP for one example, 12 layers at dimension 256, rank aggregation, top-10.
+
+    python -m bench.query                          # n = 10k, 100k, 1M; 20 queries each after 2 warm-ups; FAISS
+    python -m bench.query --sizes 10000,100000     # what fits
+    python -m bench.query --quick                  # n = 10k, 7 queries, no FAISS: one JSON line
+    python -m bench.query --sizes 100000 --compare-before --no-faiss   # item 6: old vs new code, alternating
+
+The service is the real one: app.main.create_app over SQLite in a bench data folder, served by uvicorn in a
+thread of this process on 127.0.0.1, queried with httpx (POST /v1/indexes/{id}/query, exact, grad-dot, rank,
+top_k 10, direction both). The model is the packaged MiniLM + LoRA r = 4 (bench/common.py), registered over
+HTTP; the dataset is n SST-2 training sentences (cycled) registered from a server-side TSV; the index holds the
+12 LoRA B units (query and value of the 6 blocks; factorized dim 256 each) in float16. Its features are
+synthetic (a build job would need n featurizations): the build job is the service's own (plan_build and
+finalize_build: consolidation, DataInf statistics, FAISS flat indexes, ready), except that each chunk's
+features are written from a seeded low-rank + noise generator instead of the model.
+
+Time split per query (wrapping app.services.queries functions in this process, nothing in app/ changes):
+  gradient       featurize_examples of the query example (tokenise, forward, backward, projections)
+  prepare-other  the rest of `prepare` (cached model and store, manifest checks, estimators)
+  scoring        exact_scores: every row of every layer read from the store's memmaps and dotted
+  aggregation    influence.aggregate (rank) + top-k selection
+  answer         hit rows read from the dataset artifact, per-layer ranks of the shown rows, the answer dict
+                 (of which answer-ranks: queries._layer_ranks, answer-rows: queries._read_hit_rows)
+  http+json      client latency minus run_query: pydantic validation, JSON encoding, HTTP, uvicorn
+
+Scoring floor: the feature bytes (n x 12 x 256 x 2) read once at this machine's memory read bandwidth,
+measured here (the best of numpy and torch sums over a 1 GiB float32 array, medians of 5).
+
+FAISS: flat vs IVF vs HNSW (influence.index, default parameters) on one layer's synthetic features, recall@10
+of the top inner products against exact (numpy), single-query search latency, build time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import socket
+import threading
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bench import common
+
+LAYERS = [f"block.{b}.attn.{p}.lora_B" for b in range(6) for p in ("q", "v")]
+DIM = 256
+RANK = 32
+CHUNK_ROWS = 65536
+SERVICE_DIR = common.WORK / "query-service"
+
+
+# ------------------------------------------------------------------------------------- synthetic features
+
+
+def synthetic_block(seed: int, layer: int, start: int, stop: int, dim: int = DIM) -> np.ndarray:
+    """Rows start:stop of a layer's synthetic features (float32): low rank (32) + noise, log-normal row scales.
+    Deterministic per (seed, layer, start); the basis depends on (seed, layer) only."""
+    basis = np.random.default_rng([seed, layer, 0]).standard_normal((RANK, dim), dtype=np.float32)
+    basis /= np.sqrt(RANK)
+    rng = np.random.default_rng([seed, layer, 1, start])
+    rows = stop - start
+    x = rng.standard_normal((rows, RANK), dtype=np.float32) @ basis
+    x += 0.3 * rng.standard_normal((rows, dim), dtype=np.float32)
+    x *= np.exp(0.5 * rng.standard_normal((rows, 1), dtype=np.float32))
+    return x
+
+
+# ----------------------------------------------------------------------------------------- the service
+
+
+class _Dispatcher:
+    def __init__(self) -> None:
+        self.chunks: list[int] = []
+        self.finalize_asked = False
+
+    def plan(self, job_id: str) -> None:  # pragma: no cover - not used
+        pass
+
+    def build_chunks(self, job_id: str, chunks) -> None:
+        self.chunks.extend(int(c) for c in chunks)
+
+    def finalize(self, job_id: str) -> None:
+        self.finalize_asked = True
+
+
+class SyntheticBuildQueue:
+    """A JobQueue whose index builds are the service's own steps with synthetic chunk features."""
+
+    def __init__(self, settings, seed: int = 0):
+        self.settings = settings
+        self.seed = seed
+        self.session_factory = None
+        self.errors: list[str] = []
+        self.threads: list[threading.Thread] = []
+
+    def enqueue(self, job) -> None:
+        thread = threading.Thread(target=self._run, args=(job.id,), daemon=True)
+        self.threads.append(thread)
+        thread.start()
+
+    def _run(self, job_id: str) -> None:
+        from app.services.pipelines import BuildContext, ModelCache, fail_build, finalize_build, plan_build
+        from influence import FeatureStore
+
+        dispatcher = _Dispatcher()
+        ctx = BuildContext(self.settings, self.session_factory, ModelCache(), dispatcher)
+        try:
+            plan_build(ctx, job_id)
+            from app.models import Index, Job
+
+            with self.session_factory() as session:
+                job = session.get(Job, job_id)
+                index = session.get(Index, job.target_id)
+                path = self.settings.resolved_artifacts_dir / index.store_path
+                layers = list(index.layers)
+            store = FeatureStore.open(path, verify=False)
+            ranges = store.chunk_ranges()
+            for chunk in dispatcher.chunks:
+                start, stop = ranges[chunk]
+                features = {name: synthetic_block(self.seed, u, start, stop) for u, name in enumerate(layers)}
+                store.write_chunk(chunk, np.arange(start, stop, dtype=np.int64), features)
+                common.log(f"synthetic chunk {chunk + 1}/{len(ranges)} written")
+            finalize_build(ctx, job_id)
+        except Exception as exc:  # the job is marked failed; the bench reports it
+            self.errors.append(f"{type(exc).__name__}: {exc}")
+            fail_build(ctx, job_id, str(exc))
+
+
+class Service:
+    """The API in a uvicorn thread, a bench tenant's API key, an httpx client."""
+
+    def __init__(self, data_dir: Path):
+        import httpx
+        import uvicorn
+
+        from app.config import Settings
+        from app.main import create_app
+        from app.migrate import upgrade
+        from influence import packaged_minilm_path
+
+        data_dir.mkdir(parents=True, exist_ok=True)
+        self.settings = Settings(
+            _env_file=None,
+            data_dir=data_dir,
+            allowed_roots=[common.WORK, packaged_minilm_path()],
+            max_rows=2_000_000,
+        )
+        upgrade(self.settings.resolved_database_url)
+        self.queue = SyntheticBuildQueue(self.settings)
+        self.app = create_app(self.settings, job_queue=self.queue)
+        self.queue.session_factory = self.app.state.session_factory
+        headers = {}
+        try:
+            from app.services import tenancy
+        except ImportError:  # a service without API keys
+            tenancy = None
+        if tenancy is not None:
+            with self.app.state.session_factory() as session:
+                key_path, _ = tenancy.ensure_local_key(session, data_dir)
+                session.commit()
+            headers["Authorization"] = f"Bearer {key_path.read_text().strip()}"
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = sock.getsockname()[1]
+        config = uvicorn.Config(
+            self.app, host="127.0.0.1", port=self.port, log_level="warning", access_log=False
+        )
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        while not self.server.started:
+            time.sleep(0.05)
+        self.client = httpx.Client(base_url=f"http://127.0.0.1:{self.port}", headers=headers, timeout=3600)
+
+    def call(self, method: str, path: str, **kwargs) -> Any:
+        response = self.client.request(method, path, **kwargs)
+        if response.status_code >= 400:
+            raise RuntimeError(f"{method} {path}: {response.status_code} {response.text[:500]}")
+        return response.json()
+
+    def close(self) -> None:
+        self.client.close()
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+def _dataset_file(n: int) -> Path:
+    path = common.WORK / "datasets" / f"sst2-cycled-{n}.tsv"
+    if path.is_file():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    examples = common.sst2_examples("train")
+    tmp = path.with_suffix(".partial")
+    with open(tmp, "w", encoding="utf-8") as handle:
+        handle.write("sentence\tlabel\n")
+        for i in range(n):
+            example = examples[i % len(examples)]
+            handle.write(f"{example.text}\t{example.label}\n")
+    tmp.rename(path)
+    return path
+
+
+def ready_index(service: Service, n: int) -> tuple[str, dict]:
+    """An index of n rows (made once per bench data folder; reused while ready)."""
+    from influence import packaged_minilm_path
+
+    state_path = SERVICE_DIR / "bench-state.json"
+    state = json.loads(state_path.read_text()) if state_path.is_file() else {}
+    known = state.get(str(n))
+    if known:
+        try:
+            index = service.call("GET", f"/v1/indexes/{known}")
+            if index["status"] == "ready":
+                return known, {"reused": True}
+        except RuntimeError:
+            pass
+    info: dict[str, Any] = {"reused": False}
+    if "model_id" not in state:
+        started = time.perf_counter()
+        model = service.call(
+            "POST",
+            "/v1/models",
+            json={
+                "name": "minilm-lora-r4",
+                "source": str(packaged_minilm_path()),
+                "adapter": str(common.lora_adapter()),
+                "task": "classification",
+                "num_labels": 2,
+            },
+        )
+        state["model_id"] = model["id"]
+        info["model_register_s"] = time.perf_counter() - started
+    started = time.perf_counter()
+    dataset = service.call(
+        "POST", "/v1/datasets", data={"path": str(_dataset_file(n)), "text_column": "sentence"}
+    )
+    info["dataset_register_s"] = time.perf_counter() - started
+    started = time.perf_counter()
+    index = service.call(
+        "POST",
+        "/v1/indexes",
+        json={
+            "model_id": state["model_id"],
+            "dataset_id": dataset["id"],
+            "layers": LAYERS,
+            "projection": {"kind": "factorized", "dim": DIM, "seed": 0},
+            "dtype": "float16",
+            "faiss_kind": "flat",
+            "chunk_size": CHUNK_ROWS,
+        },
+    )
+    while True:
+        current = service.call("GET", f"/v1/indexes/{index['id']}")
+        if current["status"] in ("ready", "failed", "cancelled"):
+            break
+        time.sleep(2)
+    if current["status"] != "ready":
+        raise RuntimeError(f"synthetic build of n={n} ended {current['status']}: {service.queue.errors}")
+    info["build_s"] = time.perf_counter() - started
+    info["size_bytes"] = current["size_bytes"]
+    state[str(n)] = index["id"]
+    state_path.write_text(json.dumps(state))
+    return index["id"], info
+
+
+# -------------------------------------------------------------------------------------------- timing
+
+
+class Splits:
+    """Wraps app.services.queries functions (module attributes) and influence.featurize_examples."""
+
+    def __init__(self) -> None:
+        self.current: dict[str, float] = defaultdict(float)
+        self._originals: list[tuple[Any, str, Any]] = []
+
+    def wrap(self, owner: Any, name: str, bucket: str) -> None:
+        original = getattr(owner, name)
+        splits = self
+
+        def wrapper(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                splits.current[bucket] += time.perf_counter() - start
+
+        self._originals.append((owner, name, original))
+        setattr(owner, name, wrapper)
+
+    def install(self) -> None:
+        import influence
+        from app.services import queries
+
+        self.wrap(influence, "featurize_examples", "gradient")
+        self.wrap(queries, "prepare", "prepare")
+        self.wrap(queries, "exact_scores", "scoring")
+        self.wrap(queries, "_aggregate", "aggregation")
+        self.wrap(queries, "_pick", "aggregation")
+        self.wrap(queries, "_layer_ranks", "answer-ranks")
+        self.wrap(queries, "_read_hit_rows", "answer-rows")
+        self.wrap(queries, "run_query", "run_query")
+
+    def uninstall(self) -> None:
+        for owner, name, original in reversed(self._originals):
+            setattr(owner, name, original)
+        self._originals.clear()
+
+    def take(self) -> dict[str, float]:
+        out = dict(self.current)
+        self.current = defaultdict(float)
+        return out
+
+
+def memory_bandwidth(repeats: int = 5) -> dict[str, float]:
+    """Read bandwidth (GB/s): sums over a 1 GiB float32 array, numpy (1 thread) and torch (its threads)."""
+    import torch
+
+    a = np.ones(1 << 28, dtype=np.float32)
+    t = torch.from_numpy(a)
+    out = {}
+    for name, fn in (("numpy_sum", lambda: a.sum()), ("torch_sum", lambda: t.sum())):
+        fn()
+        times = [common.timed(fn)[0] for _ in range(repeats)]
+        out[name] = a.nbytes / float(np.median(times)) / 1e9
+    out["best"] = max(out.values())
+    return out
+
+
+def run_queries(
+    service: Service, index_id: str, n: int, repeats: int, warmups: int, modes: tuple[str, ...] = ("after",)
+) -> dict:
+    """`repeats` timed queries per mode after `warmups`; with modes ("before", "after") every repeat runs both,
+    in alternating order, "before" under bench.scoring.BeforePatches (the code before item 6)."""
+    import contextlib
+
+    from bench.scoring import BeforePatches
+
+    validation = common.sst2_examples("validation")
+    splits = Splits()
+    splits.install()
+    rows: dict[str, list[dict]] = {mode: [] for mode in modes}
+    cold = None
+    try:
+        for i in range(warmups + repeats):
+            example = validation[i % len(validation)]
+            body = {
+                "examples": [{"text": example.text, "label": int(example.label)}],
+                "estimator": "grad-dot",
+                "aggregation": "rank",
+                "top_k": 10,
+                "direction": "both",
+            }
+            order = list(modes) if i % 2 == 0 else list(reversed(modes))
+            for mode in order:
+                patch = BeforePatches() if mode == "before" else contextlib.nullcontext()
+                with patch:
+                    start = time.perf_counter()
+                    answer = service.call("POST", f"/v1/indexes/{index_id}/query", json=body)
+                    total = time.perf_counter() - start
+                parts = splits.take()
+                assert answer["num_rows"] == n and len(answer["results"][0]["helpful"]) == 10
+                if cold is None:
+                    cold = total
+                if i < warmups:
+                    continue
+                run = parts.get("run_query", 0.0)
+                rows[mode].append(
+                    {
+                        "total": total,
+                        "gradient": parts.get("gradient", 0.0),
+                        "prepare-other": parts.get("prepare", 0.0) - parts.get("gradient", 0.0),
+                        "scoring": parts.get("scoring", 0.0),
+                        "aggregation": parts.get("aggregation", 0.0),
+                        "answer": run
+                        - parts.get("prepare", 0.0)
+                        - parts.get("scoring", 0.0)
+                        - parts.get("aggregation", 0.0),
+                        "answer-ranks": parts.get("answer-ranks", 0.0),
+                        "answer-rows": parts.get("answer-rows", 0.0),
+                        "http+json": total - run,
+                    }
+                )
+    finally:
+        splits.uninstall()
+    out: dict[str, Any] = {"first_query_s": cold}
+    for mode, measured in rows.items():
+        totals = [r["total"] for r in measured]
+        entry = {
+            "queries": len(measured),
+            "p50_s": common.percentile(totals, 50),
+            "p95_s": common.percentile(totals, 95),
+            "split_median_s": {
+                key: float(np.median([r[key] for r in measured])) for key in measured[0] if key != "total"
+            },
+        }
+        if mode == "after":
+            out.update(entry)
+        else:
+            out[mode] = entry
+    if "before" in rows:
+        out["p50_speedup_vs_before"] = out["before"]["p50_s"] / out["p50_s"]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- FAISS
+
+
+def faiss_compare(
+    sizes: list[int], num_queries: int = 50, top: int = 10, hnsw_max: int = 200_000
+) -> list[dict]:
+    from influence.index import LayerIndex
+
+    out = []
+    for n in sizes:
+        features = synthetic_block(1, 0, 0, n)
+        queries = synthetic_block(2, 0, 0, num_queries)
+        # exact top-10 by inner product
+        scores = features @ queries.T
+        exact = np.argsort(-scores, axis=0)[:top].T
+        for kind in ("flat", "ivf", "hnsw"):
+            if kind == "hnsw" and n > hnsw_max:
+                out.append(
+                    {"n": n, "kind": kind, "skipped": f"build over {hnsw_max} rows too slow on 2 cores"}
+                )
+                continue
+            if kind == "ivf" and n > 200_000:
+                out.append({"n": n, "kind": kind, "skipped": "k-means training over 200k rows too slow here"})
+                continue
+            build_s, index = common.timed(lambda f=features, kind=kind: LayerIndex.build(f, kind=kind))
+            latencies = []
+            found = []
+            for j in range(num_queries):
+                seconds, (_, positions) = common.timed(
+                    lambda j=j, ix=index, q=queries: ix.search(q[j : j + 1], top)
+                )
+                latencies.append(seconds)
+                found.append(positions[0])
+            recall = float(np.mean([len(set(f) & set(e)) / top for f, e in zip(found, exact, strict=True)]))
+            out.append(
+                {
+                    "n": n,
+                    "kind": kind,
+                    "params": index.params,
+                    "build_s": build_s,
+                    "search_ms_p50": 1000 * common.percentile(latencies, 50),
+                    "search_ms_p95": 1000 * common.percentile(latencies, 95),
+                    "recall_at_10": recall,
+                }
+            )
+            common.log(f"faiss n={n} {kind}: recall@10 {recall:.3f}, {out[-1]['search_ms_p50']:.2f} ms")
+            index = None  # free it before the next build
+    return out
+
+
+# ------------------------------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.query", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--sizes", default=None, help="comma-separated n (default 10000,100000,1000000)")
+    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--warmups", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=common.DEFAULT_THREADS)
+    parser.add_argument("--no-faiss", action="store_true")
+    parser.add_argument("--faiss-sizes", default="10000,100000,1000000")
+    parser.add_argument("--fresh", action="store_true", help="delete the bench service folder first")
+    parser.add_argument(
+        "--compare-before", action="store_true", help="also run each query with the code before item 6"
+    )
+    args = parser.parse_args(argv)
+    common.set_threads(args.threads)
+    sizes = [int(s) for s in (args.sizes or ("10000" if args.quick else "10000,100000,1000000")).split(",")]
+    repeats = args.repeats or (7 if args.quick else 20)
+    if args.fresh and SERVICE_DIR.exists():
+        shutil.rmtree(SERVICE_DIR)
+    load_start = common.load_average()
+    bandwidth = memory_bandwidth()
+    common.log(f"memory read bandwidth {bandwidth}")
+    service = Service(SERVICE_DIR)
+    results = {}
+    try:
+        for n in sizes:
+            need = n * len(LAYERS) * DIM * (2 + 4) * 1.3  # float16 store + float32 flat FAISS, with slack
+            free = shutil.disk_usage(common.WORK).free
+            if need > free:
+                results[str(n)] = {"skipped": f"needs ~{need / 1e9:.1f} GB of disk, {free / 1e9:.1f} GB free"}
+                continue
+            common.log(f"n={n}: preparing the index")
+            index_id, info = ready_index(service, n)
+            common.log(f"n={n}: index {index_id} ready ({info}); querying")
+            modes = ("before", "after") if args.compare_before else ("after",)
+            measured = run_queries(service, index_id, n, repeats, args.warmups, modes)
+            feature_bytes = n * len(LAYERS) * DIM * 2
+            floor_s = feature_bytes / (bandwidth["best"] * 1e9)
+            measured["feature_bytes"] = feature_bytes
+            measured["scoring_floor_s"] = floor_s
+            measured["scoring_over_floor"] = measured["split_median_s"]["scoring"] / floor_s
+            measured["index"] = info
+            measured["load_1min"] = common.load_average()[0]
+            results[str(n)] = measured
+            common.log(f"n={n}: p50 {measured['p50_s'] * 1000:.0f} ms, split {measured['split_median_s']}")
+    finally:
+        service.close()
+    faiss_results = []
+    if not args.no_faiss and not args.quick:
+        faiss_results = faiss_compare([int(s) for s in args.faiss_sizes.split(",")])
+    result = {
+        "machine": common.machine(),
+        "load_at_start": load_start,
+        "layers": LAYERS,
+        "dim": DIM,
+        "dtype": "float16",
+        "memory_bandwidth_gb_s": bandwidth,
+        "sizes": results,
+        "faiss": faiss_results,
+    }
+    measured_sizes = {n: r for n, r in results.items() if "p50_s" in r}
+    headline: dict[str, Any] = {"load_1min": common.load_average()[0], "bandwidth_gb_s": bandwidth["best"]}
+    for n, r in measured_sizes.items():
+        headline[f"p50_ms_{n}"] = 1000 * r["p50_s"]
+        headline[f"p95_ms_{n}"] = 1000 * r["p95_s"]
+        headline[f"scoring_over_floor_{n}"] = r["scoring_over_floor"]
+        if "before" in r:
+            headline[f"p50_ms_before_{n}"] = 1000 * r["before"]["p50_s"]
+    if "100000" in measured_sizes:
+        result["target_p50_le_150ms_at_100k"] = measured_sizes["100000"]["p50_s"] <= 0.150
+        headline["target_met_100k"] = result["target_p50_le_150ms_at_100k"]
+    common.emit("query-compare-before" if args.compare_before else "query", result, args.quick, headline)
+
+
+if __name__ == "__main__":
+    main()
