@@ -26,10 +26,16 @@ class Settings(BaseSettings):
         default_factory=list, description="Server-side folders that datasets and models may be registered from"
     )
     max_upload_bytes: int = Field(200 * 1024 * 1024, description="Largest accepted dataset upload (HTTP 413 above)")
+    max_request_bytes: int = Field(
+        32 * 1024 * 1024, description="Largest accepted JSON request body (HTTP 413 above); uploads: max_upload_bytes"
+    )
     max_rows: int = Field(2_000_000, description="Most rows in one dataset")
     max_text_chars: int = Field(20_000, description="Longest text field accepted in a row or query example")
     max_query_examples: int = Field(256, description="Most examples in one query")
     max_top_k: int = Field(1000, description="Largest top_k of a query")
+    max_active_jobs_per_tenant: int = Field(
+        4, description="Most jobs (index builds, compactions) one tenant may have queued or running (HTTP 429)"
+    )
     chunk_size: int = Field(512, description="Rows per index-build chunk (the unit of parallelism and resume)")
     batch_size: int = Field(32, description="Featurisation batch size")
     max_length: int = Field(128, description="Token limit per example when featurising")

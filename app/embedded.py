@@ -3,9 +3,11 @@
     python -m app.embedded serve [--host 127.0.0.1] [--port 8000]     (what `make serve` runs)
 
 `serve` needs no server: it migrates the database (SQLite under the data dir unless INFLUENCE_DATABASE_URL
-says otherwise), starts a real Celery worker as a child process (`python -m worker`, on kombu's filesystem
-transport under <data_dir>/broker unless INFLUENCE_BROKER_URL names a broker), restarts that child if it dies,
-and serves the API with uvicorn until interrupted; then it stops the worker (warm shutdown, then SIGKILL).
+says otherwise), makes sure an API key of the `local` tenant is in <data_dir>/local-api-key (created on first
+start, mode 0600; its path is printed: send it as `Authorization: Bearer $(cat <path>)`), starts a real Celery
+worker as a child process (`python -m worker`, on kombu's filesystem transport under <data_dir>/broker unless
+INFLUENCE_BROKER_URL names a broker), restarts that child if it dies, and serves the API with uvicorn until
+interrupted; then it stops the worker (warm shutdown, then SIGKILL).
 
 `create_service_app` is the API wired to Celery (job queue, broker and worker readiness checks); production
 runs it as `uvicorn --factory app.embedded:create_service_app` (docker/entrypoint.sh `api`). This module is the
@@ -117,6 +119,19 @@ class WorkerSupervisor:
         log.info("worker stopped")
 
 
+def local_api_key(settings: Settings) -> tuple[Path, bool]:
+    """Make sure <data_dir>/local-api-key holds a valid key of the `local` tenant; (path, created now)."""
+    from app.db import make_engine, make_session_factory, session_scope
+    from app.services.tenancy import ensure_local_key
+
+    engine = make_engine(settings.resolved_database_url)
+    try:
+        with session_scope(make_session_factory(engine)) as session:
+            return ensure_local_key(session, settings.data_dir.resolve())
+    finally:
+        engine.dispose()
+
+
 def serve(settings: Settings, host: str, port: int, with_worker: bool = True) -> None:
     import uvicorn
 
@@ -127,6 +142,12 @@ def serve(settings: Settings, host: str, port: int, with_worker: bool = True) ->
     settings = settings.model_copy(update={"data_dir": settings.data_dir.resolve()})
     upgrade(settings.resolved_database_url)
     log.info("database migrated: %s", settings.resolved_database_url)
+    key_path, created = local_api_key(settings)
+    print(
+        f"API key of tenant 'local' {'created' if created else 'kept'} at {key_path} (mode 0600); "
+        f"send it as: Authorization: Bearer $(cat {key_path})",
+        flush=True,
+    )
     supervisor = WorkerSupervisor(settings) if with_worker else None
     if supervisor is not None:
         supervisor.start()

@@ -16,6 +16,7 @@ from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import DataError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from influence import errors as lib
@@ -43,6 +44,12 @@ class BadRequest(ServiceError):
     status, type, title = 400, "bad-request", "Bad request"
 
 
+class Unauthorized(ServiceError):
+    """No valid API key: the response carries `WWW-Authenticate: Bearer`."""
+
+    status, type, title = 401, "unauthorized", "Unauthorized"
+
+
 class Forbidden(ServiceError):
     status, type, title = 403, "forbidden", "Forbidden"
 
@@ -61,6 +68,10 @@ class PayloadTooLarge(ServiceError):
 
 class Invalid(ServiceError):
     status, type, title = 422, "invalid-input", "Invalid input"
+
+
+class TooManyRequests(ServiceError):
+    status, type, title = 429, "too-many-requests", "Too many requests"
 
 
 class Unavailable(ServiceError):
@@ -82,7 +93,17 @@ LIBRARY_ERRORS: dict[type[Exception], tuple[int, str, str]] = {
 # type, the same as our own classes use.
 _HTTP_PROBLEMS = {
     cls.status: (cls.type, cls.title)
-    for cls in (BadRequest, Forbidden, NotFound, Conflict, PayloadTooLarge, Invalid, Unavailable)
+    for cls in (
+        BadRequest,
+        Unauthorized,
+        Forbidden,
+        NotFound,
+        Conflict,
+        PayloadTooLarge,
+        Invalid,
+        TooManyRequests,
+        Unavailable,
+    )
 }
 
 
@@ -139,8 +160,9 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(ServiceError)
     async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
+        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
         return problem_response(
-            exc.status, exc.type, exc.title, exc.detail, instance=request.url.path, **exc.extensions
+            exc.status, exc.type, exc.title, exc.detail, instance=request.url.path, headers=headers, **exc.extensions
         )
 
     @app.exception_handler(lib.InfluenceError)
@@ -170,6 +192,19 @@ def install_error_handlers(app: FastAPI) -> None:
             exc.detail if isinstance(exc.detail, str) else None,
             instance=request.url.path,
             headers=getattr(exc, "headers", None),
+        )
+
+    @app.exception_handler(DataError)
+    async def _data_error(request: Request, exc: DataError) -> JSONResponse:
+        # The database refused a value the API let through (a NUL character in text on PostgreSQL, a number
+        # out of its range): the caller's input, so 422, without the database's message.
+        log.info("database refused a value on %s %s: %s", request.method, request.url.path, exc.orig)
+        return problem_response(
+            422,
+            "invalid-input",
+            "Invalid input",
+            "a value cannot be stored or compared (e.g. a NUL character in a text, or a number out of range)",
+            instance=request.url.path,
         )
 
     @app.exception_handler(Exception)

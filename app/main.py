@@ -8,42 +8,56 @@ Run: `uvicorn --factory app.main:create_app` (or `app.main:app`, built on first 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import FastAPI, HTTPException
+from fastapi import Depends, FastAPI, HTTPException
 from fastapi.openapi.utils import get_openapi
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.api.deps import ReadinessCheck
+from app.api.deps import ReadinessCheck, get_tenant
 from app.api.v1 import datasets, health, indexes, jobs, models
 from app.config import Settings, get_settings
 from app.db import make_engine, make_session_factory
 from app.errors import PROBLEM_MEDIA_TYPE, install_error_handlers, problem_response
-from app.schemas.common import Problem
+from app.schemas.common import Problem, problems
 from app.services.jobs import JobQueue
 from influence import __version__
+
+log = logging.getLogger(__name__)
 
 # Room for the multipart framing and the small form fields around an upload of max_upload_bytes.
 FORM_OVERHEAD_BYTES = 1 << 20
 
 
-class BodyLimitMiddleware:
-    """Refuses request bodies over `max_bytes` with 413: early from Content-Length, else while streaming.
+# Routes that take a file upload (multipart): their bodies may reach the upload limit; every other body is
+# held to max_request_bytes.
+UPLOAD_ROUTES = {("POST", "/v1/datasets")}
 
-    The exact upload limit is applied to the file itself by the dataset service; this guard keeps a huge
-    body from being spooled to disk at all.
+
+class BodyLimitMiddleware:
+    """Refuses request bodies over the limit with 413: early from Content-Length, else while streaming.
+
+    Uploads (UPLOAD_ROUTES) may reach `max_upload_bytes` (the exact upload limit is applied to the file itself
+    by the dataset service; this guard keeps a huge body from being spooled to disk at all); every other
+    body (JSON) is held to `max_bytes`.
     """
 
-    def __init__(self, app: ASGIApp, max_bytes: int):
+    def __init__(self, app: ASGIApp, max_bytes: int, max_upload_bytes: int | None = None):
         self.app = app
-        self.max_bytes = max_bytes
+        self.max_json_bytes = max_bytes
+        self.max_upload_bytes = max_upload_bytes if max_upload_bytes is not None else max_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        upload = (scope.get("method"), scope.get("path", "").rstrip("/")) in UPLOAD_ROUTES
+        await self._limited(scope, receive, send, self.max_upload_bytes if upload else self.max_json_bytes)
+
+    async def _limited(self, scope: Scope, receive: Receive, send: Send, max_bytes: int) -> None:
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None:
             try:
@@ -55,12 +69,12 @@ class BodyLimitMiddleware:
                     scope, receive, send
                 )
                 return
-            if length > self.max_bytes:
+            if length > max_bytes:
                 await problem_response(
                     413,
                     "payload-too-large",
                     "Payload too large",
-                    f"the request body ({length} bytes) exceeds the limit of {self.max_bytes} bytes",
+                    f"the request body ({length} bytes) exceeds the limit of {max_bytes} bytes",
                     instance=scope.get("path"),
                 )(scope, receive, send)
                 return
@@ -71,9 +85,9 @@ class BodyLimitMiddleware:
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > self.max_bytes:
+                if received > max_bytes:
                     # FastAPI re-raises its HTTPException from body parsing; the handler renders problem+json.
-                    raise HTTPException(413, f"the request body exceeds the limit of {self.max_bytes} bytes")
+                    raise HTTPException(413, f"the request body exceeds the limit of {max_bytes} bytes")
             return message
 
         await self.app(scope, limited_receive, send)
@@ -91,7 +105,14 @@ def create_app(
     engine = make_engine(settings.resolved_database_url)
 
     @asynccontextmanager
-    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+    async def lifespan(started: FastAPI) -> AsyncIterator[None]:
+        # What a killed process left (a half-registered dataset, a deleted index's files) goes at start.
+        from app.services.artifacts import sweep_orphans
+
+        try:
+            sweep_orphans(settings, started.state.session_factory)
+        except Exception:  # an unmigrated database, say: /readyz reports it; serving goes on
+            log.exception("could not sweep the artifacts directory")
         yield
         engine.dispose()
 
@@ -113,10 +134,15 @@ def create_app(
 
     app.openapi = lambda: _openapi_with_problems(app)  # type: ignore[method-assign]
     install_error_handlers(app)
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_upload_bytes + FORM_OVERHEAD_BYTES)
+    app.add_middleware(
+        BodyLimitMiddleware,
+        max_bytes=settings.max_request_bytes,
+        max_upload_bytes=settings.max_upload_bytes + FORM_OVERHEAD_BYTES,
+    )
     app.include_router(health.router)
     for module in (models, datasets, indexes, jobs):
-        app.include_router(module.router, prefix="/v1")
+        # Every /v1 route authenticates (its own TenantDep resolves to the same, cached, dependency).
+        app.include_router(module.router, prefix="/v1", dependencies=[Depends(get_tenant)])
     return app
 
 
@@ -132,9 +158,16 @@ def _openapi_with_problems(app: FastAPI) -> dict[str, Any]:
         routes=app.routes,
     )
     problem = {"$ref": "#/components/schemas/Problem"}
-    for operations in schema.get("paths", {}).values():
+    for path, operations in schema.get("paths", {}).items():
         for operation in operations.values():
-            for status, response in operation.get("responses", {}).items():
+            responses = operation.setdefault("responses", {})
+            # What every authenticated route and every route with a body may answer, declared once here.
+            if path.startswith("/v1/"):
+                responses.setdefault("401", {"description": problems(401)[401]["description"]})
+            if "requestBody" in operation:
+                responses.setdefault("400", {"description": "Malformed body (not JSON, not multipart, not UTF-8)"})
+                responses.setdefault("413", {"description": "Request body over the limit"})
+            for status, response in responses.items():
                 if status.isdigit() and int(status) >= 400:
                     response["content"] = {PROBLEM_MEDIA_TYPE: {"schema": problem}}
     components = schema.setdefault("components", {}).setdefault("schemas", {})

@@ -1,4 +1,8 @@
-"""ORM models: what the service remembers. Job state lives here, not in the Celery result backend."""
+"""ORM models: what the service remembers. Job state lives here, not in the Celery result backend.
+
+Every resource (model, dataset, index, job) belongs to exactly one tenant; API keys authenticate a caller as a
+tenant, and every query the API makes is filtered by it (app/services/tenancy.py).
+"""
 
 from __future__ import annotations
 
@@ -23,12 +27,38 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+class Tenant(Base):
+    """A customer: owns models, datasets, indexes and jobs; nothing of one tenant is visible to another."""
+
+    __tablename__ = "tenants"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class ApiKey(Base):
+    """An API key of a tenant. Only the sha256 of the token is stored; `prefix` (its first characters, not
+    secret) finds the row, then the hash is compared in constant time."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
+    name: Mapped[str] = mapped_column(String(200), default="")
+    prefix: Mapped[str] = mapped_column(String(32), unique=True)
+    key_hash: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
 class RegisteredModel(Base):
     """A model registration: where the weights are and which layer units it exposes."""
 
     __tablename__ = "models"
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="RESTRICT"), index=True)
     name: Mapped[str] = mapped_column(String(200))
     source: Mapped[str] = mapped_column(Text)  # hub id or local folder
     revision: Mapped[str | None] = mapped_column(String(200), nullable=True)
@@ -48,6 +78,7 @@ class Dataset(Base):
     __tablename__ = "datasets"
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="RESTRICT"), index=True)
     name: Mapped[str] = mapped_column(String(200))
     format: Mapped[str] = mapped_column(String(16))  # jsonl | csv | tsv | parquet
     task: Mapped[str] = mapped_column(String(32), default="classification")  # classification | causal-lm
@@ -70,6 +101,7 @@ class Index(Base):
     __tablename__ = "indexes"
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="RESTRICT"), index=True)
     model_id: Mapped[str] = mapped_column(ForeignKey("models.id", ondelete="RESTRICT"), index=True)
     dataset_id: Mapped[str] = mapped_column(ForeignKey("datasets.id", ondelete="RESTRICT"), index=True)
     layer_selector: Mapped[Any] = mapped_column(JSON, nullable=True)
@@ -82,7 +114,9 @@ class Index(Base):
     status: Mapped[str] = mapped_column(String(16), default="pending")
     store_path: Mapped[str] = mapped_column(Text)
     manifest: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
-    num_rows: Mapped[int] = mapped_column(Integer, default=0)
+    num_rows: Mapped[int] = mapped_column(Integer, default=0)  # rows that answer queries (deleted ones not)
+    # Rows deleted (tombstoned) whose features are still on disk until a compaction removes them.
+    deleted_rows: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     size_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
     job_id: Mapped[str | None] = mapped_column(String(32), nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
@@ -94,6 +128,7 @@ class Job(Base):
     __tablename__ = "jobs"
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="RESTRICT"), index=True)
     kind: Mapped[str] = mapped_column(String(32))
     status: Mapped[str] = mapped_column(String(16), default="queued", index=True)
     target_id: Mapped[str | None] = mapped_column(String(32), nullable=True, index=True)

@@ -14,6 +14,9 @@ On-disk layout under a store directory::
     faiss/indexes.lock, faiss/tmp/        writers' lock and temporary files
 
 Positions returned by search are row positions in the store (FeatureStore.row_ids() maps them to dataset ids).
+Rows deleted from the store (tombstones) stay in its indexes until a compaction; searches leave them out with
+`exclude=store.deleted_positions()`. A compaction rewrites the segments, so indexes built before it no longer
+match the store (ManifestMismatchError on load): rebuild them with build_store_indexes.
 """
 
 from __future__ import annotations
@@ -179,6 +182,10 @@ class LayerIndex(ABC):
     def _set_search_params(self, **params: Any) -> None:
         return None
 
+    def _search_parameters(self, selector: Any) -> Any:
+        """faiss search parameters carrying an ID selector (kinds with search-time knobs keep theirs)."""
+        return faiss.SearchParameters(sel=selector)
+
     # -- use
 
     def add(self, features: Any) -> None:
@@ -189,19 +196,31 @@ class LayerIndex(ABC):
         for start in range(0, len(matrix), _ADD_BLOCK_ROWS):
             self._index.add(_float32_block(matrix[start : start + _ADD_BLOCK_ROWS], "features"))
 
-    def search(self, queries: Any, top_k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Top-k rows by inner product for each query.
+    def search(self, queries: Any, top_k: int, exclude: Any = None) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k rows by inner product for each query, never one of the `exclude` positions.
 
-        queries: (m, dim). Returns scores (m, top_k) float32, descending, and positions (m, top_k) int64;
-        where fewer than top_k rows are found (top_k > ntotal, or an approximate search came up short)
-        positions are -1 and scores -inf.
+        queries: (m, dim). exclude: positions to leave out (e.g. the store's deleted rows), filtered inside
+        the search, so a flat index still returns the exact top-k of the other rows. Returns scores (m, top_k)
+        float32, descending, and positions (m, top_k) int64; where fewer than top_k rows are found (top_k >
+        ntotal, or an approximate search came up short) positions are -1 and scores -inf.
         """
         if not isinstance(top_k, int | np.integer) or isinstance(top_k, bool) or top_k < 1:
             raise InvalidInputError(f"top_k must be a positive integer, got {top_k!r}")
         matrix = _as_matrix(queries, "queries")
         if matrix.shape[1] != self.dim:
             raise InvalidInputError(f"queries have dim {matrix.shape[1]}, the index has {self.dim}")
-        scores, positions = self._index.search(_float32_block(matrix, "queries"), int(top_k))
+        excluded = np.unique(np.asarray(exclude if exclude is not None else [], dtype=np.int64))
+        if excluded.size:
+            # Both selectors must outlive the search: the parameters hold raw pointers to them.
+            batch = faiss.IDSelectorBatch(excluded)
+            selector = faiss.IDSelectorNot(batch)
+            parameters = self._search_parameters(selector)
+            scores, positions = self._index.search(
+                _float32_block(matrix, "queries"), int(top_k), params=parameters
+            )
+            del parameters, selector, batch
+        else:
+            scores, positions = self._index.search(_float32_block(matrix, "queries"), int(top_k))
         positions = positions.astype(np.int64, copy=False)
         # faiss pads with -FLT_MAX; -inf cannot be mistaken for a real score.
         scores[positions < 0] = -np.inf
@@ -306,6 +325,9 @@ class IVFLayerIndex(LayerIndex):
         if "nprobe" in params:
             self._index.nprobe = self._check_nprobe(params["nprobe"], self._index.nlist)
 
+    def _search_parameters(self, selector: Any) -> Any:
+        return faiss.SearchParametersIVF(sel=selector, nprobe=int(self._index.nprobe))
+
     @property
     def params(self) -> dict[str, Any]:
         return {"nlist": int(self._index.nlist), "nprobe": int(self._index.nprobe)}
@@ -340,6 +362,9 @@ class HNSWLayerIndex(LayerIndex):
             if not isinstance(value, int) or value < 1:
                 raise InvalidInputError(f"efSearch must be a positive integer, got {value!r}")
             self._index.hnsw.efSearch = value
+
+    def _search_parameters(self, selector: Any) -> Any:
+        return faiss.SearchParametersHNSW(sel=selector, efSearch=int(self._index.hnsw.efSearch))
 
     @property
     def params(self) -> dict[str, Any]:
@@ -516,6 +541,18 @@ def _covers_all(store: FeatureStore, name: str, record: dict[str, Any]) -> bool:
             f"the FAISS index of layer {name!r} holds {record['ntotal']} rows, the store {store.num_rows}"
         )
     return len(covered) == len(current)
+
+
+def stale_store_indexes(store: FeatureStore) -> list[str]:
+    """Layers of the store whose FAISS index is missing or does not cover exactly its current segments (after a
+    compaction, or appends not yet synced): the ones build_store_indexes must (re)build."""
+    store.refresh()
+    records = _read_records(store)
+    return [
+        name
+        for name in store.layers
+        if name not in records or list(records[name]["segments"]) != store.layer_checksums(name)
+    ]
 
 
 def sync_store_indexes(store: FeatureStore, layers: Sequence[str] | None = None) -> dict[str, LayerIndex]:

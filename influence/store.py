@@ -19,10 +19,16 @@ On-disk layout of a store directory::
         row_ids.npy               (r,) int64 dataset row ids
         <stem>.npy                (r, dim) float16/float32 features of one layer
         <stem>.norms.npy          (r,) float32 L2 norms, taken from the float32 values before any float16 cast
-    segments.json                 the list of segments with the sha256 of every file and of manifest.json;
-                                  its presence is what makes the store complete (readable)
+    segments.json                 the list of segments with the sha256 of every file and of manifest.json,
+                                  and the list of tombstone files; its presence is what makes the store
+                                  complete (readable). Every change of the readable state (finalize, append,
+                                  delete_rows, compact) is one os.replace of this file
+    tombstones/tomb-<sha16>.npy   deleted rows: (d,) int64 sorted dataset row ids, listed with their sha256 in
+                                  segments.json. Readers exclude them (live_positions); compact() rewrites
+                                  the segments without them and drops the tombstones
     statistics/<stem>.<sha>.safetensors   per-layer estimator statistics (e.g. DataInf's matrix)
-    statistics.json               layer -> statistics file + sha256
+    statistics.json               layer -> statistics file + sha256 + the segments it was fitted over (a
+                                  compaction makes it stale: has_layer_statistics is then False)
     faiss/                        FAISS indexes (see influence.index)
 
 `<stem>` is `layer_file_stem(layer name)`: the name with unsafe characters (dots included) replaced, plus a
@@ -35,6 +41,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import io
 import json
 import math
 import os
@@ -69,6 +76,8 @@ _TMP_DIR = "tmp"
 _CHUNKS_DIR = "chunks"
 _SEGMENTS_DIR = "segments"
 _STATISTICS_DIR = "statistics"
+_TOMBSTONES_DIR = "tombstones"
+_COMPACT_LOCK_FILE = "compact.lock"
 _ROW_IDS_FILE = "row_ids.npy"
 # Entries a crashed create() may leave before manifest.json exists; such a directory counts as empty.
 _STORE_ENTRIES = {_TMP_DIR, _CHUNKS_DIR, _SEGMENTS_DIR, _STATISTICS_DIR, _LOCK_FILE}
@@ -400,6 +409,10 @@ class FeatureStore:
         self._specs = {layer.name: layer for layer in manifest.layers}
         self._dtype = np.dtype(manifest.dtype)
         self._segments: list[dict[str, Any]] | None = None
+        self._tombstones: list[dict[str, Any]] = []
+        self._signature: tuple[int, int, int] | None = None
+        self._deleted: np.ndarray | None = None
+        self._live: np.ndarray | None = None
         self._arrays: dict[tuple[str, str], np.ndarray] = {}
         self.refresh()
 
@@ -481,17 +494,25 @@ class FeatureStore:
         return store
 
     def refresh(self) -> None:
-        """Re-read the segments list (picks up finalize/append done by other processes)."""
+        """Re-read the segments list (picks up finalize/append/delete_rows/compact done by other processes)."""
         segments_path = self._path / _SEGMENTS_FILE
         self._arrays.clear()
-        if not segments_path.exists():
+        self._deleted = None
+        self._live = None
+        signature = _signature(segments_path)
+        if signature is None:
             self._segments = None
+            self._tombstones = []
+            self._signature = None
             return
         document = _read_json(segments_path)
         try:
             fingerprint = document["fingerprint"]
             segments = document["segments"]
             manifest_sha = document["manifest_sha256"]
+            tombstones = document.get("tombstones", [])
+            if not all(isinstance(t, dict) and {"file", "sha256", "num_rows"} <= set(t) for t in tombstones):
+                raise TypeError("bad tombstone record")
         except (KeyError, TypeError):
             raise StoreCorruptedError(f"{segments_path} is malformed") from None
         if fingerprint != self._manifest.fingerprint() or manifest_sha != self._manifest_sha256:
@@ -499,6 +520,14 @@ class FeatureStore:
                 f"{segments_path} was written for another manifest than {_MANIFEST_FILE}"
             )
         self._segments = segments
+        self._tombstones = list(tombstones)
+        # Taken before the read: a replacement racing the read only makes changed() say True once too often.
+        self._signature = signature
+
+    def changed(self) -> bool:
+        """Whether the readable state changed on disk (finalize, append, delete_rows, compact, by any process)
+        since this object last read it; `refresh()` (or a new `open()`) picks the change up."""
+        return _signature(self._path / _SEGMENTS_FILE) != self._signature
 
     # -- properties
 
@@ -674,7 +703,7 @@ class FeatureStore:
             if len(np.unique(seen)) != len(seen):
                 _remove_tree(self._path / _SEGMENTS_DIR / record["name"])
                 raise InvalidInputError("row_ids repeat across chunks; rewrite the offending chunks")
-            self._commit_segments([record])
+            self._commit_segments([record], [])
             self._remove_build_leftovers()
 
     def _iter_chunk_parts(self) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray], dict[str, np.ndarray]]]:
@@ -717,7 +746,16 @@ class FeatureStore:
         parts: Iterator[tuple[np.ndarray, dict[str, np.ndarray], dict[str, np.ndarray]]],
     ) -> dict[str, Any]:
         """Write segment `number` from `parts` in tmp/, fsync, rename it into segments/; return its record."""
-        name = f"seg-{number:06d}"
+        work, record = self._write_segment_files(f"seg-{number:06d}", total, parts)
+        return self._place_segment(work, record, number)
+
+    def _write_segment_files(
+        self,
+        name: str,
+        total: int,
+        parts: Iterator[tuple[np.ndarray, dict[str, np.ndarray], dict[str, np.ndarray]]],
+    ) -> tuple[Path, dict[str, Any]]:
+        """Write a segment's files from `parts` into a fresh tmp/ folder and fsync them; (folder, record)."""
         work = self._path / _TMP_DIR / f"{name}.{uuid.uuid4().hex}.partial"
         work.mkdir()
         layer_files = {
@@ -758,20 +796,30 @@ class FeatureStore:
                 _fsync_path(entry)
                 checksums[entry.name] = _sha256_file(entry)
             _fsync_path(work)
+        except BaseException:
+            _remove_tree(work)
+            raise
+        return work, {"num_rows": total, "files": checksums, "layers": layer_files}
+
+    def _place_segment(self, work: Path, record: dict[str, Any], number: int) -> dict[str, Any]:
+        """Rename a written segment folder into segments/ as seg-<number>; its full record."""
+        name = f"seg-{number:06d}"
+        try:
             final = self._path / _SEGMENTS_DIR / name
             os.replace(work, final)
             _fsync_path(final.parent)
         except BaseException:
             _remove_tree(work)
             raise
-        return {"name": name, "num_rows": total, "files": checksums, "layers": layer_files}
+        return {"name": name, **record}
 
-    def _commit_segments(self, segments: list[dict[str, Any]]) -> None:
+    def _commit_segments(self, segments: list[dict[str, Any]], tombstones: list[dict[str, Any]]) -> None:
         document = {
             "format_version": STORE_FORMAT_VERSION,
             "fingerprint": self._manifest.fingerprint(),
             "manifest_sha256": self._manifest_sha256,
             "segments": segments,
+            "tombstones": tombstones,
         }
         _write_json_atomic(self._path / _SEGMENTS_FILE, document, self._path / _TMP_DIR)
         self.refresh()
@@ -812,8 +860,10 @@ class FeatureStore:
                 )
             segments = list(self._segments)
             self._remove_orphans(referenced={s["name"] for s in segments})
-            record = self._write_segment(len(segments), len(ids), iter([(ids, feats, norms)]))
-            self._commit_segments([*segments, record])
+            record = self._write_segment(
+                _next_segment_number(segments), len(ids), iter([(ids, feats, norms)])
+            )
+            self._commit_segments([*segments, record], self._tombstones)
         return len(ids)
 
     # -- reading
@@ -846,9 +896,21 @@ class FeatureStore:
             self._arrays[key] = array
         return self._arrays[key]
 
+    def map_all(self) -> None:
+        """Memory-map every segment file now: this object then reads the state it holds even if a compaction
+        removes those files afterwards (a mapped file lives on until unmapped), as a snapshot for readers."""
+        for segment in self._require_complete():
+            self._segment_array(segment, _ROW_IDS_FILE, (segment["num_rows"],), np.dtype(np.int64))
+            for name in self.layers:
+                spec = self._specs[name]
+                self._segment_layer(segment, spec)
+                self._segment_array(
+                    segment, segment["layers"][name]["norms"], (segment["num_rows"],), np.dtype(np.float32)
+                )
+
     @property
     def num_rows(self) -> int:
-        """Rows in the store (build plus appends)."""
+        """Rows in the store (build plus appends), deleted ones included until a compaction."""
         return sum(int(s["num_rows"]) for s in self._require_complete())
 
     @property
@@ -921,20 +983,234 @@ class FeatureStore:
 
     # -- integrity
 
-    def verify(self) -> None:
-        """Check the sha256 of the manifest, every segment file and statistics file (StoreCorruptedError)."""
+    def verify(self, known: set[tuple[str, str]] | None = None) -> set[tuple[str, str]]:
+        """Check the sha256 of the manifest and of every segment, tombstone and statistics file
+        (StoreCorruptedError on the first that fails).
+
+        Those files are immutable once listed (changes add new files and switch the lists), so a caller that
+        keeps the returned set of verified (relative path, sha256) pairs can pass it back as `known` after a
+        refresh and only newly listed files are read again. The manifest is always checked.
+        """
         manifest_path = self._path / _MANIFEST_FILE
         if _sha256_file(manifest_path) != self._manifest_sha256:
             raise StoreCorruptedError(f"{manifest_path} changed while the store was open")
         self.refresh()
+        known = set(known or ())
+        verified: set[tuple[str, str]] = set()
+
+        def check(relative: str, expected: str, what: str | None = None) -> None:
+            if (relative, expected) not in known:
+                _check_file(self._path / relative, expected, what)
+            verified.add((relative, expected))
+
         for segment in self._segments or []:
-            directory = self._path / _SEGMENTS_DIR / segment["name"]
             for file_name, expected in segment["files"].items():
-                _check_file(directory / file_name, expected)
+                check(f"{_SEGMENTS_DIR}/{segment['name']}/{file_name}", expected)
+        for entry in self._tombstones:
+            check(f"{_TOMBSTONES_DIR}/{entry['file']}", entry["sha256"], "tombstones")
         for name, entry in self._statistics_index().items():
-            _check_file(
-                self._path / _STATISTICS_DIR / entry["file"], entry["sha256"], f"statistics of {name!r}"
+            check(f"{_STATISTICS_DIR}/{entry['file']}", entry["sha256"], f"statistics of {name!r}")
+        return verified
+
+    # -- deletion: tombstones and compaction
+
+    def _load_tombstone(self, entry: dict[str, Any]) -> np.ndarray:
+        path = self._path / _TOMBSTONES_DIR / entry["file"]
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise StoreCorruptedError(f"tombstones {path} are unreadable: {exc}") from None
+        if hashlib.sha256(data).hexdigest() != entry["sha256"]:
+            raise StoreCorruptedError(f"tombstones {path} failed their sha256 check; rebuild the store")
+        try:
+            ids = np.load(io.BytesIO(data), allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise StoreCorruptedError(f"tombstones {path} are unreadable: {exc}") from None
+        if ids.dtype != np.int64 or ids.shape != (int(entry["num_rows"]),):
+            raise StoreCorruptedError(f"tombstones {path} hold {ids.dtype} {ids.shape}, not their record")
+        return ids
+
+    def deleted_row_ids(self) -> np.ndarray:
+        """Dataset row ids deleted by `delete_rows` and not yet compacted away: (d,) int64, sorted, unique.
+
+        Tombstone files are checked against their sha256 when read (StoreCorruptedError)."""
+        self._require_complete()
+        if self._deleted is None:
+            parts = [self._load_tombstone(entry) for entry in self._tombstones]
+            deleted = np.unique(np.concatenate(parts)) if parts else np.zeros(0, dtype=np.int64)
+            deleted.flags.writeable = False
+            self._deleted = deleted
+        return self._deleted
+
+    def live_positions(self) -> np.ndarray:
+        """Store positions of the rows not deleted, ascending: (n_live,) int64 (arange(n) without deletions).
+
+        Every reader that answers questions about rows (scoring, search, reports) ranges over these only."""
+        if self._live is None:
+            deleted = self.deleted_row_ids()
+            if deleted.size == 0:
+                live = np.arange(self.num_rows, dtype=np.int64)
+            else:
+                live = np.flatnonzero(~np.isin(self.row_ids(), deleted, assume_unique=True)).astype(np.int64)
+            live.flags.writeable = False
+            self._live = live
+        return self._live
+
+    def deleted_positions(self) -> np.ndarray:
+        """Store positions of the deleted rows, ascending: (d,) int64."""
+        if self.deleted_row_ids().size == 0:
+            return np.zeros(0, dtype=np.int64)
+        return np.flatnonzero(np.isin(self.row_ids(), self.deleted_row_ids(), assume_unique=True)).astype(
+            np.int64
+        )
+
+    @property
+    def num_live_rows(self) -> int:
+        """Rows not deleted (num_rows counts the deleted ones until a compaction removes them)."""
+        return len(self.live_positions())
+
+    def delete_rows(self, row_ids: Any) -> int:
+        """Delete rows by dataset row id: record them in a new tombstone file (atomic, checksummed) and return
+        how many were newly deleted (ids deleted before are ignored).
+
+        InvalidInputError for ids the store does not hold. Readers see the deletion after `refresh()` (this
+        object refreshes itself); the features stay on disk until `compact()`.
+        """
+        ids = _as_numpy(row_ids, "row_ids")
+        if ids.ndim != 1 or not (np.issubdtype(ids.dtype, np.integer) or ids.size == 0):
+            raise InvalidInputError(f"row_ids must be a 1-D integer array, got {ids.dtype} {ids.shape}")
+        ids = np.unique(ids.astype(np.int64))
+        if ids.size == 0:
+            return 0
+        with self._locked():
+            self.refresh()
+            segments = self._require_complete()
+            unknown = ids[~np.isin(ids, self.row_ids())]
+            if unknown.size:
+                raise InvalidInputError(
+                    f"{unknown.size} row_ids are not in the store, e.g. {unknown[:5].tolist()}"
+                )
+            fresh = np.setdiff1d(ids, self.deleted_row_ids(), assume_unique=True)
+            if fresh.size == 0:
+                return 0
+            buffer = io.BytesIO()
+            np.save(buffer, fresh.astype(np.int64), allow_pickle=False)
+            data = buffer.getvalue()
+            digest = hashlib.sha256(data).hexdigest()
+            file_name = f"tomb-{digest[:16]}.npy"
+            (self._path / _TOMBSTONES_DIR).mkdir(exist_ok=True)
+            _write_bytes_atomic(self._path / _TOMBSTONES_DIR / file_name, data, self._path / _TMP_DIR)
+            entry = {"file": file_name, "sha256": digest, "num_rows": int(fresh.size)}
+            self._commit_segments(list(segments), [*self._tombstones, entry])
+        return int(fresh.size)
+
+    @contextlib.contextmanager
+    def _compacting(self) -> Iterator[None]:
+        with open(self._path / _COMPACT_LOCK_FILE, "a+") as fh:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+    def compact(self) -> int:
+        """Remove the deleted rows for good: write the live rows as one new segment, switch segments.json to
+        it without tombstones, then delete the old segments, the tombstone files and the statistics (fitted
+        over the old rows: refit them). Returns the number of rows removed (0: nothing was deleted).
+
+        Crash-safe and idempotent: before the switch the old state (rows still tombstoned) is intact, after it
+        the new one is; leftovers of either kind are removed by the next compact() (run it again after a
+        crash). Rows deleted while compacting keep their tombstones. FAISS indexes built over the old
+        segments no longer match the store (influence.index reports it): rebuild them.
+        """
+        with self._compacting():
+            with self._locked():
+                self.refresh()
+                segments = list(self._require_complete())
+                tombstones = list(self._tombstones)
+                self._remove_orphans(referenced={s["name"] for s in segments})
+                self._remove_orphan_tombstones(referenced={t["file"] for t in tombstones})
+                if not tombstones:
+                    self._drop_stale_statistics(current=[s["name"] for s in segments])
+                    return 0
+                self._stamp_statistics([s["name"] for s in segments])
+            deleted = self.deleted_row_ids()
+            live = self.live_positions()
+            removed = self.num_rows - len(live)
+            # Written in tmp/ without the lock (deletions go on meanwhile); named and placed under it.
+            work, files = self._write_segment_files(
+                "compacted", len(live), self._iter_live_parts(segments, deleted)
             )
+            with self._locked():
+                try:
+                    self.refresh()
+                    if [s["name"] for s in self._require_complete()] != [s["name"] for s in segments]:
+                        raise StoreIncompleteError(
+                            "the store changed while it was being compacted (rows were appended); compact again"
+                        )
+                except BaseException:
+                    _remove_tree(work)
+                    raise
+                record = self._place_segment(work, files, _next_segment_number(segments))
+                compacted = {t["file"] for t in tombstones}
+                kept = [t for t in self._tombstones if t["file"] not in compacted]
+                self._commit_segments([record], kept)
+                self._remove_orphans(referenced={record["name"]})
+                self._remove_orphan_tombstones(referenced={t["file"] for t in kept})
+                self._drop_stale_statistics(current=[record["name"]])
+        return removed
+
+    def _iter_live_parts(
+        self, segments: list[dict[str, Any]], deleted: np.ndarray
+    ) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray], dict[str, np.ndarray]]]:
+        """(row_ids, features, norms) of the rows not deleted, segment by segment, in blocks."""
+        block = 16384
+        for segment in segments:
+            ids = self._segment_array(segment, _ROW_IDS_FILE, (segment["num_rows"],), np.dtype(np.int64))
+            for start in range(0, len(ids), block):
+                stop = min(start + block, len(ids))
+                keep = np.flatnonzero(~np.isin(ids[start:stop], deleted)) + start
+                feats, norms = {}, {}
+                for name in self.layers:
+                    spec = self._specs[name]
+                    feats[name] = np.asarray(self._segment_layer(segment, spec)[keep])
+                    norms[name] = np.asarray(
+                        self._segment_array(
+                            segment,
+                            segment["layers"][name]["norms"],
+                            (segment["num_rows"],),
+                            np.dtype(np.float32),
+                        )[keep]
+                    )
+                yield np.asarray(ids[keep]), feats, norms
+
+    def _remove_orphan_tombstones(self, referenced: set[str]) -> None:
+        folder = self._path / _TOMBSTONES_DIR
+        if folder.is_dir():
+            for entry in folder.iterdir():
+                if entry.name not in referenced:
+                    _remove_tree(entry)
+
+    def _stamp_statistics(self, segment_names: list[str]) -> None:
+        """Record the segments that statistics saved without that record were fitted over (older stores), so
+        a compaction that dies after its switch still leaves them recognisably stale."""
+        index = self._statistics_index()
+        if any("segments" not in entry for entry in index.values()):
+            for entry in index.values():
+                entry.setdefault("segments", segment_names)
+            _write_json_atomic(self._path / _STATISTICS_FILE, {"layers": index}, self._path / _TMP_DIR)
+
+    def _drop_stale_statistics(self, current: list[str]) -> None:
+        index = self._statistics_index()
+        stale = {name for name, entry in index.items() if entry.get("segments", current) != current}
+        if not stale:
+            return
+        kept = {name: entry for name, entry in index.items() if name not in stale}
+        _write_json_atomic(self._path / _STATISTICS_FILE, {"layers": kept}, self._path / _TMP_DIR)
+        referenced = {entry["file"] for entry in kept.values()}
+        for path in (self._path / _STATISTICS_DIR).iterdir():
+            if path.name not in referenced:
+                _remove_tree(path)
 
     # -- statistics
 
@@ -977,26 +1253,42 @@ class FeatureStore:
             _write_bytes_atomic(self._path / _STATISTICS_DIR / file_name, data, self._path / _TMP_DIR)
             index = self._statistics_index()
             previous = index.get(name, {}).get("file")
+            self.refresh()
             index[name] = {"file": file_name, "sha256": digest, "keys": sorted(arrays)}
+            if self._segments is not None:
+                index[name]["segments"] = [s["name"] for s in self._segments]
             _write_json_atomic(self._path / _STATISTICS_FILE, {"layers": index}, self._path / _TMP_DIR)
             # The old file goes only after the index stops naming it; a crash in between leaves an orphan.
             if previous and previous != file_name:
                 with contextlib.suppress(FileNotFoundError):
                     (self._path / _STATISTICS_DIR / previous).unlink()
 
-    def has_layer_statistics(self, name: str) -> bool:
-        """Whether statistics were saved for this layer."""
+    def _current_statistics(self, name: str) -> dict[str, Any] | None:
+        """The statistics record of a layer, None when there is none or it was fitted over rows a compaction
+        has since rewritten (stale)."""
         self.layer_spec(name)
-        return name in self._statistics_index()
+        entry = self._statistics_index().get(name)
+        if entry is None or "segments" not in entry:
+            return entry
+        if self._segments is None:
+            self.refresh()
+        # The segments this object reads (refresh() picks up newer ones): statistics must describe those rows.
+        current = [s["name"] for s in self._segments or []]
+        return entry if entry["segments"] == current else None
+
+    def has_layer_statistics(self, name: str) -> bool:
+        """Whether current statistics were saved for this layer (not stale after a compaction)."""
+        return self._current_statistics(name) is not None
 
     def load_layer_statistics(self, name: str) -> dict[str, np.ndarray]:
         """The arrays saved for one layer, checksum-verified; StoreIncompleteError if none were saved."""
         from safetensors.numpy import load as load_safetensors
 
-        self.layer_spec(name)
-        entry = self._statistics_index().get(name)
+        entry = self._current_statistics(name)
         if entry is None:
-            raise StoreIncompleteError(f"no statistics were saved for layer {name!r}")
+            raise StoreIncompleteError(
+                f"no current statistics were saved for layer {name!r} (none yet, or fitted before a compaction)"
+            )
         path = self._path / _STATISTICS_DIR / entry["file"]
         try:
             data = path.read_bytes()
@@ -1011,6 +1303,20 @@ class FeatureStore:
             f"{self.num_rows} rows" if self.is_complete else f"{len(self.pending_chunks())} chunks pending"
         )
         return f"FeatureStore({str(self._path)!r}, layers={len(self.layers)}, {state})"
+
+
+def _signature(path: Path) -> tuple[int, int, int] | None:
+    """(inode, mtime ns, size) of a file, None when it does not exist: every os.replace changes it."""
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        return None
+    return (stat.st_ino, stat.st_mtime_ns, stat.st_size)
+
+
+def _next_segment_number(segments: list[dict[str, Any]]) -> int:
+    """One more than the highest segment number: names are never reused, even after a compaction."""
+    return max((int(s["name"].rsplit("-", 1)[1]) for s in segments), default=-1) + 1
 
 
 def _open_output(path: Path, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:

@@ -56,9 +56,21 @@ def run_migrations_online() -> None:
     engine = make_engine(url)
     try:
         with engine.connect() as connection:
+            sqlite = connection.dialect.name == "sqlite"
+            if sqlite:
+                # Batch mode copies a table and drops the old one, which SQLite's foreign keys (on in
+                # make_engine) refuse while other tables refer to it. They are off for the migration (the
+                # pragma only works outside a transaction) and every reference is checked afterwards.
+                connection.exec_driver_sql("PRAGMA foreign_keys=OFF")
+                connection.commit()
             _configure(connection=connection)
             with context.begin_transaction():
                 context.run_migrations()
+            if sqlite:
+                broken = connection.exec_driver_sql("PRAGMA foreign_key_check").fetchall()
+                connection.exec_driver_sql("PRAGMA foreign_keys=ON")
+                if broken:
+                    raise RuntimeError(f"the migration left rows whose references are broken: {broken[:5]}")
     finally:
         engine.dispose()
 

@@ -3,7 +3,8 @@
 1. Fine-tune the packaged MiniLM with LoRA on 2,000 SST-2 training rows, 20% of their labels flipped (AdamW
    lr 2e-3, batch 32, cosine schedule with 10% warm-up, 2 epochs, max length 64); cached under var/demo/.
 2. Start the embedded service (SQLite, local artifacts, a real Celery worker on the filesystem broker, CPU).
-3. Register the model (with its LoRA adapter) and the noisy training set over HTTP.
+3. Register the model (with its LoRA adapter) and the noisy training set over HTTP, authenticated with the
+   local API key the embedded runner keeps in <data_dir>/local-api-key.
 4. Build an index over all 63 layer units (progress bar), then ask which training rows most helped and most
    harmed three validation sentences, using the middle layers and rank aggregation, and print them with their
    per-layer scores and ranks.
@@ -345,6 +346,10 @@ def main() -> None:
             ready = wait_ready(client, service)
             say(f"[{elapsed()}] Service ready: " + "; ".join(
                 f"{name} ({check['detail']})" for name, check in ready["checks"].items()))
+            # The embedded runner made (on its first start) an API key of the `local` tenant: send it.
+            key_file = DATA_DIR / "local-api-key"
+            client.headers["Authorization"] = f"Bearer {key_file.read_text(encoding='utf-8').strip()}"
+            say(f"[{elapsed()}] Authenticating with the local API key in {key_file}")
             model = register_model(client, result.best_adapter.resolve())
             dataset = register_dataset(client, dataset_file)
             say(f"[{elapsed()}] Registered model {model['id']} ({model['num_layers']} layer units) and dataset "

@@ -19,9 +19,10 @@ from celery import Celery
 from app.api.deps import ReadinessCheck
 from app.config import Settings
 from app.models import Job
-from app.services.pipelines import INDEX_BUILD
+from app.services.pipelines import start_job
 from worker.celery_app import (
     BUILD_CHUNK,
+    COMPACT_INDEX,
     CPU_QUEUE,
     FINALIZE_BUILD,
     GPU_QUEUE,
@@ -56,6 +57,9 @@ class CeleryDispatcher:
 
     def finalize(self, job_id: str) -> None:
         self.app.send_task(FINALIZE_BUILD, args=[job_id], queue=CPU_QUEUE)
+
+    def compact(self, job_id: str) -> None:
+        self.app.send_task(COMPACT_INDEX, args=[job_id], queue=CPU_QUEUE)
 
     def featurize_queue(self) -> str:
         """`gpu` when a worker with CUDA serves it, else `cpu`. The settings' device decides when it names one."""
@@ -93,10 +97,7 @@ class CeleryJobQueue:
         self.dispatcher = CeleryDispatcher(self.app, settings)
 
     def enqueue(self, job: Job) -> None:
-        if job.kind == INDEX_BUILD:
-            self.dispatcher.plan(job.id)
-            return
-        raise ValueError(f"no worker task runs jobs of kind {job.kind!r}")
+        start_job(self.dispatcher, job.kind, job.id)
 
 
 # ---------------------------------------------------------------------------------------------- readiness

@@ -17,7 +17,7 @@ from app.config import get_settings
 from app.db import make_engine, make_session_factory
 from app.services import pipelines
 from app.services.pipelines import resolve_device
-from worker.celery_app import BUILD_CHUNK, FINALIZE_BUILD, PLAN_BUILD, get_app
+from worker.celery_app import BUILD_CHUNK, COMPACT_INDEX, FINALIZE_BUILD, PLAN_BUILD, get_app
 from worker.queue import CeleryDispatcher
 
 log = logging.getLogger(__name__)
@@ -47,8 +47,8 @@ def _run(job_id: str, step, *args) -> str:
     try:
         return step(ctx, job_id, *args)
     except Exception as exc:
-        log.exception("index build %s failed in %s", job_id, step.__name__)
-        pipelines.fail_build(ctx, job_id, pipelines.describe_error(exc))
+        log.exception("job %s failed in %s", job_id, step.__name__)
+        pipelines.fail_job(ctx, job_id, pipelines.describe_error(exc))
         return "failed"
 
 
@@ -67,6 +67,11 @@ def finalize_build(job_id: str) -> str:
     return _run(job_id, pipelines.finalize_build)
 
 
+@app.task(name=COMPACT_INDEX)
+def compact_index(job_id: str) -> str:
+    return _run(job_id, pipelines.compact_index)
+
+
 @worker_process_init.connect
 def _init_process(**_) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -81,8 +86,8 @@ def _init_process(**_) -> None:
 
 @worker_ready.connect
 def _recover(**_) -> None:
-    """A starting worker re-plans builds left queued or running (their messages may have died with a worker);
-    planning is idempotent and skips what is done or held by a live process."""
+    """A starting worker restarts jobs left queued or running (their messages may have died with a worker);
+    every step is idempotent and skips what is done or held by a live process."""
     # Runs in the worker's main process, after the pool forked: a throw-away engine, disposed at once, so no
     # connection of this process is ever inherited by a pool process forked later.
     settings = get_settings()
@@ -97,6 +102,6 @@ def _recover(**_) -> None:
         )
         pipelines.recover_interrupted(ctx)
     except Exception:  # a database that is not up yet must not keep the worker from starting
-        log.exception("could not re-plan interrupted index builds")
+        log.exception("could not restart interrupted jobs")
     finally:
         engine.dispose()

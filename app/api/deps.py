@@ -11,13 +11,16 @@ from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, Request
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy import text
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
 from app.config import Settings
 from app.db import session_scope
-from app.errors import Unavailable
+from app.errors import Unauthorized, Unavailable
+from app.models import Tenant
+from app.services import tenancy
 from app.services.jobs import JobQueue
 
 
@@ -38,6 +41,27 @@ def get_session(request: Request) -> Iterator[Session]:
     """
     with session_scope(request.app.state.session_factory) as session:
         yield session
+
+
+# Declared as security schemes, so the OpenAPI document says how to authenticate; either header works.
+_bearer = HTTPBearer(auto_error=False, description="`Authorization: Bearer <API key>`")
+_api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="`X-API-Key: <API key>`")
+
+
+def get_tenant(
+    session: Annotated[Session, Depends(get_session, scope="function")],
+    bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+    api_key: Annotated[str | None, Depends(_api_key_header)],
+) -> Tenant:
+    """The tenant of the request's API key (401 without a valid one). Every /v1 route depends on it, and every
+    service call is given its id: nothing of another tenant is ever read, listed, changed or confirmed."""
+    token = bearer.credentials if bearer is not None else api_key
+    if not token:
+        raise Unauthorized("an API key is required: send `Authorization: Bearer <key>` or `X-API-Key: <key>`")
+    tenant = tenancy.authenticate(session, token.strip())
+    if tenant is None:
+        raise Unauthorized("the API key is not valid (unknown, malformed or revoked)")
+    return tenant
 
 
 def get_job_queue(request: Request) -> JobQueue:
@@ -92,5 +116,6 @@ def get_readiness_checks(request: Request) -> list[ReadinessCheck]:
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 SessionDep = Annotated[Session, Depends(get_session, scope="function")]
+TenantDep = Annotated[Tenant, Depends(get_tenant)]
 JobQueueDep = Annotated[JobQueue, Depends(get_job_queue)]
 ReadinessChecksDep = Annotated[list[ReadinessCheck], Depends(get_readiness_checks)]

@@ -9,6 +9,9 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 T = TypeVar("T")
 
+# Largest page offset accepted (far beyond any real list; keeps every database's OFFSET in range).
+MAX_OFFSET = 1_000_000_000
+
 
 def _utc(moment: datetime) -> datetime:
     # SQLite returns naive datetimes; everything the service stores is UTC.
@@ -46,11 +49,13 @@ def problems(*statuses: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI `responses` entries for the problem+json errors a route can answer with (create_app's OpenAPI
     hook files every 4xx/5xx body under application/problem+json)."""
     descriptions = {
+        401: "No valid API key (send `Authorization: Bearer <key>` or `X-API-Key: <key>`)",
         403: "Path outside the allowed roots",
         404: "Unknown id",
         409: "Conflict with the current state",
         413: "Upload over the limit",
         422: "Invalid input (the detail names the field, line or column)",
+        429: "Too many jobs of this tenant queued or running (max_active_jobs_per_tenant)",
         503: "A dependency is unavailable",
     }
     return {status: {"model": Problem, "description": descriptions.get(status, "Error")} for status in statuses}

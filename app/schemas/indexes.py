@@ -13,7 +13,7 @@ Conventions of every query answer:
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -80,6 +80,22 @@ class IndexCreate(BaseModel):
     max_length: int | None = Field(None, ge=2, le=32768, description="Token limit per row; default: settings")
 
 
+class RowsDelete(BaseModel):
+    """Rows to delete from an index, by their row position in the dataset (as hits and dataset pages number them)."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"row_ids": [17, 403]}]})
+
+    row_ids: list[Annotated[int, Field(ge=0, le=2**62)]] = Field(min_length=1, max_length=1_000_000)
+
+
+class RowsDeleted(BaseModel):
+    index_id: str
+    deleted: int = Field(description="Rows newly deleted by this request")
+    already_deleted: int = Field(description="Rows of the request that were deleted before")
+    num_rows: int = Field(description="Rows that answer queries now")
+    deleted_rows: int = Field(description="Deleted rows still on disk until a compaction (POST .../compact)")
+
+
 class ProjectionOut(BaseModel):
     kind: str
     dim: int
@@ -96,7 +112,10 @@ class IndexOut(BaseModel):
     projection: ProjectionOut
     dtype: str
     faiss_kind: str
-    num_rows: int
+    num_rows: int = Field(description="Rows that answer queries (deleted rows excluded)")
+    deleted_rows: int = Field(
+        0, description="Rows deleted whose features are still on disk until a compaction removes them"
+    )
     size_bytes: int = Field(description="Bytes on disk: features, norms, statistics and FAISS indexes")
     feature_bytes_estimate: int = Field(description="Bytes the stored features take (rows x dims x dtype)")
     manifest: dict[str, Any] | None = Field(
@@ -205,7 +224,7 @@ class QueryResponse(BaseModel):
     vote_k: float
     direction: str
     layers: list[str] = Field(description="The layers scored and aggregated, in index order")
-    num_rows: int = Field(description="Rows in the index")
+    num_rows: int = Field(description="Rows in the index that answer queries (deleted rows excluded)")
     approximate: bool
     approximation: Approximation | None
     conventions: str = CONVENTIONS

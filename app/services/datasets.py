@@ -4,7 +4,9 @@ The artifact (under <artifacts>/datasets/<id>/, path relative to the artifacts d
     rows.jsonl     one JSON object per row, in file order: {"text", "text_pair", "label", "noisy"}
                    (text_pair / noisy are null when the mapping has no such column)
     rows.offsets   little-endian int64 byte offset of every line (random access for paging)
-    meta.json      what the row in the database says, for a reader without the database
+    meta.json      what the row in the database says, for a reader without the database, and the sha256 of
+                   rows.jsonl and rows.offsets: every process checks them before it first reads the rows (and
+                   again whenever a file changes on disk), so a corrupted artifact is refused (409), never served
 
 Labels. classification: a class index per row. A file may give integers (JSON numbers, or digits in CSV/TSV)
 or label names (any other strings); names are numbered in sorted order (Python string order): label i is
@@ -12,12 +14,17 @@ or label names (any other strings); names are numbered in sorted order (Python s
 completion (strings; numbers are turned into their text); without one the row is plain language modelling.
 
 Nothing half-made survives a failure: the artifact is written under <artifacts>/tmp/, renamed into place only
-after every row validated, and deleted again if the transaction that records the row rolls back.
+after every row validated, and deleted again if the transaction that records the row rolls back. The request
+holds an fcntl lock on `.registering.lock` inside the folder until its transaction ends; if the process is
+killed (kill -9) the kernel drops the lock, and the next API start removes the folder (app/services/artifacts.py)
+unless a committed dataset row names it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import fcntl
 import hashlib
 import json
 import logging
@@ -26,6 +33,7 @@ import os
 import re
 import shutil
 import sys
+import threading
 import uuid
 from array import array
 from collections.abc import Iterator, Mapping, Sequence
@@ -37,10 +45,11 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from app.config import Settings
-from app.db import after_rollback
-from app.errors import Conflict, Invalid, NotFound, PayloadTooLarge
+from app.db import after_commit, after_rollback
+from app.errors import Conflict, Invalid, PayloadTooLarge
 from app.models import Dataset, new_id
 from app.services.paths import resolve_allowed_path
+from app.services.tenancy import owned
 from influence.data import Example
 
 log = logging.getLogger(__name__)
@@ -59,6 +68,8 @@ SUFFIX_FORMATS = {
 ROWS_FILE = "rows.jsonl"
 OFFSETS_FILE = "rows.offsets"
 META_FILE = "meta.json"
+REGISTERING_LOCK = ".registering.lock"
+STAGING_PREFIX = "dataset-"
 _READ_BLOCK = 1 << 20
 MAX_CLASSES = 100_000  # as many as a model registration accepts (num_labels)
 _INTEGER = re.compile(r"^[+-]?\d+$")
@@ -96,19 +107,43 @@ class DatasetSpec:
 # --- queries ----------------------------------------------------------------------------------------------
 
 
-def get_dataset(session: Session, dataset_id: str) -> Dataset:
-    dataset = session.get(Dataset, dataset_id)
-    if dataset is None:
-        raise NotFound(f"dataset {dataset_id!r} does not exist")
-    return dataset
+def get_dataset(session: Session, dataset_id: str, tenant_id: str) -> Dataset:
+    """A dataset of this tenant (NotFound for another tenant's, as for an unknown id)."""
+    return owned(session, Dataset, dataset_id, tenant_id, "dataset")
 
 
-def list_datasets(session: Session, *, offset: int = 0, limit: int = 50) -> tuple[Sequence[Dataset], int]:
-    total = session.scalar(select(func.count()).select_from(Dataset)) or 0
+def list_datasets(
+    session: Session, *, tenant_id: str, offset: int = 0, limit: int = 50
+) -> tuple[Sequence[Dataset], int]:
+    mine = Dataset.tenant_id == tenant_id
+    total = session.scalar(select(func.count()).select_from(Dataset).where(mine)) or 0
     rows = session.scalars(
-        select(Dataset).order_by(Dataset.created_at.desc(), Dataset.id).offset(offset).limit(limit)
+        select(Dataset).where(mine).order_by(Dataset.created_at.desc(), Dataset.id).offset(offset).limit(limit)
     ).all()
     return rows, total
+
+
+def delete_dataset(session: Session, settings: Settings, dataset_id: str, tenant_id: str) -> None:
+    """Delete a dataset and, once that commits, its normalised artifact (never a server-side source file).
+    Conflict (409) while an index uses it: delete those first."""
+    from sqlalchemy.exc import IntegrityError
+
+    from app.models import Index
+
+    dataset = get_dataset(session, dataset_id, tenant_id)
+    users = session.scalars(select(Index.id).where(Index.dataset_id == dataset.id).limit(6)).all()
+    if users:
+        raise Conflict(
+            f"dataset {dataset.id!r} is used by index(es) {', '.join(users[:5])}; delete them first",
+            indexes=list(users[:5]),
+        )
+    session.delete(dataset)
+    try:
+        session.flush()
+    except IntegrityError:  # an index referencing it was committed meanwhile (the foreign key refuses)
+        raise Conflict(f"dataset {dataset_id!r} is used by an index; delete it first") from None
+    folder = dataset_dir(settings, dataset_id)
+    after_commit(session, lambda: shutil.rmtree(folder, ignore_errors=True))
 
 
 def dataset_dir(settings: Settings, dataset_id: str) -> Path:
@@ -120,14 +155,50 @@ def rows_path(settings: Settings, dataset: Dataset) -> Path:
     return settings.resolved_artifacts_dir / dataset.path
 
 
+# Artifacts this process has checked: rows path -> the (inode, mtime, size) of its files when they passed.
+_VERIFIED: dict[str, tuple] = {}
+_VERIFIED_LOCK = threading.Lock()
+
+
+def _signature(path: Path) -> tuple[int, int, int]:
+    stat = path.stat()
+    return (stat.st_ino, stat.st_mtime_ns, stat.st_size)
+
+
 def _open_rows(settings: Settings, dataset: Dataset) -> tuple[Path, Path]:
     path = rows_path(settings, dataset)
     offsets = path.with_name(OFFSETS_FILE)
-    if not path.is_file() or not offsets.is_file():
+    meta = path.with_name(META_FILE)
+    try:
+        signature = (_signature(path), _signature(offsets), _signature(meta))
+    except FileNotFoundError:
         raise Conflict(
             f"the rows of dataset {dataset.id!r} are missing from the artifact store; register it again"
-        )
+        ) from None
+    with _VERIFIED_LOCK:
+        if _VERIFIED.get(str(path)) == signature:
+            return path, offsets
+    try:
+        checksums = json.loads(meta.read_text(encoding="utf-8")).get("files") or {}
+    except (OSError, ValueError, AttributeError):
+        raise Conflict(f"the artifact of dataset {dataset.id!r} is corrupted (meta.json); register it again") from None
+    for name, expected in checksums.items():  # datasets registered before checksums existed have none
+        if _sha256_file(path.with_name(name)) != expected:
+            raise Conflict(
+                f"the artifact of dataset {dataset.id!r} is corrupted ({name} failed its sha256 check); "
+                "register it again"
+            )
+    with _VERIFIED_LOCK:
+        _VERIFIED[str(path)] = signature
     return path, offsets
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(_READ_BLOCK), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def read_rows(settings: Settings, dataset: Dataset, offset: int, limit: int) -> list[dict[str, Any]]:
@@ -169,7 +240,12 @@ def load_examples(settings: Settings, dataset: Dataset) -> list[Example]:
 
 
 def register_upload(
-    session: Session, settings: Settings, spec: DatasetSpec, upload: IO[bytes], filename: str | None
+    session: Session,
+    settings: Settings,
+    spec: DatasetSpec,
+    upload: IO[bytes],
+    filename: str | None,
+    tenant_id: str,
 ) -> Dataset:
     """Register an uploaded file (any seekable binary file object)."""
     fmt = _pick_format(spec.format, filename, "the uploaded file")
@@ -177,10 +253,12 @@ def register_upload(
     size, digest = _size_and_hash(upload, limit=settings.max_upload_bytes)
     upload.seek(0)
     name = spec.name or (Path(filename).stem if filename else "") or "dataset"
-    return _register(session, settings, spec, upload, fmt, size, digest, name, filename or None)
+    return _register(session, settings, spec, upload, fmt, size, digest, name, filename or None, tenant_id)
 
 
-def register_path(session: Session, settings: Settings, spec: DatasetSpec, raw_path: str) -> Dataset:
+def register_path(
+    session: Session, settings: Settings, spec: DatasetSpec, raw_path: str, tenant_id: str
+) -> Dataset:
     """Register a server-side file under an allowed root (read in place; the upload limit does not apply)."""
     path = resolve_allowed_path(settings, raw_path, "path")
     if not path.is_file():
@@ -194,7 +272,7 @@ def register_path(session: Session, settings: Settings, spec: DatasetSpec, raw_p
         size, digest = _size_and_hash(handle, limit=None)
         handle.seek(0)
         return _register(
-            session, settings, spec, handle, fmt, size, digest, spec.name or path.stem, str(path)
+            session, settings, spec, handle, fmt, size, digest, spec.name or path.stem, str(path), tenant_id
         )
 
 
@@ -241,18 +319,27 @@ def _register(
     digest: str,
     name: str,
     source: str | None,
+    tenant_id: str,
 ) -> Dataset:
     _check_spec(spec)
     if size == 0:
         raise Invalid("the file is empty")
     dataset_id = new_id()
     artifacts = settings.resolved_artifacts_dir
-    staging = artifacts / "tmp" / f"dataset-{dataset_id}-{uuid.uuid4().hex[:8]}"
+    staging = artifacts / "tmp" / f"{STAGING_PREFIX}{dataset_id}-{uuid.uuid4().hex[:8]}"
     final = dataset_dir(settings, dataset_id)
     staging.mkdir(parents=True)
+    # Held until this request's transaction ends: a folder whose lock is free and that no committed row names
+    # belongs to a request that died, and is swept (app/services/artifacts.py).
+    lock = open(staging / REGISTERING_LOCK, "a+")  # noqa: SIM115 - closed by the hooks below
+    fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
     try:
         records = _records(handle, fmt, spec.columns, settings.max_rows)
         summary = _write_rows(staging, records, spec, settings)
+        files = {}
+        for file_name in (ROWS_FILE, OFFSETS_FILE):
+            _fsync(staging / file_name)
+            files[file_name] = _sha256_file(staging / file_name)
         meta = {
             "id": dataset_id,
             "name": name,
@@ -263,15 +350,32 @@ def _register(
             "row_count": summary.row_count,
             "labels": summary.labels,
             "label_names": summary.label_names,
+            "files": files,
         }
         (staging / META_FILE).write_text(json.dumps(meta, indent=1))
+        _fsync(staging / META_FILE)
         final.parent.mkdir(parents=True, exist_ok=True)
         os.replace(staging, final)
+    except BaseException:
+        lock.close()
+        raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)  # gone already after the rename
-    after_rollback(session, lambda: shutil.rmtree(final, ignore_errors=True))
+
+    def committed() -> None:
+        with contextlib.suppress(FileNotFoundError):
+            (final / REGISTERING_LOCK).unlink()
+        lock.close()
+
+    def rolled_back() -> None:
+        shutil.rmtree(final, ignore_errors=True)
+        lock.close()
+
+    after_commit(session, committed)
+    after_rollback(session, rolled_back)
     dataset = Dataset(
         id=dataset_id,
+        tenant_id=tenant_id,
         name=name[:200],
         format=fmt,
         task=spec.task,
@@ -614,6 +718,11 @@ def _number_label_names(path: Path, names: list[str]) -> array:
             position += len(line)
     os.replace(numbered, path)
     return offsets
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
 
 
 def _write_offsets(path: Path, offsets: array) -> None:

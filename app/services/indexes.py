@@ -16,13 +16,15 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from app.config import Settings
-from app.errors import Invalid, NotFound
-from app.models import INDEX_STATUSES, Index, Job, new_id
+from app.db import after_commit
+from app.errors import Conflict, Invalid
+from app.models import INDEX_STATUSES, Index, Job, new_id, utcnow
 from app.schemas.indexes import IndexCreate
 from app.services import jobs as job_service
 from app.services.datasets import get_dataset
 from app.services.models import get_model
-from app.services.pipelines import INDEX_BUILD
+from app.services.pipelines import INDEX_BUILD, INDEX_COMPACT, index_dir, remove_tree, store_dir
+from app.services.tenancy import owned
 
 
 def layer_from_dict(data: dict[str, Any]):
@@ -47,11 +49,9 @@ def feature_dims(layers: Sequence, projection: dict[str, Any]) -> dict[str, int]
     return {layer.name: make_projector(spec, layer).dim for layer in layers}
 
 
-def get_index(session: Session, index_id: str) -> Index:
-    index = session.get(Index, index_id)
-    if index is None:
-        raise NotFound(f"index {index_id!r} does not exist")
-    return index
+def get_index(session: Session, index_id: str, tenant_id: str) -> Index:
+    """An index of this tenant (NotFound for another tenant's, as for an unknown id)."""
+    return owned(session, Index, index_id, tenant_id, "index")
 
 
 def index_job(session: Session, index: Index) -> Job | None:
@@ -61,6 +61,7 @@ def index_job(session: Session, index: Index) -> Job | None:
 def list_indexes(
     session: Session,
     *,
+    tenant_id: str,
     model_id: str | None = None,
     dataset_id: str | None = None,
     status: str | None = None,
@@ -70,7 +71,7 @@ def list_indexes(
     """A page of indexes, newest first, and the total matching."""
     if status is not None and status not in INDEX_STATUSES:
         raise Invalid(f"unknown index status {status!r}; expected one of {', '.join(INDEX_STATUSES)}")
-    query = select(Index)
+    query = select(Index).where(Index.tenant_id == tenant_id)
     if model_id is not None:
         query = query.where(Index.model_id == model_id)
     if dataset_id is not None:
@@ -94,12 +95,15 @@ def feature_bytes_estimate(index: Index, model) -> int:
     return rows * dims * (2 if index.dtype == "float16" else 4)
 
 
-def create_index(session: Session, settings: Settings, queue: job_service.JobQueue, body: IndexCreate) -> Index:
-    """Record an index (pending) and its build job (queued); the job is enqueued after the commit."""
+def create_index(
+    session: Session, settings: Settings, queue: job_service.JobQueue, body: IndexCreate, tenant_id: str
+) -> Index:
+    """Record an index (pending) and its build job (queued); the job is enqueued after the commit. The model
+    and the dataset must be the tenant's own; the tenant may have at most max_active_jobs_per_tenant jobs."""
     from influence import select_layers
 
-    model = get_model(session, body.model_id)
-    dataset = get_dataset(session, body.dataset_id)
+    model = get_model(session, body.model_id, tenant_id)
+    dataset = get_dataset(session, body.dataset_id, tenant_id)
     if model.task != dataset.task:
         raise Invalid(
             f"model {model.id!r} is a {model.task} model but dataset {dataset.id!r} holds {dataset.task} data"
@@ -123,6 +127,7 @@ def create_index(session: Session, settings: Settings, queue: job_service.JobQue
     index_id = new_id()
     index = Index(
         id=index_id,
+        tenant_id=tenant_id,
         model_id=model.id,
         dataset_id=dataset.id,
         layer_selector=body.layers,
@@ -142,6 +147,8 @@ def create_index(session: Session, settings: Settings, queue: job_service.JobQue
     job = job_service.create_job(
         session,
         INDEX_BUILD,
+        tenant_id=tenant_id,
+        max_active=settings.max_active_jobs_per_tenant,
         target_id=index_id,
         params={
             "chunk_size": chunk_size,
@@ -173,3 +180,102 @@ class _FailIndexOnRefusal:
                 own.execute(update(Index).where(Index.id == self.index_id).values(status="failed"))
                 own.commit()
             raise
+
+
+# --- deletion --------------------------------------------------------------------------------------------
+
+
+def active_jobs(session: Session, index_id: str) -> Sequence[Job]:
+    """The index's jobs that are queued or running (its build, a compaction)."""
+    return session.scalars(
+        select(Job).where(Job.target_id == index_id, Job.status.in_(job_service.ACTIVE))
+    ).all()
+
+
+def delete_index(session: Session, settings: Settings, index_id: str, tenant_id: str, on_deleted=None) -> None:
+    """Delete an index: its active jobs end (cancelled), the row goes, and once that commits its artifacts
+    (feature store, statistics, FAISS indexes) are removed. A worker step still running on it finds the index
+    gone at its next check and cleans up after itself (pipelines._gone)."""
+    index = get_index(session, index_id, tenant_id)
+    for job in active_jobs(session, index.id):
+        session.execute(
+            update(Job)
+            .where(Job.id == job.id, Job.status.in_(job_service.ACTIVE))
+            .values(status="cancelled", cancel_requested=True, finished_at=utcnow(), error="its index was deleted")
+            .execution_options(synchronize_session=False)
+        )
+    session.delete(index)
+    session.flush()
+    folder = index_dir(settings, index.id)
+
+    def remove() -> None:
+        remove_tree(folder)
+        if on_deleted is not None:
+            on_deleted(index.id)
+
+    after_commit(session, remove)
+
+
+def require_ready(index: Index) -> None:
+    if index.status != "ready":
+        raise Conflict(
+            f"index {index.id!r} is not ready (status {index.status}); "
+            + (f"follow its build job {index.job_id!r}" if index.status in ("pending", "building") else "rebuild it")
+        )
+
+
+def delete_rows(
+    session: Session, settings: Settings, index_id: str, row_ids: Sequence[int], tenant_id: str
+) -> dict[str, Any]:
+    """Delete rows (dataset row ids) from a ready index: recorded as a tombstone in its store at once, so no
+    later answer includes them; their features stay on disk until a compaction. Ids deleted before are
+    counted as `already_deleted`; an id the index does not hold is 422, and so is deleting every row."""
+    import numpy as np
+
+    from influence import FeatureStore
+
+    index = get_index(session, index_id, tenant_id)
+    require_ready(index)
+    wanted = np.unique(np.asarray(list(row_ids), dtype=np.int64))
+    store = FeatureStore.open(store_dir(settings, index), verify=False)
+    known = np.isin(wanted, store.row_ids())
+    if not known.all():
+        raise Invalid(f"row ids {wanted[~known][:5].tolist()} are not rows of index {index.id!r}")
+    already = int(np.isin(wanted, store.deleted_row_ids()).sum())
+    if len(np.union1d(store.deleted_row_ids(), wanted)) >= store.num_rows:
+        raise Invalid(f"deleting these rows would leave index {index.id!r} without rows; delete the index instead")
+    deleted = store.delete_rows(wanted)
+    store.refresh()
+    live, pending = store.num_live_rows, int(store.deleted_row_ids().size)
+    index.num_rows = live
+    index.deleted_rows = pending
+    session.flush()
+    return {
+        "index_id": index.id,
+        "deleted": deleted,
+        "already_deleted": already,
+        "num_rows": live,
+        "deleted_rows": pending,
+    }
+
+
+def create_compaction(
+    session: Session, settings: Settings, queue: job_service.JobQueue, index_id: str, tenant_id: str
+) -> Job:
+    """Queue a compaction of a ready index (one at a time per index: 409 while one is queued or running)."""
+    index = get_index(session, index_id, tenant_id)
+    require_ready(index)
+    running = [job for job in active_jobs(session, index.id) if job.kind == INDEX_COMPACT]
+    if running:
+        raise Conflict(f"index {index.id!r} is already being compacted by job {running[0].id!r}")
+    job = job_service.create_job(
+        session,
+        INDEX_COMPACT,
+        tenant_id=tenant_id,
+        max_active=settings.max_active_jobs_per_tenant,
+        target_id=index.id,
+        params={"deleted_rows": index.deleted_rows},
+        total=1,
+    )
+    job_service.enqueue_after_commit(session, queue, job)
+    return job

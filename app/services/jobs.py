@@ -22,8 +22,8 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from app.db import after_commit
-from app.errors import Conflict, Invalid, NotFound, Unavailable
-from app.models import JOB_STATUSES, Job, utcnow
+from app.errors import Conflict, Invalid, NotFound, TooManyRequests, Unavailable
+from app.models import JOB_STATUSES, Job, Tenant, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -78,12 +78,42 @@ def create_job(
     session: Session,
     kind: str,
     *,
+    tenant_id: str,
     target_id: str | None = None,
     params: dict[str, Any] | None = None,
     total: int = 0,
+    max_active: int | None = None,
 ) -> Job:
-    """A queued job, flushed (its id is known); enqueue it with `enqueue_after_commit`."""
-    job = Job(kind=kind, status="queued", target_id=target_id, params=params or {}, total=total, done=0)
+    """A queued job of `tenant_id`, flushed (its id is known); enqueue it with `enqueue_after_commit`.
+
+    With `max_active`, the tenant may have at most that many jobs queued or running: one more is refused with
+    TooManyRequests (429). The check is atomic: the tenant's row is written first, which serialises job
+    creation per tenant (a row lock on PostgreSQL, the write lock on SQLite) until the transaction ends.
+    """
+    if max_active is not None:
+        session.execute(
+            update(Tenant)
+            .where(Tenant.id == tenant_id)
+            .values(name=Tenant.name)
+            .execution_options(synchronize_session=False)
+        )
+        active = session.scalar(
+            select(func.count()).select_from(Job).where(Job.tenant_id == tenant_id, Job.status.in_(ACTIVE))
+        )
+        if (active or 0) >= max_active:
+            raise TooManyRequests(
+                f"this tenant has {active} jobs queued or running, the most it may have at once "
+                f"(max_active_jobs_per_tenant = {max_active}); wait for one to finish or cancel one"
+            )
+    job = Job(
+        kind=kind,
+        tenant_id=tenant_id,
+        status="queued",
+        target_id=target_id,
+        params=params or {},
+        total=total,
+        done=0,
+    )
     session.add(job)
     session.flush()
     return job
@@ -116,9 +146,18 @@ def _fail_unqueued(session: Session, job_id: str, error: str) -> None:
         own.commit()
 
 
-def get_job(session: Session, job_id: str) -> Job:
+def _job(session: Session, job_id: str) -> Job:
+    """A job by id, whoever owns it (workers and the helpers below; the API uses get_job)."""
     job = session.get(Job, job_id)
     if job is None:
+        raise NotFound(f"job {job_id!r} does not exist")
+    return job
+
+
+def get_job(session: Session, job_id: str, tenant_id: str) -> Job:
+    """A job of this tenant (NotFound for another tenant's job, as for an unknown id)."""
+    job = session.get(Job, job_id)
+    if job is None or job.tenant_id != tenant_id:
         raise NotFound(f"job {job_id!r} does not exist")
     return job
 
@@ -126,6 +165,7 @@ def get_job(session: Session, job_id: str) -> Job:
 def list_jobs(
     session: Session,
     *,
+    tenant_id: str,
     status: str | None = None,
     kind: str | None = None,
     target_id: str | None = None,
@@ -135,7 +175,7 @@ def list_jobs(
     """A page of jobs, newest first, and the total matching."""
     if status is not None and status not in JOB_STATUSES:
         raise Invalid(f"unknown job status {status!r}; expected one of {', '.join(JOB_STATUSES)}")
-    query = select(Job)
+    query = select(Job).where(Job.tenant_id == tenant_id)
     if status is not None:
         query = query.where(Job.status == status)
     if kind is not None:
@@ -169,7 +209,7 @@ def mark_running(session: Session, job_id: str) -> Job | None:
     Returns None when the job is finished or cancelled (the worker then skips it); raises NotFound for an
     unknown id. `started_at` is the first start: a redelivery keeps it.
     """
-    job = get_job(session, job_id)
+    job = _job(session, job_id)
     now = utcnow()
     if _transition(session, job_id, ("queued",), status="running", started_at=now, attempts=Job.attempts + 1):
         return session.get(Job, job_id)
@@ -198,7 +238,7 @@ def is_cancel_requested(session: Session, job_id: str) -> bool:
 
 def mark_succeeded(session: Session, job_id: str, result: dict[str, Any] | None = None) -> bool:
     """running -> succeeded with its result; done is set to total. False if the job was not running."""
-    job = get_job(session, job_id)
+    job = _job(session, job_id)
     changed = _transition(
         session,
         job_id,
@@ -215,7 +255,7 @@ def mark_succeeded(session: Session, job_id: str, result: dict[str, Any] | None 
 
 def mark_failed(session: Session, job_id: str, error: str) -> bool:
     """queued|running -> failed with a message (trimmed). False if the job had already finished."""
-    get_job(session, job_id)
+    _job(session, job_id)
     message = error if len(error) <= MAX_ERROR_CHARS else error[: MAX_ERROR_CHARS - 3] + "..."
     changed = _transition(session, job_id, ACTIVE, status="failed", error=message, finished_at=utcnow())
     if changed:
@@ -225,7 +265,7 @@ def mark_failed(session: Session, job_id: str, error: str) -> bool:
 
 def mark_cancelled(session: Session, job_id: str) -> bool:
     """queued|running -> cancelled (a worker honouring a request). False if the job had already finished."""
-    get_job(session, job_id)
+    _job(session, job_id)
     changed = _transition(
         session, job_id, ACTIVE, status="cancelled", cancel_requested=True, finished_at=utcnow()
     )
@@ -234,10 +274,10 @@ def mark_cancelled(session: Session, job_id: str) -> bool:
     return changed
 
 
-def request_cancel(session: Session, job_id: str) -> Job:
-    """Cancel a job: a queued one is cancelled at once, a running one is asked to stop (its worker checks
-    `cancel_requested` between chunks). A finished job cannot be cancelled (Conflict)."""
-    job = get_job(session, job_id)
+def request_cancel(session: Session, job_id: str, tenant_id: str) -> Job:
+    """Cancel a job of this tenant: a queued one is cancelled at once, a running one is asked to stop (its
+    worker checks `cancel_requested` between chunks). A finished job cannot be cancelled (Conflict)."""
+    job = get_job(session, job_id, tenant_id)
     if _transition(
         session, job_id, ("queued",), status="cancelled", cancel_requested=True, finished_at=utcnow()
     ):

@@ -24,10 +24,11 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from app.config import Settings
-from app.errors import Invalid, NotFound
+from app.errors import Invalid
 from app.models import RegisteredModel
 from app.schemas.models import ModelCreate
 from app.services.paths import resolve_allowed_path
+from app.services.tenancy import owned
 from influence.errors import InfluenceError, UnsupportedModelError
 
 log = logging.getLogger(__name__)
@@ -38,19 +39,19 @@ HUB_ID = re.compile(
 )
 
 
-def get_model(session: Session, model_id: str) -> RegisteredModel:
-    model = session.get(RegisteredModel, model_id)
-    if model is None:
-        raise NotFound(f"model {model_id!r} does not exist")
-    return model
+def get_model(session: Session, model_id: str, tenant_id: str) -> RegisteredModel:
+    """A model of this tenant (NotFound for another tenant's, as for an unknown id)."""
+    return owned(session, RegisteredModel, model_id, tenant_id, "model")
 
 
 def list_models(
-    session: Session, *, offset: int = 0, limit: int = 50
+    session: Session, *, tenant_id: str, offset: int = 0, limit: int = 50
 ) -> tuple[Sequence[RegisteredModel], int]:
-    total = session.scalar(select(func.count()).select_from(RegisteredModel)) or 0
+    mine = RegisteredModel.tenant_id == tenant_id
+    total = session.scalar(select(func.count()).select_from(RegisteredModel).where(mine)) or 0
     rows = session.scalars(
         select(RegisteredModel)
+        .where(mine)
         .order_by(RegisteredModel.created_at.desc(), RegisteredModel.id)
         .offset(offset)
         .limit(limit)
@@ -179,7 +180,7 @@ def describe_layers(folder: Path, config, task: str, num_labels: int | None, ada
 # --- registration -----------------------------------------------------------------------------------------
 
 
-def register_model(session: Session, settings: Settings, spec: ModelCreate) -> RegisteredModel:
+def register_model(session: Session, settings: Settings, spec: ModelCreate, tenant_id: str) -> RegisteredModel:
     """Validate, describe and record a model; the row is flushed, the caller's unit of work commits it."""
     from influence import layer_groups, load_tokenizer
     from influence.loading import weights_hash
@@ -218,6 +219,7 @@ def register_model(session: Session, settings: Settings, spec: ModelCreate) -> R
             )
 
     model = RegisteredModel(
+        tenant_id=tenant_id,
         name=spec.name,
         source=str(folder) if spec.source.startswith("/") else spec.source,
         revision=revision,

@@ -5,6 +5,8 @@ with ids only; `run_build_inline` runs a whole build in-process without Celery.
                                manifest; dispatch one build_chunk per pending chunk (none pending: finalize)
     build_chunk(job, chunk)    featurize rows [start, stop) of the dataset and write chunk `chunk` atomically
     finalize_build(job)        consolidate the chunks, fit DataInf statistics, build FAISS indexes, mark ready
+    compact_index(job)         (an `index_compact` job) rewrite the store without its deleted rows, refit the
+                               statistics and rebuild the FAISS indexes that no longer match
 
 Every step is idempotent and safe to run twice, concurrently, or after a crash, because its effects are files
 written whole-or-not-at-all and conditional database updates:
@@ -15,6 +17,8 @@ written whole-or-not-at-all and conditional database updates:
 - finalize runs under its own lock and is a no-op once the index is ready;
 - progress (job.done) is the number of chunk files present, recorded only upwards.
 Job state lives in the database (app/services/jobs.py helpers); the worker's device is chosen automatically.
+A step that finds its index deleted (DELETE /v1/indexes/{id}) ends the job as cancelled and removes whatever
+it may have written since (the API removed the rest).
 """
 
 from __future__ import annotations
@@ -45,6 +49,9 @@ from app.services import jobs as job_service
 log = logging.getLogger(__name__)
 
 INDEX_BUILD = "index_build"
+INDEX_COMPACT = "index_compact"
+# Job kinds the workers run: `start_job` hands out their first step, `recover_interrupted` restarts them.
+JOB_KINDS = (INDEX_BUILD, INDEX_COMPACT)
 # Rows of one layer's features handed to DataInf's fit at a time (float32 copies of float16 memmaps).
 STATISTICS_BLOCK_ROWS = 8192
 # Estimators whose per-layer statistics are fitted when an index is finalized.
@@ -240,6 +247,18 @@ class Dispatcher(Protocol):
 
     def finalize(self, job_id: str) -> None: ...
 
+    def compact(self, job_id: str) -> None: ...
+
+
+def start_job(dispatcher: Dispatcher, kind: str, job_id: str) -> None:
+    """Hand the first step of a job of `kind` to the workers (ValueError for kinds no worker runs)."""
+    if kind == INDEX_BUILD:
+        dispatcher.plan(job_id)
+    elif kind == INDEX_COMPACT:
+        dispatcher.compact(job_id)
+    else:
+        raise ValueError(f"no worker task runs jobs of kind {kind!r}")
+
 
 @dataclass
 class BuildContext:
@@ -274,10 +293,14 @@ class _BuildRows:
     params: dict[str, Any]
 
 
+class IndexGone(Exception):
+    """The job's index was deleted: the step ends the job (cancelled) and cleans up after itself."""
+
+
 def _load_rows(session: Session, job: Job) -> _BuildRows:
     index = session.get(Index, job.target_id)
     if index is None:
-        raise Conflict(f"job {job.id!r} names index {job.target_id!r}, which does not exist")
+        raise IndexGone(job.target_id)
     model = session.get(RegisteredModel, index.model_id)
     dataset = session.get(Dataset, index.dataset_id)
     if model is None or dataset is None:
@@ -303,6 +326,27 @@ def _set_index(session: Session, index_id: str, **values: Any) -> None:
     session.execute(update(Index).where(Index.id == index_id).values(**values))
 
 
+def _gone(ctx: BuildContext, job_id: str, index_id: str | None) -> str:
+    """The index was deleted under the job: end the job and remove what this step may have recreated."""
+    with session_scope(ctx.session_factory) as session:
+        if job_service.mark_cancelled(session, job_id):
+            session.execute(update(Job).where(Job.id == job_id).values(error="its index was deleted"))
+    if index_id:
+        remove_tree(index_dir(ctx.settings, index_id))
+    log.info("job %s: index %s was deleted; stopped", job_id, index_id)
+    return "cancelled"
+
+
+def remove_tree(path: Path) -> None:
+    """Remove a directory tree, tolerating files that vanish (or appear) meanwhile."""
+    import shutil
+
+    for _ in range(3):
+        shutil.rmtree(path, ignore_errors=True)
+        if not path.exists():
+            return
+
+
 def _cancel(ctx: BuildContext, rows: _BuildRows) -> str:
     with session_scope(ctx.session_factory) as session:
         job_service.mark_cancelled(session, rows.job_id)
@@ -313,12 +357,7 @@ def _cancel(ctx: BuildContext, rows: _BuildRows) -> str:
 
 def fail_build(ctx: BuildContext, job_id: str, error: str) -> None:
     """Mark the job failed and its index failed (no-op for a job that already finished)."""
-    with session_scope(ctx.session_factory) as session:
-        job = session.get(Job, job_id)
-        if job is None:
-            return
-        if job_service.mark_failed(session, job_id, error) and job.target_id:
-            _set_index(session, job.target_id, status="failed")
+    fail_job(ctx, job_id, error)
 
 
 def _record_progress(ctx: BuildContext, job_id: str, done: int, total: int) -> None:
@@ -347,7 +386,13 @@ def plan_build(ctx: BuildContext, job_id: str) -> str:
             if finished is not None and finished.target_id and finished.status in ("cancelled", "failed"):
                 _set_index(session, finished.target_id, status=finished.status)
             return "skipped"
-        rows = _load_rows(session, job)
+        target = job.target_id
+        try:
+            rows = _load_rows(session, job)
+        except IndexGone:
+            rows = None
+    if rows is None:
+        return _gone(ctx, job_id, target)
     if rows.cancel_requested:
         return _cancel(ctx, rows)
     cached = ctx.models.get(rows.model, ctx.device)
@@ -371,6 +416,10 @@ def plan_build(ctx: BuildContext, job_id: str) -> str:
     pending = store.pending_chunks()
     total = store.num_chunks
     with session_scope(ctx.session_factory) as session:
+        gone = session.get(Index, rows.index_id) is None  # deleted while the model loaded: drop the new store
+    if gone:
+        return _gone(ctx, job_id, rows.index_id)
+    with session_scope(ctx.session_factory) as session:
         _set_index(
             session,
             rows.index_id,
@@ -392,17 +441,30 @@ def plan_build(ctx: BuildContext, job_id: str) -> str:
     return "planned"
 
 
+def _running_rows(ctx: BuildContext, job_id: str) -> _BuildRows | str:
+    """The rows of a running job, or the step's outcome when there is nothing to do ("skipped", or
+    "cancelled" when its index was deleted)."""
+    with session_scope(ctx.session_factory) as session:
+        job = session.get(Job, job_id)
+        if job is None or job.status != "running":
+            return "skipped"
+        target = job.target_id
+        try:
+            return _load_rows(session, job)
+        except IndexGone:
+            pass
+    return _gone(ctx, job_id, target)
+
+
 def build_chunk(ctx: BuildContext, job_id: str, chunk: int) -> str:
     """Featurize and write one chunk (skipped when written already or held by a live process)."""
     from app.services.datasets import read_rows
     from influence import FeatureStore, featurize_examples
     from influence.data import Example
 
-    with session_scope(ctx.session_factory) as session:
-        job = session.get(Job, job_id)
-        if job is None or job.status != "running":
-            return "skipped"
-        rows = _load_rows(session, job)
+    rows = _running_rows(ctx, job_id)
+    if isinstance(rows, str):
+        return rows
     if rows.cancel_requested:
         return _cancel(ctx, rows)
     store = FeatureStore.open(ctx.settings.resolved_artifacts_dir / rows.store_path, verify=False)
@@ -451,11 +513,9 @@ def finalize_build(ctx: BuildContext, job_id: str) -> str:
     """Consolidate the store, fit estimator statistics, build the FAISS indexes, mark the index ready."""
     from influence import FeatureStore, build_store_indexes
 
-    with session_scope(ctx.session_factory) as session:
-        job = session.get(Job, job_id)
-        if job is None or job.status != "running":
-            return "skipped"
-        rows = _load_rows(session, job)
+    rows = _running_rows(ctx, job_id)
+    if isinstance(rows, str):
+        return rows
     if rows.cancel_requested:
         return _cancel(ctx, rows)
     with exclusive(index_dir(ctx.settings, rows.index_id) / "locks" / "finalize.lock") as claimed:
@@ -517,20 +577,93 @@ def fit_statistics(store) -> None:
         store.save_layer_statistics(name, {k: v.numpy() for k, v in estimator.state_dict().items()})
 
 
+def compact_index(ctx: BuildContext, job_id: str) -> str:
+    """Rewrite an index's store without its deleted rows, refit the statistics, rebuild stale FAISS indexes.
+
+    Every part is idempotent (FeatureStore.compact is crash-safe and a no-op once done; statistics are
+    refitted only where stale; FAISS indexes only where they no longer cover the store), so a redelivered or
+    re-run job after a crash simply finishes the work.
+    """
+    from influence import FeatureStore, build_store_indexes
+    from influence.index import stale_store_indexes
+
+    with session_scope(ctx.session_factory) as session:
+        job = job_service.mark_running(session, job_id)
+        if job is None:
+            return "skipped"
+        target = job.target_id
+        try:
+            rows = _load_rows(session, job)
+        except IndexGone:
+            rows = None
+    if rows is None:
+        return _gone(ctx, job_id, target)
+    if rows.cancel_requested:
+        with session_scope(ctx.session_factory) as session:
+            job_service.mark_cancelled(session, job_id)
+        return "cancelled"
+    with exclusive(index_dir(ctx.settings, rows.index_id) / "locks" / "compact.lock") as claimed:
+        if not claimed:
+            return "busy"
+        path = ctx.settings.resolved_artifacts_dir / rows.store_path
+        started = time.perf_counter()
+        store = FeatureStore.open(path, verify=True)
+        removed = store.compact()
+        fit_statistics(store)
+        stale = stale_store_indexes(store)
+        if stale:
+            build_store_indexes(store, kind=rows.faiss_kind, layers=stale)
+        store.refresh()
+        size = directory_size(path)
+        result = {
+            "index_id": rows.index_id,
+            "rows_removed": removed,
+            "num_rows": store.num_rows,
+            "deleted_rows": int(store.deleted_row_ids().size),
+            "faiss_rebuilt": len(stale),
+            "size_bytes": size,
+            "seconds": round(time.perf_counter() - started, 3),
+        }
+        with session_scope(ctx.session_factory) as session:
+            if job_service.mark_succeeded(session, job_id, result):
+                _set_index(
+                    session,
+                    rows.index_id,
+                    num_rows=store.num_live_rows,
+                    deleted_rows=int(store.deleted_row_ids().size),
+                    size_bytes=size,
+                )
+    log.info("index %s compacted: %d rows removed", rows.index_id, removed)
+    return "compacted"
+
+
+def fail_job(ctx: BuildContext, job_id: str, error: str) -> None:
+    """Mark a job failed; an index build fails its index too (a compaction leaves the index as it was)."""
+    with session_scope(ctx.session_factory) as session:
+        job = session.get(Job, job_id)
+        if job is None:
+            return
+        if job_service.mark_failed(session, job_id, error) and job.target_id and job.kind == INDEX_BUILD:
+            _set_index(session, job.target_id, status="failed")
+
+
 def recover_interrupted(ctx: BuildContext) -> list[str]:
-    """Plan again every index build that is queued or running: a worker that starts cannot tell whether the
-    messages of those jobs died with a worker, and planning is idempotent. Returns the job ids."""
+    """Start again every worker job that is queued or running: a worker that starts cannot tell whether the
+    messages of those jobs died with a worker, and every step is idempotent. Returns the job ids."""
     with ctx.session_factory() as session:
-        ids = list(
-            session.scalars(
-                select(Job.id).where(Job.kind == INDEX_BUILD, Job.status.in_(job_service.ACTIVE))
+        jobs = list(
+            session.execute(
+                select(Job.id, Job.kind).where(Job.kind.in_(JOB_KINDS), Job.status.in_(job_service.ACTIVE))
             )
         )
-    for job_id in ids:
-        ctx.dispatcher.plan(job_id)
-    if ids:
-        log.info("re-planned %d interrupted index build(s)", len(ids))
-    return ids
+    for job_id, kind in jobs:
+        start_job(ctx.dispatcher, kind, job_id)
+    builds = sum(1 for _, kind in jobs if kind == INDEX_BUILD)
+    if builds:
+        log.info("re-planned %d interrupted index build(s)", builds)
+    if len(jobs) > builds:
+        log.info("restarted %d other interrupted job(s)", len(jobs) - builds)
+    return [job_id for job_id, _ in jobs]
 
 
 # ------------------------------------------------------------------------------------ without Celery
@@ -551,6 +684,9 @@ class InlineDispatcher:
     def finalize(self, job_id: str) -> None:
         self.steps.append(("finalize", job_id, None))
 
+    def compact(self, job_id: str) -> None:
+        self.steps.append(("compact", job_id, None))
+
 
 def run_build_inline(
     settings: Settings, session_factory: sessionmaker[Session], job_id: str, models: ModelCache | None = None
@@ -559,17 +695,35 @@ def run_build_inline(
     dispatcher = InlineDispatcher()
     ctx = BuildContext(settings, session_factory, models or ModelCache(), dispatcher)
     dispatcher.plan(job_id)
+    _run_inline(ctx, dispatcher, job_id)
+
+
+def run_job_inline(
+    settings: Settings, session_factory: sessionmaker[Session], job_id: str, models: ModelCache | None = None
+) -> None:
+    """Run any worker job (build, compaction) in this process, step after step, without Celery."""
+    dispatcher = InlineDispatcher()
+    ctx = BuildContext(settings, session_factory, models or ModelCache(), dispatcher)
+    with session_factory() as session:
+        job = session.get(Job, job_id)
+        kind = job.kind if job is not None else INDEX_BUILD
+    start_job(dispatcher, kind, job_id)
+    _run_inline(ctx, dispatcher, job_id)
+
+
+def _run_inline(ctx: BuildContext, dispatcher: InlineDispatcher, job_id: str) -> None:
     runners = {
         "plan": lambda j, _: plan_build(ctx, j),
         "chunk": lambda j, c: build_chunk(ctx, j, c),
         "finalize": lambda j, _: finalize_build(ctx, j),
+        "compact": lambda j, _: compact_index(ctx, j),
     }
     try:
         while dispatcher.steps:
             step, step_job, chunk = dispatcher.steps.pop(0)
             runners[step](step_job, chunk)
     except Exception as exc:
-        fail_build(ctx, job_id, describe_error(exc))
+        fail_job(ctx, job_id, describe_error(exc))
         raise
 
 

@@ -38,40 +38,93 @@ APPROXIMATE_CANDIDATE_FACTOR = 4
 
 
 class StoreCache:
-    """Opened feature stores (checksums verified once, when first opened) and their FAISS indexes."""
+    """Opened feature stores and their FAISS indexes, per index, as immutable snapshots.
+
+    A snapshot is a FeatureStore opened with every file memory-mapped and every checksum verified, so a query
+    keeps reading the state it started with even if a compaction removes those files meanwhile. When the
+    store changes on disk (rows deleted, a compaction), the next query opens a new snapshot; files verified
+    before (immutable, named by their checksum in the lists) are not read again, only new ones are.
+    """
 
     def __init__(self, capacity: int = 8):
         self.capacity = capacity
         self._stores: OrderedDict[str, Any] = OrderedDict()
-        self._faiss: dict[str, dict[str, Any]] = {}
+        self._verified: dict[str, set[tuple[str, str]]] = {}
+        # index id -> layer -> (checksums of the layer's segments, LayerIndex): valid while they match.
+        self._faiss: dict[str, dict[str, tuple[tuple[str, ...], Any]]] = {}
         self._lock = threading.Lock()
 
     def store(self, settings: Settings, index: Index):
-        from influence import FeatureStore
-
         with self._lock:
-            if index.id in self._stores:
+            cached = self._stores.get(index.id)
+            if cached is not None and not cached.changed():
                 self._stores.move_to_end(index.id)
-                return self._stores[index.id]
-        store = FeatureStore.open(settings.resolved_artifacts_dir / index.store_path, verify=True)
+                return cached
+            known = set(self._verified.get(index.id, ()))
+        store, verified = self._open(settings.resolved_artifacts_dir / index.store_path, known)
         with self._lock:
             self._stores[index.id] = store
+            self._verified[index.id] = self._verified.get(index.id, set()) | verified
+            self._stores.move_to_end(index.id)
             while len(self._stores) > self.capacity:
                 evicted, _ = self._stores.popitem(last=False)
                 self._faiss.pop(evicted, None)
+                self._verified.pop(evicted, None)
         return store
+
+    @staticmethod
+    def _open(path, known: set[tuple[str, str]]) -> tuple[Any, set[tuple[str, str]]]:
+        from influence import FeatureStore
+        from influence.errors import StoreCorruptedError
+
+        for attempt in range(3):
+            store = FeatureStore.open(path, verify=False)
+            try:
+                verified = store.verify(known)
+                store.map_all()
+                store.live_positions()
+                return store, verified
+            except StoreCorruptedError:
+                # A compaction may have removed the files of the state this attempt read: try the new state.
+                if attempt == 2 or not store.changed():
+                    raise
+        raise AssertionError("unreachable")
+
+    def evict(self, index_id: str) -> None:
+        with self._lock:
+            self._stores.pop(index_id, None)
+            self._faiss.pop(index_id, None)
+            self._verified.pop(index_id, None)
 
     def faiss(self, index_id: str, store, layers: Sequence[str]) -> dict[str, Any]:
         from influence import load_store_indexes
+        from influence.errors import ManifestMismatchError, StoreIncompleteError
 
+        # Only indexes built over exactly this snapshot's segments serve it (another thread may hold a newer or
+        # older snapshot of the same index at the same time).
+        wanted = {name: tuple(store.layer_checksums(name)) for name in layers}
+        found: dict[str, Any] = {}
         with self._lock:
             held = self._faiss.setdefault(index_id, {})
-            missing = [name for name in layers if name not in held]
+            for name in layers:
+                entry = held.get(name)
+                if entry is not None and entry[0] == wanted[name]:
+                    found[name] = entry[1]
+        missing = [name for name in layers if name not in found]
         if missing:
-            loaded = load_store_indexes(store, missing)
+            try:
+                loaded = load_store_indexes(store, missing)
+            except (ManifestMismatchError, StoreIncompleteError):
+                raise Conflict(
+                    f"the FAISS indexes of index {index_id!r} do not match its rows yet (a compaction is "
+                    "rebuilding them, or it failed: compact again); query without `approximate` meanwhile"
+                ) from None
             with self._lock:
-                held.update(loaded)
-        return {name: held[name] for name in layers}
+                held = self._faiss.setdefault(index_id, {})
+                for name, layer_index in loaded.items():
+                    held[name] = (wanted[name], layer_index)
+            found.update(loaded)
+        return {name: found[name] for name in layers}
 
 
 @dataclass
@@ -92,17 +145,29 @@ class _Prepared:
     predictions: np.ndarray
 
 
-def _examples(request: QueryRequest, settings: Settings, dataset: Dataset, task: str) -> list:
-    from influence.data import Example
-
+def check_query_limits(request: QueryRequest, settings: Settings) -> None:
+    """The limits a query must keep, checked before anything is loaded (422 naming the limit)."""
     if len(request.examples) > settings.max_query_examples:
-        raise Invalid(f"{len(request.examples)} examples; a query takes at most {settings.max_query_examples}")
-    names = dataset.label_names or []
-    out = []
+        raise Invalid(
+            f"{len(request.examples)} examples; a query takes at most {settings.max_query_examples} "
+            "(max_query_examples)"
+        )
+    if request.top_k > settings.max_top_k:
+        raise Invalid(f"top_k {request.top_k} is over the limit of {settings.max_top_k} (max_top_k)")
     for i, example in enumerate(request.examples):
         for part in (example.text, example.text_pair or ""):
             if len(part) > settings.max_text_chars:
-                raise Invalid(f"examples[{i}]: text longer than {settings.max_text_chars} characters")
+                raise Invalid(
+                    f"examples[{i}]: text longer than {settings.max_text_chars} characters (max_text_chars)"
+                )
+
+
+def _examples(request: QueryRequest, settings: Settings, dataset: Dataset, task: str) -> list:
+    from influence.data import Example
+
+    names = dataset.label_names or []
+    out = []
+    for i, example in enumerate(request.examples):
         label = example.label
         if task == "classification":
             if isinstance(label, str):
@@ -272,14 +337,19 @@ def exact_scores(prepared: _Prepared, columns: Sequence[int]) -> np.ndarray:
 
 
 def rank_exact(prepared: _Prepared, request: QueryRequest) -> list[_Ranked]:
+    """Every live row scored and ranked; deleted rows (tombstones) are scored with the rest but dropped before
+    ranking and aggregation, so they influence neither the hits nor anyone's rank."""
     n = prepared.store.num_rows
     m = len(prepared.losses)
     group = max(1, SCORE_BUDGET_ELEMENTS // max(1, n * len(prepared.layers)))
     out: list[_Ranked] = []
-    positions = np.arange(n, dtype=np.int64)
+    positions = prepared.store.live_positions()
+    some_deleted = len(positions) < n
     for start in range(0, m, group):
         columns = list(range(start, min(m, start + group)))
         block = exact_scores(prepared, columns)
+        if some_deleted:
+            block = block[positions]
         for j in range(len(columns)):
             scores = block[:, :, j : j + 1]
             aggregated = _aggregate(scores, request)
@@ -297,8 +367,8 @@ def rank_approximate(
     from influence import score_layer
 
     store = prepared.store
-    n = store.num_rows
-    k = min(per_layer, n)
+    k = min(per_layer, store.num_live_rows)
+    deleted = store.deleted_positions()
     m = len(prepared.losses)
     candidates: list[set[int]] = [set() for _ in range(m)]
     for name in prepared.layers:
@@ -308,7 +378,7 @@ def rank_approximate(
         for sign, wanted in ((1.0, ("helpful", "both")), (-1.0, ("harmful", "both"))):
             if request.direction not in wanted:
                 continue
-            _, found = faiss[name].search(sign * transformed, k)
+            _, found = faiss[name].search(sign * transformed, k, exclude=deleted)
             for j in range(m):
                 candidates[j].update(int(p) for p in found[j] if p >= 0)
     out: list[_Ranked] = []
@@ -374,13 +444,12 @@ def _read_hit_rows(settings: Settings, dataset: Dataset, row_ids: set[int]) -> d
 
 
 def run_query(
-    session, settings: Settings, runtime: QueryRuntime, index_id: str, request: QueryRequest
+    session, settings: Settings, runtime: QueryRuntime, index_id: str, request: QueryRequest, tenant_id: str
 ) -> dict[str, Any]:
-    """Answer a query (the QueryResponse schema as a dict)."""
+    """Answer a query of this tenant's index (the QueryResponse schema as a dict)."""
     started = time.perf_counter()
-    if request.top_k > settings.max_top_k:
-        raise Invalid(f"top_k {request.top_k} is over the limit of {settings.max_top_k}")
-    index = get_index(session, index_id)
+    check_query_limits(request, settings)
+    index = get_index(session, index_id, tenant_id)
     model = session.get(RegisteredModel, index.model_id)
     dataset = session.get(Dataset, index.dataset_id)
     if model is None or dataset is None:
@@ -403,7 +472,7 @@ def run_query(
             "what": what,
             "faiss_kind": kind,
             "faiss_exact_search": bool(next(iter(faiss.values())).is_exact),
-            "candidates_per_layer": int(min(per_layer, prepared.store.num_rows)),
+            "candidates_per_layer": int(min(per_layer, prepared.store.num_live_rows)),
         }
     else:
         ranked = rank_exact(prepared, request)
@@ -442,7 +511,7 @@ def run_query(
         "vote_k": request.vote_k,
         "direction": request.direction,
         "layers": prepared.layers,
-        "num_rows": prepared.store.num_rows,
+        "num_rows": prepared.store.num_live_rows,
         "approximate": request.approximate,
         "approximation": approximation,
         "results": results,

@@ -1,5 +1,6 @@
 """API fixtures: an app from create_app(Settings(...)) over a migrated SQLite file or a throw-away PostgreSQL
-database, a TestClient, real SST-2 rows, and helpers that check a failed request left nothing behind.
+database, a TestClient that authenticates as a tenant of its own (`Api.client`; `Api.other_client` is another
+tenant's), real SST-2 rows, and helpers that check a failed request left nothing behind.
 
 PostgreSQL: one database `influence_test_<random>` per test session on 127.0.0.1:5432 (trust auth), migrated
 once, emptied (TRUNCATE) before each test that uses it, dropped at the end.
@@ -20,9 +21,10 @@ from sqlalchemy import text
 
 from tests.conftest import SST2
 
+ROOT_DIR = Path(__file__).resolve().parents[2]
 PG_HOST = os.environ.get("INFLUENCE_TEST_PG_HOST", "127.0.0.1")
 PG_ADMIN_DB = "test"
-TABLES = ("indexes", "jobs", "datasets", "models")
+TABLES = ("indexes", "jobs", "datasets", "models", "api_keys", "tenants")
 
 
 class RecordingQueue:
@@ -152,17 +154,42 @@ def default_roots(tmp_path_factory, allowed_root) -> list[Path]:
     return [allowed_root, tmp_path_factory.getbasetemp(), SST2, packaged_minilm_path().parent]
 
 
-class Api:
-    """A TestClient over an app, with the settings it was built from and a session factory on its database."""
+def make_tenant(session_factory, name: str | None = None) -> tuple[str, str]:
+    """A tenant with one API key on the app's database: (tenant id, key)."""
+    from app.db import session_scope
+    from app.services import tenancy
 
-    def __init__(self, app, settings, queue):
+    with session_scope(session_factory) as session:
+        tenant = tenancy.create_tenant(session, name or f"tenant-{uuid.uuid4().hex[:8]}")
+        issued = tenancy.create_key(session, tenant, name="tests")
+        return tenant.id, issued.token
+
+
+class Api:
+    """A TestClient over an app, authenticated as a tenant of its own, with the settings the app was built from
+    and a session factory on its database."""
+
+    def __init__(self, app, settings, queue, authenticate: bool = True):
         from fastapi.testclient import TestClient
 
         self.app = app
         self.settings = settings
         self.queue = queue
-        self.client = TestClient(app)
         self.session_factory = app.state.session_factory
+        if authenticate:
+            self.tenant_id, self.token = make_tenant(self.session_factory)
+            self.client = TestClient(app, headers={"Authorization": f"Bearer {self.token}"})
+        else:  # e.g. an unmigrated database: no tenant can be made
+            self.client = TestClient(app)
+
+    def other_client(self, name: str | None = None):
+        """A client authenticated as another, new tenant (with its id and key as attributes)."""
+        from fastapi.testclient import TestClient
+
+        tenant_id, token = make_tenant(self.session_factory, name)
+        client = TestClient(self.app, headers={"X-API-Key": token})
+        client.tenant_id, client.token = tenant_id, token  # type: ignore[attr-defined]
+        return client
 
     def count(self, model) -> int:
         from sqlalchemy import func, select
@@ -186,12 +213,12 @@ class Api:
         assert self.artifact_entries() == []
 
 
-def build_api(settings, queue=None, readiness_checks=()) -> Api:
+def build_api(settings, queue=None, readiness_checks=(), authenticate: bool = True) -> Api:
     from app.main import create_app
 
     queue = queue if queue is not None else RecordingQueue()
     app = create_app(settings, job_queue=queue, readiness_checks=readiness_checks)
-    return Api(app, settings, queue)
+    return Api(app, settings, queue, authenticate=authenticate)
 
 
 @pytest.fixture

@@ -86,7 +86,7 @@ def test_upload_each_format_of_real_sst2_rows(any_api, sst2_rows, fmt):
     from app.services.datasets import get_dataset, load_examples
 
     with any_api.session_factory() as session:
-        dataset = get_dataset(session, body["id"])
+        dataset = get_dataset(session, body["id"], any_api.tenant_id)
         examples = load_examples(any_api.settings, dataset)
     assert [(e.text, e.label) for e in examples] == sst2_rows
     assert any_api.client.get(f"/v1/datasets/{body['id']}").json() == body
@@ -487,7 +487,7 @@ def test_database_failure_removes_the_artifact(tmp_path, any_db_url, default_roo
     try:
         from fastapi.testclient import TestClient
 
-        client = TestClient(built.app, raise_server_exceptions=False)
+        client = TestClient(built.app, raise_server_exceptions=False, headers=dict(built.client.headers))
         response = client.post(
             "/v1/datasets",
             files={"file": ("d.tsv", tsv_bytes(sst2_rows[:20]))},

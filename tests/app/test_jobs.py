@@ -16,7 +16,7 @@ from tests.app.test_datasets import assert_problem
 
 def new_job(api, **kwargs) -> str:
     with session_scope(api.session_factory) as session:
-        return jobs.create_job(session, kwargs.pop("kind", "build-index"), **kwargs).id
+        return jobs.create_job(session, kwargs.pop("kind", "build-index"), tenant_id=api.tenant_id, **kwargs).id
 
 
 def step(api, helper, *args, **kwargs):
@@ -114,13 +114,13 @@ def test_unknown_job_ids(any_api):
 def test_enqueued_only_after_commit(any_api):
     queue = RecordingQueue()
     with session_scope(any_api.session_factory) as session:
-        job = jobs.create_job(session, "build-index")
+        job = jobs.create_job(session, "build-index", tenant_id=any_api.tenant_id)
         jobs.enqueue_after_commit(session, queue, job)
         assert queue.enqueued == []  # not before the commit
     assert queue.enqueued == [job.id]
 
     with pytest.raises(RuntimeError), session_scope(any_api.session_factory) as session:
-        doomed = jobs.create_job(session, "build-index")
+        doomed = jobs.create_job(session, "build-index", tenant_id=any_api.tenant_id)
         jobs.enqueue_after_commit(session, queue, doomed)
         raise RuntimeError("the request failed")
     assert queue.enqueued == [job.id]  # the rolled-back job never reached the queue
@@ -130,7 +130,7 @@ def test_enqueued_only_after_commit(any_api):
 
 def test_a_job_the_broker_refuses_is_marked_failed(any_api):
     with pytest.raises(Unavailable, match="marked failed"), session_scope(any_api.session_factory) as session:
-        job = jobs.create_job(session, "build-index")
+        job = jobs.create_job(session, "build-index", tenant_id=any_api.tenant_id)
         jobs.enqueue_after_commit(session, RecordingQueue(fail=True), job)
     body = any_api.client.get(f"/v1/jobs/{job.id}").json()
     assert body["status"] == "failed" and "could not enqueue" in body["error"]
@@ -160,7 +160,7 @@ def test_finish_hooks_see_every_final_state(any_api, finish_calls):
     step(any_api, jobs.mark_failed, succeeded, "too late")  # no transition, no call
 
     with pytest.raises(Unavailable), session_scope(any_api.session_factory) as session:
-        refused = jobs.create_job(session, "hooked")
+        refused = jobs.create_job(session, "hooked", tenant_id=any_api.tenant_id)
         jobs.enqueue_after_commit(session, RecordingQueue(fail=True), refused)
 
     other = new_job(any_api, kind="build-index")

@@ -17,7 +17,7 @@ from app.db import Base
 from app.migrate import downgrade, upgrade
 
 ROOT = Path(__file__).resolve().parents[2]
-TABLES = {"models", "datasets", "indexes", "jobs"}
+TABLES = {"models", "datasets", "indexes", "jobs", "tenants", "api_keys"}
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -101,3 +101,57 @@ def test_importing_the_app_migrates_nothing(tmp_path):
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_rows_from_before_tenancy_go_to_the_local_tenant(empty_database):
+    """0003 gives every existing model, dataset, index and job to a tenant named `local` (the one the embedded
+    runner makes a key for), so an upgraded single-user installation keeps its data and can read it."""
+    from sqlalchemy import text
+
+    upgrade(empty_database, "0002")
+    engine = create_engine(empty_database)
+    now = "2026-11-29 00:00:00"
+    with engine.begin() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO models (id, name, source, task, checkpoints, weights_hash, layers, groups, created_at)"
+                " VALUES ('m1', 'm', '/m', 'classification', '[]', 'w', '[]', '{}', :now)"
+            ),
+            {"now": now},
+        )
+        conn.execute(
+            text(
+                "INSERT INTO datasets (id, name, format, task, size_bytes, columns, row_count, content_hash, path,"
+                " labels, has_noisy_flag, created_at) VALUES ('d1', 'd', 'tsv', 'classification', 1, '{}', 1,"
+                " 'h', 'datasets/d1/rows.jsonl', '[]', false, :now)"
+            ),
+            {"now": now},
+        )
+        conn.execute(
+            text(
+                "INSERT INTO indexes (id, model_id, dataset_id, layers, projection_kind, projection_dim,"
+                " projection_seed, dtype, faiss_kind, status, store_path, num_rows, size_bytes, created_at)"
+                " VALUES ('i1', 'm1', 'd1', '[]', 'factorized', 8, 0, 'float16', 'flat', 'ready', 's', 1, 0, :now)"
+            ),
+            {"now": now},
+        )
+        conn.execute(
+            text(
+                "INSERT INTO jobs (id, kind, status, params, done, total, cancel_requested, attempts, created_at)"
+                " VALUES ('j1', 'index_build', 'succeeded', '{}', 1, 1, false, 1, :now)"
+            ),
+            {"now": now},
+        )
+    engine.dispose()
+    upgrade(empty_database)
+    engine = create_engine(empty_database)
+    try:
+        with engine.connect() as conn:
+            assert conn.execute(text("SELECT id, name FROM tenants")).all() == [("local", "local")]
+            for table in ("models", "datasets", "indexes", "jobs"):
+                assert conn.execute(text(f"SELECT DISTINCT tenant_id FROM {table}")).all() == [("local",)]
+            assert conn.execute(text("SELECT deleted_rows FROM indexes")).scalar() == 0
+    finally:
+        engine.dispose()
+    assert _diffs(empty_database) == []
+    downgrade(empty_database)

@@ -1,5 +1,6 @@
 """The embedded runner (`python -m app.embedded serve`, what `make serve` runs): it migrates its SQLite file,
-starts a real worker child on the filesystem broker, restarts that child when it dies, and stops it on exit."""
+makes a local API key (mode 0600, path printed), starts a real worker child on the filesystem broker, restarts
+that child when it dies, and stops it on exit."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import json
 import os
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -89,6 +91,13 @@ def test_serve_migrates_runs_a_worker_restarts_it_and_stops_it(tmp_path):
             assert checks["worker"]["detail"].startswith("worker embedded@")
             assert (data_dir / "influence.db").is_file()
             assert {p.name for p in (data_dir / "broker").iterdir()} >= {"queue", "control", "processed"}
+            # The local API key: made on first start, readable by its owner only, its path printed.
+            key_file = data_dir / "local-api-key"
+            assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+            assert f"created at {key_file}" in (tmp_path / "serve.log").read_text(errors="replace")
+            assert client.get("/v1/models").status_code == 401
+            headers = {"Authorization": f"Bearer {key_file.read_text().strip()}"}
+            assert client.get("/v1/models", headers=headers).json()["total"] == 0
 
             (worker,) = _children(runner.pid)
             os.kill(worker, signal.SIGKILL)

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, File, Form, Query, UploadFile
+from fastapi import APIRouter, File, Form, Query, Response, UploadFile
 
-from app.api.deps import SessionDep, SettingsDep
+from app.api.deps import SessionDep, SettingsDep, TenantDep
 from app.errors import Invalid
 from app.models import Dataset
-from app.schemas.common import Page, problems
+from app.schemas.common import MAX_OFFSET, Page, problems
 from app.schemas.datasets import DatasetFormat, DatasetOut, DatasetRow, Task
 from app.services import datasets as service
 
@@ -51,6 +51,7 @@ def _blank_to_none(value: str | None) -> str | None:
 def create_dataset(
     session: SessionDep,
     settings: SettingsDep,
+    tenant: TenantDep,
     file: Annotated[UploadFile | None, File(description="The dataset file (or give `path`)")] = None,
     path: Annotated[str | None, Form(max_length=4096, description="Absolute server-side path")] = None,
     name: Annotated[str | None, Form(max_length=200, description="Default: the file name's stem")] = None,
@@ -91,25 +92,26 @@ def create_dataset(
     if (file is None) == (path is None):
         raise Invalid("give exactly one of `file` (an upload) and `path` (a server-side file)")
     if file is not None:
-        dataset = service.register_upload(session, settings, spec, file.file, file.filename)
+        dataset = service.register_upload(session, settings, spec, file.file, file.filename, tenant.id)
     else:
-        dataset = service.register_path(session, settings, spec, path)  # type: ignore[arg-type]
+        dataset = service.register_path(session, settings, spec, path, tenant.id)  # type: ignore[arg-type]
     return dataset_out(dataset)
 
 
 @router.get("", response_model=Page[DatasetOut], summary="List datasets, newest first")
 def list_datasets(
     session: SessionDep,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    tenant: TenantDep,
+    offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
 ) -> Page[DatasetOut]:
-    rows, total = service.list_datasets(session, offset=offset, limit=limit)
+    rows, total = service.list_datasets(session, tenant_id=tenant.id, offset=offset, limit=limit)
     return Page[DatasetOut](items=[dataset_out(d) for d in rows], total=total, offset=offset, limit=limit)
 
 
 @router.get("/{dataset_id}", response_model=DatasetOut, responses=problems(404), summary="Read a dataset")
-def get_dataset(dataset_id: str, session: SessionDep) -> DatasetOut:
-    return dataset_out(service.get_dataset(session, dataset_id))
+def get_dataset(dataset_id: str, session: SessionDep, tenant: TenantDep) -> DatasetOut:
+    return dataset_out(service.get_dataset(session, dataset_id, tenant.id))
 
 
 @router.get(
@@ -122,10 +124,11 @@ def get_rows(
     dataset_id: str,
     session: SessionDep,
     settings: SettingsDep,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    tenant: TenantDep,
+    offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 50,
 ) -> Page[DatasetRow]:
-    dataset = service.get_dataset(session, dataset_id)
+    dataset = service.get_dataset(session, dataset_id, tenant.id)
     names = dataset.label_names
     items = []
     for row in service.read_rows(settings, dataset, offset, limit):
@@ -133,3 +136,16 @@ def get_rows(
         label_name = names[label] if names is not None and isinstance(label, int) else None
         items.append(DatasetRow(**row, label_name=label_name))
     return Page[DatasetRow](items=items, total=dataset.row_count, offset=offset, limit=limit)
+
+
+@router.delete(
+    "/{dataset_id}",
+    status_code=204,
+    responses=problems(404, 409),
+    summary="Delete a dataset and its normalised rows",
+    description="409 while an index uses the dataset: delete those indexes first. A server-side source file is "
+    "never touched; the service's normalised copy is removed.",
+)
+def delete_dataset(dataset_id: str, session: SessionDep, settings: SettingsDep, tenant: TenantDep) -> Response:
+    service.delete_dataset(session, settings, dataset_id, tenant.id)
+    return Response(status_code=204)

@@ -5,14 +5,24 @@ from __future__ import annotations
 import threading
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Depends, Query, Request, Response
 from sqlalchemy.orm import Session
 
-from app.api.deps import JobQueueDep, SessionDep, SettingsDep
+from app.api.deps import JobQueueDep, SessionDep, SettingsDep, TenantDep
 from app.api.v1.jobs import job_out
 from app.models import Index, RegisteredModel
-from app.schemas.common import Page, problems
-from app.schemas.indexes import IndexCreate, IndexOut, IndexStatus, ProjectionOut, QueryRequest, QueryResponse
+from app.schemas.common import MAX_OFFSET, Page, problems
+from app.schemas.indexes import (
+    IndexCreate,
+    IndexOut,
+    IndexStatus,
+    ProjectionOut,
+    QueryRequest,
+    QueryResponse,
+    RowsDelete,
+    RowsDeleted,
+)
+from app.schemas.jobs import JobOut
 from app.services import indexes as service
 from app.services import queries
 
@@ -48,6 +58,7 @@ def index_out(session: Session, index: Index) -> IndexOut:
         dtype=index.dtype,
         faiss_kind=index.faiss_kind,
         num_rows=index.num_rows,
+        deleted_rows=index.deleted_rows or 0,
         size_bytes=index.size_bytes,
         feature_bytes_estimate=service.feature_bytes_estimate(index, model),
         manifest=index.manifest,
@@ -60,7 +71,7 @@ def index_out(session: Session, index: Index) -> IndexOut:
     "",
     status_code=202,
     response_model=IndexOut,
-    responses=problems(404, 422, 503),
+    responses=problems(404, 422, 429, 503),
     summary="Build an index (asynchronous)",
     description=(
         "Records the index (status `pending`) and its build job (`queued`), then hands the job to the workers "
@@ -69,28 +80,37 @@ def index_out(session: Session, index: Index) -> IndexOut:
         "per-sample gradients), fits DataInf statistics and builds one FAISS index per layer."
     ),
 )
-def create_index(body: IndexCreate, session: SessionDep, settings: SettingsDep, queue: JobQueueDep) -> IndexOut:
-    return index_out(session, service.create_index(session, settings, queue, body))
+def create_index(
+    body: IndexCreate, session: SessionDep, settings: SettingsDep, queue: JobQueueDep, tenant: TenantDep
+) -> IndexOut:
+    return index_out(session, service.create_index(session, settings, queue, body, tenant.id))
 
 
 @router.get("", response_model=Page[IndexOut], responses=problems(422), summary="List indexes, newest first")
 def list_indexes(
     session: SessionDep,
+    tenant: TenantDep,
     model_id: Annotated[str | None, Query(max_length=32)] = None,
     dataset_id: Annotated[str | None, Query(max_length=32)] = None,
     status: Annotated[IndexStatus | None, Query()] = None,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
 ) -> Page[IndexOut]:
     rows, total = service.list_indexes(
-        session, model_id=model_id, dataset_id=dataset_id, status=status, offset=offset, limit=limit
+        session,
+        tenant_id=tenant.id,
+        model_id=model_id,
+        dataset_id=dataset_id,
+        status=status,
+        offset=offset,
+        limit=limit,
     )
     return Page[IndexOut](items=[index_out(session, i) for i in rows], total=total, offset=offset, limit=limit)
 
 
 @router.get("/{index_id}", response_model=IndexOut, responses=problems(404), summary="Read an index")
-def get_index(index_id: str, session: SessionDep) -> IndexOut:
-    return index_out(session, service.get_index(session, index_id))
+def get_index(index_id: str, session: SessionDep, tenant: TenantDep) -> IndexOut:
+    return index_out(session, service.get_index(session, index_id, tenant.id))
 
 
 @router.post(
@@ -106,6 +126,65 @@ def get_index(index_id: str, session: SessionDep) -> IndexOut:
     ),
 )
 def query_index(
-    index_id: str, body: QueryRequest, session: SessionDep, settings: SettingsDep, runtime: QueryRuntimeDep
+    index_id: str,
+    body: QueryRequest,
+    session: SessionDep,
+    settings: SettingsDep,
+    runtime: QueryRuntimeDep,
+    tenant: TenantDep,
 ) -> QueryResponse:
-    return QueryResponse.model_validate(queries.run_query(session, settings, runtime, index_id, body))
+    return QueryResponse.model_validate(queries.run_query(session, settings, runtime, index_id, body, tenant.id))
+
+
+@router.delete(
+    "/{index_id}",
+    status_code=204,
+    responses=problems(404),
+    summary="Delete an index and its artifacts",
+    description=(
+        "Ends its build or compaction job (cancelled), deletes the index and removes its feature store, "
+        "statistics and FAISS indexes from disk. The model and dataset stay."
+    ),
+)
+def delete_index(
+    index_id: str, session: SessionDep, settings: SettingsDep, runtime: QueryRuntimeDep, tenant: TenantDep
+) -> Response:
+    service.delete_index(session, settings, index_id, tenant.id, on_deleted=runtime.stores.evict)
+    return Response(status_code=204)
+
+
+@router.post(
+    "/{index_id}/rows/delete",
+    response_model=RowsDeleted,
+    responses=problems(404, 409, 422),
+    summary="Delete rows from an index (tombstones)",
+    description=(
+        "Records the rows (dataset row positions) as deleted in the index's store at once: no later answer "
+        "includes them, exact or approximate, and they count in no rank or aggregation. Their features stay on "
+        "disk (and DataInf statistics still include them) until a compaction (POST /v1/indexes/{id}/compact) "
+        "removes them for good. Deleting a row twice is harmless; every row at once is refused (delete the "
+        "index)."
+    ),
+)
+def delete_rows(
+    index_id: str, body: RowsDelete, session: SessionDep, settings: SettingsDep, tenant: TenantDep
+) -> RowsDeleted:
+    return RowsDeleted.model_validate(service.delete_rows(session, settings, index_id, body.row_ids, tenant.id))
+
+
+@router.post(
+    "/{index_id}/compact",
+    status_code=202,
+    response_model=JobOut,
+    responses=problems(404, 409, 429, 503),
+    summary="Remove deleted rows for good (asynchronous)",
+    description=(
+        "Queues a compaction job: the store is rewritten without its deleted rows, DataInf statistics are "
+        "refitted and FAISS indexes rebuilt. Queries keep being answered meanwhile (deleted rows already "
+        "excluded). One compaction per index at a time (409 while one runs)."
+    ),
+)
+def compact_index(
+    index_id: str, session: SessionDep, settings: SettingsDep, queue: JobQueueDep, tenant: TenantDep
+) -> JobOut:
+    return job_out(service.create_compaction(session, settings, queue, index_id, tenant.id))

@@ -6,9 +6,9 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query
 
-from app.api.deps import SessionDep
+from app.api.deps import SessionDep, TenantDep
 from app.models import Job
-from app.schemas.common import Page, problems
+from app.schemas.common import MAX_OFFSET, Page, problems
 from app.schemas.jobs import JobOut, JobStatus
 from app.services import jobs as service
 
@@ -39,21 +39,22 @@ def job_out(job: Job) -> JobOut:
 @router.get("", response_model=Page[JobOut], responses=problems(422), summary="List jobs, newest first")
 def list_jobs(
     session: SessionDep,
+    tenant: TenantDep,
     status: Annotated[JobStatus | None, Query()] = None,
     kind: Annotated[str | None, Query(max_length=32)] = None,
     target_id: Annotated[str | None, Query(max_length=32)] = None,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
 ) -> Page[JobOut]:
     rows, total = service.list_jobs(
-        session, status=status, kind=kind, target_id=target_id, offset=offset, limit=limit
+        session, tenant_id=tenant.id, status=status, kind=kind, target_id=target_id, offset=offset, limit=limit
     )
     return Page[JobOut](items=[job_out(j) for j in rows], total=total, offset=offset, limit=limit)
 
 
 @router.get("/{job_id}", response_model=JobOut, responses=problems(404), summary="Read a job")
-def get_job(job_id: str, session: SessionDep) -> JobOut:
-    return job_out(service.get_job(session, job_id))
+def get_job(job_id: str, session: SessionDep, tenant: TenantDep) -> JobOut:
+    return job_out(service.get_job(session, job_id, tenant.id))
 
 
 @router.post(
@@ -66,5 +67,5 @@ def get_job(job_id: str, session: SessionDep) -> JobOut:
         "and its worker ends it (status `cancelled`) at its next checkpoint. A finished job answers 409."
     ),
 )
-def cancel_job(job_id: str, session: SessionDep) -> JobOut:
-    return job_out(service.request_cancel(session, job_id))
+def cancel_job(job_id: str, session: SessionDep, tenant: TenantDep) -> JobOut:
+    return job_out(service.request_cancel(session, job_id, tenant.id))

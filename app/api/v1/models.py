@@ -6,9 +6,9 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query
 
-from app.api.deps import SessionDep, SettingsDep
+from app.api.deps import SessionDep, SettingsDep, TenantDep
 from app.models import RegisteredModel
-from app.schemas.common import Page, problems
+from app.schemas.common import MAX_OFFSET, Page, problems
 from app.schemas.models import LayerOut, ModelCreate, ModelLayers, ModelOut
 from app.services import models as service
 
@@ -44,23 +44,24 @@ def _out(model: RegisteredModel) -> ModelOut:
         "and records the sha256 of its safetensors. Remote code is never run."
     ),
 )
-def create_model(body: ModelCreate, session: SessionDep, settings: SettingsDep) -> ModelOut:
-    return _out(service.register_model(session, settings, body))
+def create_model(body: ModelCreate, session: SessionDep, settings: SettingsDep, tenant: TenantDep) -> ModelOut:
+    return _out(service.register_model(session, settings, body, tenant.id))
 
 
 @router.get("", response_model=Page[ModelOut], summary="List models, newest first")
 def list_models(
     session: SessionDep,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    tenant: TenantDep,
+    offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
 ) -> Page[ModelOut]:
-    rows, total = service.list_models(session, offset=offset, limit=limit)
+    rows, total = service.list_models(session, tenant_id=tenant.id, offset=offset, limit=limit)
     return Page[ModelOut](items=[_out(m) for m in rows], total=total, offset=offset, limit=limit)
 
 
 @router.get("/{model_id}", response_model=ModelOut, responses=problems(404), summary="Read a model")
-def get_model(model_id: str, session: SessionDep) -> ModelOut:
-    return _out(service.get_model(session, model_id))
+def get_model(model_id: str, session: SessionDep, tenant: TenantDep) -> ModelOut:
+    return _out(service.get_model(session, model_id, tenant.id))
 
 
 @router.get(
@@ -69,8 +70,8 @@ def get_model(model_id: str, session: SessionDep) -> ModelOut:
     responses=problems(404),
     summary="The model's layer units: names, roles, blocks and groups",
 )
-def get_layers(model_id: str, session: SessionDep) -> ModelLayers:
-    model = service.get_model(session, model_id)
+def get_layers(model_id: str, session: SessionDep, tenant: TenantDep) -> ModelLayers:
+    model = service.get_model(session, model_id, tenant.id)
     return ModelLayers(
         model_id=model.id,
         num_blocks=service.num_blocks(model),

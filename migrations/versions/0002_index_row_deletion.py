@@ -1,0 +1,26 @@
+"""Row deletion on indexes: how many rows are deleted (tombstoned) and still on disk until a compaction.
+
+Revision ID: 0002
+Revises: 0001
+Create Date: 2026-11-29
+"""
+
+from collections.abc import Sequence
+
+import sqlalchemy as sa
+from alembic import op
+
+revision: str = "0002"
+down_revision: str | None = "0001"
+branch_labels: str | Sequence[str] | None = None
+depends_on: str | Sequence[str] | None = None
+
+
+def upgrade() -> None:
+    with op.batch_alter_table("indexes") as batch:
+        batch.add_column(sa.Column("deleted_rows", sa.Integer(), nullable=False, server_default="0"))
+
+
+def downgrade() -> None:
+    with op.batch_alter_table("indexes") as batch:
+        batch.drop_column("deleted_rows")

@@ -1,0 +1,313 @@
+"""Tenants and API keys: every /v1 route needs a valid key (401 otherwise), and no key sees, lists, queries,
+changes or deletes another tenant's models, datasets, indexes or jobs: another tenant's id answers 404 exactly
+as an unknown id does (a test per route; a test that every route has one). Keys are stored as hashes only;
+`python -m app.admin` makes tenants and keys; the embedded runner's local key is made once, mode 0600; the
+concurrent jobs of a tenant are limited."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import threading
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import select
+
+from app.models import ApiKey, Index, Job
+from app.services.pipelines import run_build_inline
+from tests.app.conftest import ROOT_DIR, build_api, make_settings
+from tests.conftest import SST2
+from tests.worker.support import assert_problem, register_dataset, register_model, tsv
+
+
+@pytest.fixture(scope="module")
+def owner(tmp_path_factory, sqlite_template, tiny_model_dir, sst2_rows):
+    """Tenant A's resources (model, dataset, a ready index, a finished and a queued job) and tenant B's client."""
+    from influence import packaged_minilm_path
+
+    tmp = tmp_path_factory.mktemp("tenancy")
+    shutil.copy(sqlite_template, tmp / "influence.db")
+    roots = [tmp_path_factory.getbasetemp(), SST2, packaged_minilm_path().parent]
+    api = build_api(make_settings(tmp, f"sqlite:///{tmp / 'influence.db'}", roots))
+    folder = tiny_model_dir("bert", "classification", num_labels=2)
+    model = register_model(api.client, folder)
+    dataset = register_dataset(api.client, sst2_rows[:30])
+    index = api.client.post(
+        "/v1/indexes", json={"model_id": model["id"], "dataset_id": dataset["id"], "layers": "head"}
+    ).json()
+    run_build_inline(api.settings, api.session_factory, index["job"]["id"])
+    queued = api.client.post(
+        "/v1/indexes", json={"model_id": model["id"], "dataset_id": dataset["id"], "layers": "CL"}
+    ).json()
+    other = api.other_client("tenant-b")
+    mine = {
+        "model": model["id"],
+        "dataset": dataset["id"],
+        "index": index["id"],
+        "job": index["job"]["id"],
+        "queued_job": queued["job"]["id"],
+        "queued_index": queued["id"],
+    }
+    yield api, other, mine, folder
+    api.client.close()
+    other.close()
+    api.app.state.engine.dispose()
+
+
+EXAMPLES = {"examples": [{"text": "a fine film", "label": 1}]}
+
+# (method, route path) -> what tenant B does there with tenant A's ids, and what it must get.
+CROSS_TENANT = {
+    ("GET", "/v1/models"): lambda b, a: ("list", b.get("/v1/models")),
+    ("GET", "/v1/models/{model_id}"): lambda b, a: (404, b.get(f"/v1/models/{a['model']}")),
+    ("GET", "/v1/models/{model_id}/layers"): lambda b, a: (404, b.get(f"/v1/models/{a['model']}/layers")),
+    ("GET", "/v1/datasets"): lambda b, a: ("list", b.get("/v1/datasets")),
+    ("GET", "/v1/datasets/{dataset_id}"): lambda b, a: (404, b.get(f"/v1/datasets/{a['dataset']}")),
+    ("GET", "/v1/datasets/{dataset_id}/rows"): lambda b, a: (404, b.get(f"/v1/datasets/{a['dataset']}/rows")),
+    ("DELETE", "/v1/datasets/{dataset_id}"): lambda b, a: (404, b.delete(f"/v1/datasets/{a['dataset']}")),
+    ("GET", "/v1/indexes"): lambda b, a: ("list", b.get("/v1/indexes")),
+    ("POST", "/v1/indexes"): lambda b, a: (
+        404,
+        b.post("/v1/indexes", json={"model_id": a["model"], "dataset_id": a["dataset"]}),
+    ),
+    ("GET", "/v1/indexes/{index_id}"): lambda b, a: (404, b.get(f"/v1/indexes/{a['index']}")),
+    ("DELETE", "/v1/indexes/{index_id}"): lambda b, a: (404, b.delete(f"/v1/indexes/{a['index']}")),
+    ("POST", "/v1/indexes/{index_id}/query"): lambda b, a: (
+        404,
+        b.post(f"/v1/indexes/{a['index']}/query", json=EXAMPLES),
+    ),
+    ("POST", "/v1/indexes/{index_id}/rows/delete"): lambda b, a: (
+        404,
+        b.post(f"/v1/indexes/{a['index']}/rows/delete", json={"row_ids": [1]}),
+    ),
+    ("POST", "/v1/indexes/{index_id}/compact"): lambda b, a: (404, b.post(f"/v1/indexes/{a['index']}/compact")),
+    ("GET", "/v1/jobs"): lambda b, a: ("list", b.get("/v1/jobs")),
+    ("GET", "/v1/jobs/{job_id}"): lambda b, a: (404, b.get(f"/v1/jobs/{a['job']}")),
+    ("POST", "/v1/jobs/{job_id}/cancel"): lambda b, a: (404, b.post(f"/v1/jobs/{a['queued_job']}/cancel")),
+}
+# Routes that only create the caller's own resource: B's own creation must not touch or reveal A's.
+OWN_CREATION = {("POST", "/v1/models"), ("POST", "/v1/datasets")}
+
+
+def _v1_routes(app) -> set[tuple[str, str]]:
+    """Every /v1 operation the API publishes (its OpenAPI document lists each route and method)."""
+    return {
+        (method.upper(), path)
+        for path, operations in app.openapi()["paths"].items()
+        if path.startswith("/v1/")
+        for method in operations
+    }
+
+
+def test_every_v1_route_has_a_cross_tenant_case(owner):
+    api, *_ = owner
+    assert _v1_routes(api.app) == set(CROSS_TENANT) | OWN_CREATION
+
+
+@pytest.mark.parametrize("route", sorted(CROSS_TENANT), ids=lambda r: f"{r[0]} {r[1]}")
+def test_another_tenant_sees_nothing(owner, route):
+    api, other, mine, _ = owner
+    expected, response = CROSS_TENANT[route](other, mine)
+    if expected == "list":
+        assert response.status_code == 200, response.text
+        assert not {item["id"] for item in response.json()["items"]} & set(mine.values())
+    else:
+        body = assert_problem(response, 404, "does not exist")
+        # Word for word what an unknown id gets: nothing confirms that the id exists.
+        unknown = CROSS_TENANT[route](other, dict.fromkeys(mine, "0" * 32))[1].json()
+        assert body["detail"].replace(body["detail"].split("'")[1], "X") == unknown["detail"].replace(
+            unknown["detail"].split("'")[1], "X"
+        )
+    # Tenant A still has everything, unchanged.
+    client = api.client
+    assert client.get(f"/v1/models/{mine['model']}").status_code == 200
+    assert client.get(f"/v1/datasets/{mine['dataset']}").status_code == 200
+    assert client.get(f"/v1/indexes/{mine['index']}").json()["deleted_rows"] == 0
+    assert client.get(f"/v1/jobs/{mine['queued_job']}").json()["status"] == "queued"
+    assert client.post(f"/v1/indexes/{mine['index']}/query", json=EXAMPLES).status_code == 200
+
+
+def test_filters_do_not_cross_tenants(owner):
+    _, other, mine, _ = owner
+    for url, params in (
+        ("/v1/indexes", {"model_id": mine["model"]}),
+        ("/v1/indexes", {"dataset_id": mine["dataset"]}),
+        ("/v1/jobs", {"target_id": mine["index"]}),
+        ("/v1/jobs", {"kind": "index_build"}),
+    ):
+        assert other.get(url, params=params).json()["total"] == 0
+
+
+def test_own_creations_stay_apart(owner, sst2_rows):
+    api, other, mine, folder = owner
+    model = register_model(other, folder, name="b-model")
+    dataset = register_dataset(other, sst2_rows[:10], name="b-data")
+    assert model["id"] != mine["model"] and model["weights_hash"]
+    # B cannot mix its own model with A's dataset (or the reverse).
+    for body in (
+        {"model_id": model["id"], "dataset_id": mine["dataset"]},
+        {"model_id": mine["model"], "dataset_id": dataset["id"]},
+    ):
+        assert_problem(other.post("/v1/indexes", json=body), 404)
+    assert [m["id"] for m in other.get("/v1/models").json()["items"]] == [model["id"]]
+    assert mine["model"] in [m["id"] for m in api.client.get("/v1/models").json()["items"]]
+    assert model["id"] not in [m["id"] for m in api.client.get("/v1/models").json()["items"]]
+    assert_problem(api.client.get(f"/v1/datasets/{dataset['id']}"), 404)
+
+
+def _route_request(client, method, path, headers):
+    url = path.replace("{model_id}", "x").replace("{dataset_id}", "x").replace("{index_id}", "x")
+    url = url.replace("{job_id}", "x")
+    return client.request(method, url, headers=headers)
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {},
+        {"Authorization": "Bearer infl_not-a-real-key-at-all-000000000000000000000"},
+        {"Authorization": "Bearer "},
+        {"Authorization": "Basic dXNlcjpwYXNz"},
+        {"X-API-Key": "wrong"},
+    ],
+    ids=["none", "unknown", "empty", "basic", "bad-header"],
+)
+def test_every_v1_route_needs_a_valid_key(owner, headers):
+    api, *_ = owner
+    anonymous = TestClient(api.app)
+    for method, path in sorted(_v1_routes(api.app)):
+        response = _route_request(anonymous, method, path, headers)
+        body = assert_problem(response, 401)
+        assert body["type"] == "urn:influence:problem:unauthorized"
+        assert response.headers["www-authenticate"] == "Bearer"
+    # Health, readiness and the API description stay open.
+    for url in ("/healthz", "/openapi.json", "/docs"):
+        assert anonymous.get(url).status_code == 200
+
+
+def test_keys_are_stored_as_hashes_and_can_be_revoked(owner):
+    from app.db import session_scope
+    from app.services import tenancy
+
+    api, *_ = owner
+    client = api.other_client("tenant-revoked")
+    token = client.token
+    assert client.get("/v1/models").status_code == 200
+    with api.session_factory() as session:
+        row = session.scalar(select(ApiKey).where(ApiKey.prefix == token[:13]))
+        assert row.key_hash == hashlib.sha256(token.encode()).hexdigest()
+        assert token not in (row.prefix, row.key_hash, row.name)
+    # The same key works in either header; a key with the right prefix and a wrong secret does not.
+    assert TestClient(api.app).get("/v1/models", headers={"Authorization": f"Bearer {token}"}).status_code == 200
+    forged = token[:13] + "A" * (len(token) - 13)
+    assert TestClient(api.app).get("/v1/models", headers={"X-API-Key": forged}).status_code == 401
+    with session_scope(api.session_factory) as session:
+        tenancy.revoke_key(session, token[:13])
+    assert_problem(client.get("/v1/models"), 401, "revoked")
+
+
+def test_admin_command_makes_tenants_and_keys(owner, capsys):
+    from app.admin import main as admin_main
+
+    api, *_ = owner
+    url = str(api.settings.resolved_database_url)
+
+    def admin(*args):
+        code = admin_main(["--url", url, *args])
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+
+    # Once as the command line an operator types; the rest in-process (the same main()).
+    done = subprocess.run(
+        [sys.executable, "-m", "app.admin", "--url", url, "create-tenant", "acme"],
+        cwd=ROOT_DIR,
+        env={**os.environ, "PYTHONPATH": str(ROOT_DIR)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0 and "tenant acme created" in done.stdout, done.stderr
+    code, _, err = admin("create-tenant", "acme")
+    assert code == 1 and "exists already" in err  # names are unique
+    code, out, _ = admin("create-key", "acme", "--name", "ci")
+    assert code == 0
+    token = out.strip().splitlines()[-1]
+    assert token.startswith("infl_") and len(token) == 48
+    acme = TestClient(api.app, headers={"Authorization": f"Bearer {token}"})
+    assert acme.get("/v1/models").json()["total"] == 0
+    code, out, _ = admin("list-tenants")
+    assert "acme" in out and token[:13] in out and token not in out
+    assert admin("create-key", "nobody")[0] == 1
+    code, out, _ = admin("revoke-key", token[:13])
+    assert code == 0 and "revoked" in out
+    assert acme.get("/v1/models").status_code == 401
+
+
+def test_the_embedded_local_key_is_made_once_with_mode_0600(tmp_path, sqlite_url):
+    from app.db import make_engine, make_session_factory, session_scope
+    from app.services.tenancy import authenticate, ensure_local_key
+
+    engine = make_engine(sqlite_url)
+    factory = make_session_factory(engine)
+    try:
+        with session_scope(factory) as session:
+            path, created = ensure_local_key(session, tmp_path / "var")
+        assert created and path == tmp_path / "var" / "local-api-key"
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+        token = path.read_text().strip()
+        with session_scope(factory) as session:
+            assert authenticate(session, token).name == "local"
+            assert ensure_local_key(session, tmp_path / "var") == (path, False)
+        assert path.read_text().strip() == token
+        path.write_text("infl_garbage\n")  # a key the database does not know: replaced
+        with session_scope(factory) as session:
+            assert ensure_local_key(session, tmp_path / "var")[1] is True
+            assert authenticate(session, path.read_text().strip()).name == "local"
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.parametrize("parallel", [False, True], ids=["sequential", "concurrent"])
+def test_concurrent_jobs_per_tenant_are_limited(tmp_path, any_db_url, default_roots, tiny_model_dir, sst2_rows,
+                                                parallel):
+    api = build_api(make_settings(tmp_path, any_db_url, default_roots, max_active_jobs_per_tenant=2))
+    model = register_model(api.client, tiny_model_dir("bert", "classification", num_labels=2))
+    dataset = register_dataset(api.client, sst2_rows[:10])
+    body = {"model_id": model["id"], "dataset_id": dataset["id"], "layers": "head"}
+    if parallel:
+        responses = []
+
+        def create():
+            responses.append(api.client.post("/v1/indexes", json=body))
+
+        threads = [threading.Thread(target=create) for _ in range(5)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        codes = sorted(r.status_code for r in responses)
+        assert codes == [202, 202, 429, 429, 429], [r.text for r in responses]
+        assert api.count(Job) == 2 and api.count(Index) == 2
+        return
+    first = api.client.post("/v1/indexes", json=body).json()
+    api.client.post("/v1/indexes", json=body)
+    body_429 = assert_problem(api.client.post("/v1/indexes", json=body), 429, "max_active_jobs_per_tenant = 2")
+    assert body_429["type"] == "urn:influence:problem:too-many-requests"
+    assert api.count(Index) == 2  # the refused request left nothing
+    # Another tenant has its own allowance; a finished (here: cancelled) job frees one.
+    other = api.other_client()
+    other_model = register_model(other, tiny_model_dir("bert", "classification", num_labels=2))
+    other_data = other.post(
+        "/v1/datasets", files={"file": ("d.tsv", tsv(sst2_rows[:10]))}, data={"text_column": "sentence"}
+    ).json()
+    assert other.post(
+        "/v1/indexes", json={**body, "model_id": other_model["id"], "dataset_id": other_data["id"]}
+    ).status_code == 202
+    api.client.post(f"/v1/jobs/{first['job']['id']}/cancel")
+    assert api.client.post("/v1/indexes", json=body).status_code == 202
