@@ -6,12 +6,15 @@
 FROM python:3.11-slim
 
 ARG PIP_EXTRA_INDEX_URL=""
+# OMP_WAIT_POLICY=PASSIVE: on shared CPU hosts, OpenMP threads that spin while waiting ran torch 3-5x slower
+# under load (docs/benchmarks.md, item 2).
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_EXTRA_INDEX_URL=${PIP_EXTRA_INDEX_URL} \
     PYTHONPATH=/srv/app \
+    OMP_WAIT_POLICY=PASSIVE \
     HF_HUB_OFFLINE=1 \
     TRANSFORMERS_OFFLINE=1 \
     TRANSFORMERS_VERBOSITY=error \

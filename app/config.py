@@ -32,6 +32,9 @@ class Settings(BaseSettings):
     max_rows: int = Field(2_000_000, description="Most rows in one dataset")
     max_text_chars: int = Field(20_000, description="Longest text field accepted in a row or query example")
     max_query_examples: int = Field(256, description="Most examples in one query")
+    max_reference_rows: int = Field(
+        10_000, description="Most reference rows of an audit, layer report or batch check (HTTP 422 above)"
+    )
     max_top_k: int = Field(1000, description="Largest top_k of a query")
     max_active_jobs_per_tenant: int = Field(
         4, description="Most jobs (index builds, compactions) one tenant may have queued or running (HTTP 429)"

@@ -20,7 +20,7 @@ Time split per query (wrapping app.services.queries functions in this process, n
   scoring        exact_scores: every row of every layer read from the store's memmaps and dotted
   aggregation    influence.aggregate (rank) + top-k selection
   answer         hit rows read from the dataset artifact, per-layer ranks of the shown rows, the answer dict
-                 (of which answer-ranks: queries._layer_ranks, answer-rows: queries._read_hit_rows)
+                 (of which answer-ranks: queries.shown_layer_ranks, answer-rows: queries._read_hit_rows)
   http+json      client latency minus run_query: pydantic validation, JSON encoding, HTTP, uvicorn
 
 Scoring floor: the feature bytes (n x 12 x 256 x 2) read once at this machine's memory read bandwidth,
@@ -300,7 +300,7 @@ class Splits:
         self.wrap(queries, "exact_scores", "scoring")
         self.wrap(queries, "_aggregate", "aggregation")
         self.wrap(queries, "_pick", "aggregation")
-        self.wrap(queries, "_layer_ranks", "answer-ranks")
+        self.wrap(queries, "shown_layer_ranks", "answer-ranks")
         self.wrap(queries, "_read_hit_rows", "answer-rows")
         self.wrap(queries, "run_query", "run_query")
 

@@ -27,9 +27,12 @@ import hashlib
 import json
 import math
 import os
+import shutil
+import time
 import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -50,6 +53,8 @@ _INDEX_DIR = "faiss"
 _INDEX_FILE = "indexes.json"
 _LOCK_FILE = "indexes.lock"
 _TMP_DIR = "tmp"
+# A build's temporary folder left this long ago belongs to a build that crashed.
+_STALE_PENDING_S = 24 * 3600
 # Rows converted to float32 and handed to faiss at a time: bounds the extra memory over a float16 memmap.
 _ADD_BLOCK_ROWS = 16384
 
@@ -415,24 +420,43 @@ def _read_records(store: FeatureStore) -> dict[str, dict[str, Any]]:
     return dict(records)
 
 
-def _commit(store: FeatureStore, built: dict[str, tuple[LayerIndex, list[str]]]) -> None:
-    """Move freshly saved indexes into place and switch indexes.json to them (one os.replace)."""
+@dataclass(frozen=True)
+class _SavedIndex:
+    """A layer's index written to the temporary folder, not yet in place: what its record will say."""
+
+    tmp: Path
+    sha256: str
+    kind: str
+    ntotal: int
+    params: dict[str, Any]
+    segments: list[str]
+
+
+def _save_pending(
+    store: FeatureStore, layer_index: LayerIndex, segments: list[str], folder: Path
+) -> _SavedIndex:
+    """Write a built index into this build's own temporary folder (a concurrent commit never touches it)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f"{uuid.uuid4().hex}.faiss"
+    layer_index.save(tmp)
+    return _SavedIndex(tmp, _sha256_file(tmp), layer_index.kind, layer_index.ntotal, layer_index.params, segments)
+
+
+def _commit(store: FeatureStore, built: dict[str, _SavedIndex]) -> None:
+    """Move saved indexes into place and switch indexes.json to them (one os.replace)."""
     directory = store.path / _INDEX_DIR
     with _locked(directory):
         records = _read_records(store)
-        for name, (layer_index, segments) in built.items():
-            tmp = directory / _TMP_DIR / f"{uuid.uuid4().hex}.faiss"
-            layer_index.save(tmp)
-            digest = _sha256_file(tmp)
-            file_name = f"{layer_file_stem(name)}.{layer_index.kind}.{digest[:16]}.faiss"
-            os.replace(tmp, directory / file_name)
+        for name, saved in built.items():
+            file_name = f"{layer_file_stem(name)}.{saved.kind}.{saved.sha256[:16]}.faiss"
+            os.replace(saved.tmp, directory / file_name)
             records[name] = {
                 "file": file_name,
-                "sha256": digest,
-                "kind": layer_index.kind,
-                "ntotal": layer_index.ntotal,
-                "params": layer_index.params,
-                "segments": segments,
+                "sha256": saved.sha256,
+                "kind": saved.kind,
+                "ntotal": saved.ntotal,
+                "params": saved.params,
+                "segments": saved.segments,
             }
         document = {"fingerprint": store.manifest.fingerprint(), "layers": records}
         tmp_json = directory / _TMP_DIR / f"{_INDEX_FILE}.{uuid.uuid4().hex}.partial"
@@ -447,11 +471,26 @@ def _commit(store: FeatureStore, built: dict[str, tuple[LayerIndex, list[str]]])
             if entry.suffix == ".faiss" and entry.name not in referenced:
                 entry.unlink()
         for entry in (directory / _TMP_DIR).iterdir():
-            entry.unlink()
+            if entry.is_file():
+                entry.unlink()
+
+
+def _pending_folder(store: FeatureStore) -> Path:
+    return store.path / _INDEX_DIR / _TMP_DIR / f"build-{uuid.uuid4().hex}"
+
+
+def _remove_stale_pending(store: FeatureStore) -> None:
+    """Temporary folders of builds that crashed (older than a day: no build runs that long per layer)."""
+    cutoff = time.time() - _STALE_PENDING_S
+    for entry in (store.path / _INDEX_DIR / _TMP_DIR).glob("build-*"):
+        with contextlib.suppress(FileNotFoundError):
+            if entry.stat().st_mtime < cutoff:
+                shutil.rmtree(entry, ignore_errors=True)
 
 
 def _prepare_directory(store: FeatureStore) -> None:
     (store.path / _INDEX_DIR / _TMP_DIR).mkdir(parents=True, exist_ok=True)
+    _remove_stale_pending(store)
 
 
 def _select_layers(store: FeatureStore, layers: Sequence[str] | None) -> list[str]:
@@ -469,23 +508,35 @@ def build_store_indexes(
     kind: str = "flat",
     layers: Sequence[str] | None = None,
     num_threads: int | None = None,
+    keep: bool = True,
     **params: Any,
 ) -> dict[str, LayerIndex]:
     """Build and save one index of `kind` per layer (default: all) over a complete store.
 
     Indexes of layers not named are kept. num_threads sets faiss' OpenMP threads for the build only.
-    Returns layer name -> LayerIndex over store positions 0 .. num_rows - 1.
+    Returns layer name -> LayerIndex over store positions 0 .. num_rows - 1; with keep=False it returns {}
+    and holds one layer's index in memory at a time (each is written out as soon as it is built: a flat index
+    of 1M x 12 x 256 would otherwise hold 12 GB until the end).
     """
     selected = _select_layers(store, layers)
     store.refresh()
     _prepare_directory(store)
-    built: dict[str, tuple[LayerIndex, list[str]]] = {}
-    with faiss_threads(num_threads):
-        for name in selected:
-            segments = store.layer_checksums(name)
-            built[name] = (LayerIndex.build(store.layer(name), kind=kind, **params), segments)
-    _commit(store, built)
-    return {name: layer_index for name, (layer_index, _) in built.items()}
+    saved: dict[str, _SavedIndex] = {}
+    kept: dict[str, LayerIndex] = {}
+    folder = _pending_folder(store)
+    try:
+        with faiss_threads(num_threads):
+            for name in selected:
+                segments = store.layer_checksums(name)
+                layer_index = LayerIndex.build(store.layer(name), kind=kind, **params)
+                saved[name] = _save_pending(store, layer_index, segments, folder)
+                if keep:
+                    kept[name] = layer_index
+                del layer_index
+        _commit(store, saved)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    return kept
 
 
 def load_store_indexes(
@@ -565,7 +616,9 @@ def sync_store_indexes(store: FeatureStore, layers: Sequence[str] | None = None)
     records = _read_records(store)
     selected = [n for n in store.layers if n in records] if layers is None else _select_layers(store, layers)
     _prepare_directory(store)
-    updated: dict[str, tuple[LayerIndex, list[str]]] = {}
+    updated: dict[str, LayerIndex] = {}
+    saved: dict[str, _SavedIndex] = {}
+    folder = _pending_folder(store)
     for name in selected:
         record = records.get(name)
         if record is None:
@@ -577,7 +630,11 @@ def sync_store_indexes(store: FeatureStore, layers: Sequence[str] | None = None)
         for offset, block in store.iter_layer_chunks(name, _ADD_BLOCK_ROWS):
             if offset + len(block) > start:
                 layer_index.add(block[max(0, start - offset) :])
-        updated[name] = (layer_index, store.layer_checksums(name))
-    if updated:
-        _commit(store, updated)
-    return {name: layer_index for name, (layer_index, _) in updated.items()}
+        updated[name] = layer_index
+        saved[name] = _save_pending(store, layer_index, store.layer_checksums(name), folder)
+    try:
+        if saved:
+            _commit(store, saved)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    return updated

@@ -29,6 +29,7 @@ PLAN_BUILD = "influence.plan_build"
 BUILD_CHUNK = "influence.build_chunk"
 FINALIZE_BUILD = "influence.finalize_build"
 COMPACT_INDEX = "influence.compact_index"
+RUN_JOB = "influence.run_job"
 
 # Seconds between polls of the filesystem broker's folder (it has no push notification).
 FILESYSTEM_POLLING_INTERVAL = 0.2

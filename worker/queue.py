@@ -27,6 +27,7 @@ from worker.celery_app import (
     FINALIZE_BUILD,
     GPU_QUEUE,
     PLAN_BUILD,
+    RUN_JOB,
     filesystem_folders,
     make_celery,
 )
@@ -60,6 +61,10 @@ class CeleryDispatcher:
 
     def compact(self, job_id: str) -> None:
         self.app.send_task(COMPACT_INDEX, args=[job_id], queue=CPU_QUEUE)
+
+    def run(self, job_id: str) -> None:
+        # Workflow jobs featurize (and an experiment fine-tunes): they go where featurisation goes.
+        self.app.send_task(RUN_JOB, args=[job_id], queue=self.featurize_queue())
 
     def featurize_queue(self) -> str:
         """`gpu` when a worker with CUDA serves it, else `cpu`. The settings' device decides when it names one."""

@@ -17,7 +17,7 @@ from app.config import get_settings
 from app.db import make_engine, make_session_factory
 from app.services import pipelines
 from app.services.pipelines import resolve_device
-from worker.celery_app import BUILD_CHUNK, COMPACT_INDEX, FINALIZE_BUILD, PLAN_BUILD, get_app
+from worker.celery_app import BUILD_CHUNK, COMPACT_INDEX, FINALIZE_BUILD, PLAN_BUILD, RUN_JOB, get_app
 from worker.queue import CeleryDispatcher
 
 log = logging.getLogger(__name__)
@@ -70,6 +70,12 @@ def finalize_build(job_id: str) -> str:
 @app.task(name=COMPACT_INDEX)
 def compact_index(job_id: str) -> str:
     return _run(job_id, pipelines.compact_index)
+
+
+@app.task(name=RUN_JOB)
+def run_job(job_id: str) -> str:
+    """A workflow job (audit, layer report, batch check, experiment): app/services/runners.py."""
+    return _run(job_id, pipelines.run_workflow_job)
 
 
 @worker_process_init.connect

@@ -45,13 +45,15 @@ from app.db import session_scope
 from app.errors import Conflict
 from app.models import Dataset, Index, Job, RegisteredModel
 from app.services import jobs as job_service
+from app.services.runners import WORKFLOW_KINDS
 
 log = logging.getLogger(__name__)
 
 INDEX_BUILD = "index_build"
 INDEX_COMPACT = "index_compact"
 # Job kinds the workers run: `start_job` hands out their first step, `recover_interrupted` restarts them.
-JOB_KINDS = (INDEX_BUILD, INDEX_COMPACT)
+# The workflows (audit, layer report, batch check, experiment) are single-step jobs (app/services/runners.py).
+JOB_KINDS = (INDEX_BUILD, INDEX_COMPACT, *WORKFLOW_KINDS)
 # Rows of one layer's features handed to DataInf's fit at a time (float32 copies of float16 memmaps).
 STATISTICS_BLOCK_ROWS = 8192
 # Estimators whose per-layer statistics are fitted when an index is finalized.
@@ -249,6 +251,8 @@ class Dispatcher(Protocol):
 
     def compact(self, job_id: str) -> None: ...
 
+    def run(self, job_id: str) -> None: ...
+
 
 def start_job(dispatcher: Dispatcher, kind: str, job_id: str) -> None:
     """Hand the first step of a job of `kind` to the workers (ValueError for kinds no worker runs)."""
@@ -256,6 +260,8 @@ def start_job(dispatcher: Dispatcher, kind: str, job_id: str) -> None:
         dispatcher.plan(job_id)
     elif kind == INDEX_COMPACT:
         dispatcher.compact(job_id)
+    elif kind in WORKFLOW_KINDS:
+        dispatcher.run(job_id)
     else:
         raise ValueError(f"no worker task runs jobs of kind {kind!r}")
 
@@ -531,7 +537,7 @@ def finalize_build(ctx: BuildContext, job_id: str) -> str:
         started = time.perf_counter()
         store.finalize()
         fit_statistics(store)
-        build_store_indexes(store, kind=rows.faiss_kind)
+        build_store_indexes(store, kind=rows.faiss_kind, keep=False)
         size = directory_size(path)
         seconds = time.perf_counter() - started
         result = {
@@ -612,7 +618,7 @@ def compact_index(ctx: BuildContext, job_id: str) -> str:
         fit_statistics(store)
         stale = stale_store_indexes(store)
         if stale:
-            build_store_indexes(store, kind=rows.faiss_kind, layers=stale)
+            build_store_indexes(store, kind=rows.faiss_kind, layers=stale, keep=False)
         store.refresh()
         size = directory_size(path)
         result = {
@@ -687,6 +693,9 @@ class InlineDispatcher:
     def compact(self, job_id: str) -> None:
         self.steps.append(("compact", job_id, None))
 
+    def run(self, job_id: str) -> None:
+        self.steps.append(("run", job_id, None))
+
 
 def run_build_inline(
     settings: Settings, session_factory: sessionmaker[Session], job_id: str, models: ModelCache | None = None
@@ -701,7 +710,7 @@ def run_build_inline(
 def run_job_inline(
     settings: Settings, session_factory: sessionmaker[Session], job_id: str, models: ModelCache | None = None
 ) -> None:
-    """Run any worker job (build, compaction) in this process, step after step, without Celery."""
+    """Run any worker job (build, compaction, workflow) in this process, step after step, without Celery."""
     dispatcher = InlineDispatcher()
     ctx = BuildContext(settings, session_factory, models or ModelCache(), dispatcher)
     with session_factory() as session:
@@ -717,6 +726,7 @@ def _run_inline(ctx: BuildContext, dispatcher: InlineDispatcher, job_id: str) ->
         "chunk": lambda j, c: build_chunk(ctx, j, c),
         "finalize": lambda j, _: finalize_build(ctx, j),
         "compact": lambda j, _: compact_index(ctx, j),
+        "run": lambda j, _: run_workflow_job(ctx, j),
     }
     try:
         while dispatcher.steps:
@@ -725,6 +735,13 @@ def _run_inline(ctx: BuildContext, dispatcher: InlineDispatcher, job_id: str) ->
     except Exception as exc:
         fail_job(ctx, job_id, describe_error(exc))
         raise
+
+
+def run_workflow_job(ctx: BuildContext, job_id: str) -> str:
+    """A workflow job's one step (runners.run_job); imported here so a task needs one module."""
+    from app.services.runners import run_job
+
+    return run_job(ctx, job_id)
 
 
 def describe_error(exc: BaseException) -> str:

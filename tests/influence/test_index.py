@@ -3,7 +3,9 @@ and the store integration (checksums, staleness after an append)."""
 
 from __future__ import annotations
 
+import os
 import shutil
+import time
 from pathlib import Path
 
 import faiss
@@ -231,3 +233,29 @@ def test_store_index_checks_refuse_corruption_and_other_data(tmp_path: Path) -> 
     shutil.copytree(store.path / "faiss", other.path / "faiss")
     with pytest.raises(ManifestMismatchError):
         load_store_indexes(other)
+
+
+def test_store_indexes_built_without_keeping_them_in_memory_are_the_same(tmp_path: Path) -> None:
+    """keep=False (what the service uses) writes each layer's index as soon as it is built and returns none;
+    the saved indexes answer exactly as those built and kept; a crashed build's temporary folder is cleaned
+    once it is stale, a fresh one is left alone (it may belong to a build running now)."""
+    store, _ = make_store(tmp_path / "s")
+    queries = np.random.default_rng(9).normal(size=(4, 16)).astype(np.float32)
+    kept = build_store_indexes(store, kind="flat")
+    expected = {name: kept[name].search(queries[:, : kept[name].dim], 5) for name in kept}
+    tmp = store.path / "faiss" / "tmp"
+    stale, fresh = tmp / "build-stale", tmp / "build-fresh"
+    for folder in (stale, fresh):
+        folder.mkdir()
+        (folder / "left.faiss").write_bytes(b"partial")
+    old = time.time() - 2 * 24 * 3600
+    os.utime(stale, (old, old))
+
+    assert build_store_indexes(store, kind="flat", keep=False) == {}
+    loaded = load_store_indexes(FeatureStore.open(store.path))
+    for name, (scores, positions) in expected.items():
+        got_scores, got_positions = loaded[name].search(queries[:, : loaded[name].dim], 5)
+        np.testing.assert_array_equal(got_positions, positions)
+        np.testing.assert_array_equal(got_scores, scores)
+    assert not stale.exists() and fresh.exists()
+    assert sorted(p.name for p in tmp.iterdir()) == ["build-fresh"]  # the build's own folder is gone

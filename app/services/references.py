@@ -1,0 +1,240 @@
+"""Reference sets and featurizing examples against an index (the one code path queries and workflows share).
+
+A reference ("test") set is what audits, layer reports and batch checks score training rows against:
+rows of a registered dataset or inline examples (app/schemas/references.py). The API resolves it cheaply
+(`resolve_reference`: the dataset is this tenant's, the rows exist, labels fit the model, the size is within
+`max_reference_rows`) into a plain JSON spec kept in the job's params; the worker turns that spec into
+examples (`load_reference`) and featurizes them (`featurize_reference`) exactly as a query featurizes its
+examples (`featurize_for_index`): the model, tokenizer, dataset and projection checked against the index's
+manifest first, so reference and training features always live in the same projected space.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from sqlalchemy.orm import Session
+
+from app.config import Settings
+from app.errors import Conflict, Invalid
+from app.models import Dataset, Index, RegisteredModel
+from app.schemas.references import ReferenceSet
+from app.services.datasets import get_dataset, read_rows
+from app.services.pipelines import ModelCache, ModelSpec, store_dir
+
+
+@dataclass
+class ReferenceFeatures:
+    """A featurized reference set: per-layer features (m, k_u) float32, per-row loss and prediction."""
+
+    examples: list  # influence.Example
+    features: dict[str, np.ndarray]
+    losses: np.ndarray  # (m,) float64
+    predictions: np.ndarray  # (m,) int64, -1 for causal LM
+    labels: np.ndarray | None  # (m,) int64 class indices (classification), else None
+
+    @property
+    def correct(self) -> np.ndarray | None:
+        """(m,) bool: the model predicts the row's label (classification only)."""
+        if self.labels is None:
+            return None
+        return self.predictions == self.labels
+
+    @property
+    def accuracy(self) -> float | None:
+        correct = self.correct
+        return None if correct is None or len(correct) == 0 else float(correct.mean())
+
+
+# --------------------------------------------------------------------------------------------- in the API
+
+
+def _label_map(reference: Dataset, trained: Dataset) -> dict[int, int] | None:
+    """Class index in the reference dataset -> class index of the index's dataset (None: the same numbering).
+
+    Label names number classes in sorted order per dataset, so two files with names map by name; integer
+    labels are class indices already."""
+    ref_names, train_names = reference.label_names, trained.label_names
+    if not ref_names or not train_names or ref_names == train_names:
+        if bool(ref_names) != bool(train_names):
+            raise Invalid(
+                "the reference dataset and the index's dataset label their classes differently (one by name, "
+                "one by index); register both the same way"
+            )
+        return None
+    unknown = [name for name in ref_names if name not in train_names]
+    if unknown:
+        raise Invalid(f"reference labels {unknown[:5]} are not labels of the index's dataset ({train_names[:10]})")
+    return {i: train_names.index(name) for i, name in enumerate(ref_names)}
+
+
+def resolve_reference(
+    session: Session,
+    settings: Settings,
+    reference: ReferenceSet,
+    *,
+    tenant_id: str,
+    model: RegisteredModel,
+    trained: Dataset,
+) -> dict[str, Any]:
+    """Check a reference set without loading anything heavy; returns the JSON spec a job keeps in its params."""
+    from app.services.queries import check_labels, to_examples
+
+    limit = settings.max_reference_rows
+    if reference.examples is not None:
+        if len(reference.examples) > limit:
+            raise Invalid(f"{len(reference.examples)} reference examples; at most {limit} (max_reference_rows)")
+        for i, example in enumerate(reference.examples):
+            for part in (example.text, example.text_pair or ""):
+                if len(part) > settings.max_text_chars:
+                    raise Invalid(f"reference.examples[{i}]: longer than {settings.max_text_chars} characters")
+        examples = to_examples(reference.examples, trained, model.task, "reference.examples")
+        check_labels(examples, model, "reference.examples")
+        return {
+            "examples": [
+                {"text": e.text, "text_pair": e.text_pair, "label": e.label} for e in examples
+            ]
+        }
+    dataset = get_dataset(session, reference.dataset_id or "", tenant_id)
+    if dataset.task != model.task:
+        raise Invalid(f"reference dataset {dataset.id!r} is a {dataset.task} dataset; the model is {model.task}")
+    if reference.rows is not None:
+        rows = sorted(set(reference.rows))
+        if rows[-1] >= dataset.row_count:
+            raise Invalid(f"reference row {rows[-1]} is out of range: dataset {dataset.id!r} has {dataset.row_count}")
+    else:
+        rows = None
+    count = len(rows) if rows is not None else min(dataset.row_count, reference.limit or dataset.row_count)
+    if count > limit:
+        raise Invalid(
+            f"the reference set has {count} rows; at most {limit} (max_reference_rows): pass `limit` or `rows`"
+        )
+    if count == 0:
+        raise Invalid(f"reference dataset {dataset.id!r} has no rows")
+    label_map = _label_map(dataset, trained) if model.task == "classification" else None
+    if model.task == "classification":
+        classes = int(model.num_labels or 2)
+        mapped = [label_map.get(int(x), -1) if label_map else int(x) for x in dataset.labels or []]
+        bad = [x for x in mapped if not 0 <= x < classes]
+        if bad:
+            raise Invalid(f"reference dataset {dataset.id!r} has labels outside [0, {classes}) for this model")
+    return {
+        "dataset_id": dataset.id,
+        "rows": rows,
+        "limit": None if rows is not None else count,
+        "label_map": {str(k): v for k, v in label_map.items()} if label_map else None,
+    }
+
+
+# ---------------------------------------------------------------------------------------------- in workers
+
+
+def load_reference(settings: Settings, session: Session, spec: dict[str, Any]) -> list:
+    """The examples of a resolved reference spec (rows of its dataset, or the inline examples)."""
+    from influence.data import Example
+
+    if spec.get("examples") is not None:
+        return [Example(text=e["text"], label=e["label"], text_pair=e.get("text_pair")) for e in spec["examples"]]
+    dataset = session.get(Dataset, spec["dataset_id"])
+    if dataset is None:
+        raise Conflict(f"reference dataset {spec['dataset_id']!r} was deleted")
+    label_map = {int(k): int(v) for k, v in (spec.get("label_map") or {}).items()}
+    if spec.get("rows") is not None:
+        rows = [read_rows(settings, dataset, int(r), 1)[0] for r in spec["rows"]]
+    else:
+        rows = read_rows(settings, dataset, 0, int(spec["limit"]))
+    out = []
+    for row in rows:
+        label = row["label"]
+        if label_map and label is not None:
+            label = label_map[int(label)]
+        out.append(Example(text=row["text"], label=label, text_pair=row.get("text_pair")))
+    return out
+
+
+def featurize_for_index(
+    settings: Settings,
+    models: ModelCache,
+    device: str,
+    store: Any,
+    model: RegisteredModel,
+    dataset: Dataset,
+    examples: Sequence,
+    layers: Sequence[str],
+    progress=None,
+):
+    """Projected per-layer gradients of `examples` in the space of the index's store: influence.FeatureSet.
+
+    Checks first that what would be computed is what the store holds: model id, revision, weights hash,
+    tokenizer, dataset hash, projection and task (ManifestMismatchError -> 409), and the per-layer dims."""
+    from influence import ManifestMismatchError, featurize_examples
+
+    spec = ModelSpec.of(model)
+    cached = models.get(spec, device)
+    featurizer = cached.featurizer(list(layers), store.manifest.projection)
+    store.manifest.check_compatible(
+        {
+            "model_id": model.id,
+            "revision": model.revision or "",
+            "weights_hash": spec.weights_hash,
+            "tokenizer": cached.tokenizer_id,
+            "dataset_hash": dataset.content_hash,
+            "projection": featurizer.projection.to_dict(),
+            "task": model.task,
+        }
+    )
+    for name in layers:
+        if featurizer.dims[name] != store.layer_spec(name).dim:
+            raise ManifestMismatchError(
+                f"layer {name!r}: the model gives {featurizer.dims[name]} features, the index holds "
+                f"{store.layer_spec(name).dim}"
+            )
+    with cached.lock:
+        return featurize_examples(
+            featurizer,
+            cached.loaded.tokenizer,
+            list(examples),
+            model.task,
+            batch_size=settings.batch_size,
+            max_length=store.manifest.max_length,
+            progress=progress,
+        )
+
+
+def featurize_reference(
+    settings: Settings,
+    models: ModelCache,
+    device: str,
+    store: Any,
+    model: RegisteredModel,
+    dataset: Dataset,
+    examples: Sequence,
+    layers: Sequence[str],
+    progress=None,
+) -> ReferenceFeatures:
+    """featurize_for_index for a reference set, with its labels (for correctness and accuracy)."""
+    features = featurize_for_index(settings, models, device, store, model, dataset, examples, layers, progress)
+    labels = None
+    if model.task == "classification":
+        labels = np.array([int(e.label) for e in examples], dtype=np.int64)
+    return ReferenceFeatures(
+        examples=list(examples),
+        features={name: features.features[name] for name in layers},
+        losses=features.losses,
+        predictions=features.predictions,
+        labels=labels,
+    )
+
+
+def open_index_store(settings: Settings, index: Index):
+    """The index's feature store, every checksum verified (a worker reads it whole; 409 if not ready)."""
+    from influence import FeatureStore
+
+    if index.status != "ready":
+        raise Conflict(f"index {index.id!r} is not ready (status {index.status})")
+    store = FeatureStore.open(store_dir(settings, index))
+    store.map_all()
+    return store
