@@ -8,8 +8,10 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TRANSFORMERS_VERBOSITY := error
 export TOKENIZERS_PARALLELISM := false
+# OpenMP threads that spin while they wait made torch 3-10x slower on this shared 2-core machine under load.
+export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: venv test lint bench-quick clean serve demo
+.PHONY: venv browser test lint bench-quick clean serve demo
 
 venv: $(STAMP)
 
@@ -22,11 +24,15 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
-test: venv
+# Headless Chromium (Debian's package) draws the report page's plots in tests/app/test_report_page.py.
+browser:
+	test -x /usr/bin/chromium || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium)
+
+test: venv browser
 	$(PY) -m pytest -q
 
 lint: venv
-	$(PY) -m ruff check influence app worker migrations scripts tests
+	$(PY) -m ruff check influence influence_client app worker migrations scripts bench tests
 
 # The embedded service: SQLite + local artifacts under var/, a real Celery worker child process on a broker that
 # needs no server, the API on 127.0.0.1:${PORT:-8000}. Ctrl-C stops both.

@@ -29,6 +29,10 @@ from pathlib import Path
 
 from app.config import Settings, get_settings
 
+# Before anything imports torch (OpenMP reads it once): threads that spin while they wait made torch 3-10x
+# slower on shared CPU hosts under load (docs/benchmarks.md, item 2). The worker child inherits it.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 log = logging.getLogger("app.embedded")
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -9,6 +9,7 @@ Run: `uvicorn --factory app.main:create_app` (or `app.main:app`, built on first 
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
@@ -18,7 +19,7 @@ from fastapi.openapi.utils import get_openapi
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.api.deps import ReadinessCheck, get_tenant
-from app.api.v1 import datasets, health, indexes, jobs, models
+from app.api.v1 import audits, checks, datasets, experiments, health, indexes, jobs, models, reports
 from app.config import Settings, get_settings
 from app.db import make_engine, make_session_factory
 from app.errors import PROBLEM_MEDIA_TYPE, install_error_handlers, problem_response
@@ -33,8 +34,8 @@ FORM_OVERHEAD_BYTES = 1 << 20
 
 
 # Routes that take a file upload (multipart): their bodies may reach the upload limit; every other body is
-# held to max_request_bytes.
-UPLOAD_ROUTES = {("POST", "/v1/datasets")}
+# held to max_request_bytes. A dataset registration, and a batch check's new rows.
+UPLOAD_ROUTES = (("POST", re.compile(r"/v1/datasets")), ("POST", re.compile(r"/v1/indexes/[^/]+/checks")))
 
 
 class BodyLimitMiddleware:
@@ -54,7 +55,8 @@ class BodyLimitMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        upload = (scope.get("method"), scope.get("path", "").rstrip("/")) in UPLOAD_ROUTES
+        method, path = scope.get("method"), scope.get("path", "").rstrip("/")
+        upload = any(method == verb and pattern.fullmatch(path) for verb, pattern in UPLOAD_ROUTES)
         await self._limited(scope, receive, send, self.max_upload_bytes if upload else self.max_json_bytes)
 
     async def _limited(self, scope: Scope, receive: Receive, send: Send, max_bytes: int) -> None:
@@ -140,7 +142,7 @@ def create_app(
         max_upload_bytes=settings.max_upload_bytes + FORM_OVERHEAD_BYTES,
     )
     app.include_router(health.router)
-    for module in (models, datasets, indexes, jobs):
+    for module in (models, datasets, indexes, jobs, audits, reports, checks, experiments):
         # Every /v1 route authenticates (its own TenantDep resolves to the same, cached, dependency).
         app.include_router(module.router, prefix="/v1", dependencies=[Depends(get_tenant)])
     return app

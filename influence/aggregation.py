@@ -436,3 +436,35 @@ def aggregate(
         # A broken registered aggregator is our bug, not the caller's: not an InvalidInputError.
         raise RuntimeError(f"aggregator {method!r} returned shape {result.shape}, expected ({source.n},)")
     return result
+
+
+# Methods whose aggregate over several layers is assembled EXACTLY from the layers' own aggregates when every
+# layer has the same voters: rank (each layer's mean rank is a half-integer rank sum T_u over V voters; the rank
+# sums add exactly in float64) and vote (sums of half-integer Borda points). Others (mean, zmean, rrf) combine
+# only to rounding, and median not at all.
+EXACTLY_COMBINABLE = ("rank", "vote")
+
+
+def combine_layer_aggregates(parts: Any, method: str, num_voters: int) -> np.ndarray:
+    """aggregate(S, method) of an (n, U, m) tensor, bit for bit, from its U per-layer results.
+
+    parts: U arrays (n,), part u = aggregate(S[:, u:u+1, :], method, ...) with the same vote_k and `correct`
+    for every layer; num_voters: the test columns each layer votes with (m, or how many `correct` keeps).
+    Lets a caller that needs each layer's own aggregate anyway (an audit's per-layer contributions) skip a
+    second pass over the whole tensor. Returns (n,) float64.
+    """
+    if method not in EXACTLY_COMBINABLE:
+        raise InvalidInputError(
+            f"{method!r} aggregates cannot be combined exactly from per-layer ones; use one of "
+            f"{', '.join(EXACTLY_COMBINABLE)} or aggregate() over all layers"
+        )
+    stacked = np.asarray([np.asarray(p, dtype=np.float64) for p in parts])
+    if stacked.ndim != 2 or stacked.shape[0] == 0:
+        raise InvalidInputError(f"parts must be U >= 1 arrays of equal length, got shape {stacked.shape}")
+    if isinstance(num_voters, bool) or not isinstance(num_voters, int | np.integer) or num_voters < 1:
+        raise InvalidInputError(f"num_voters must be a positive integer, got {num_voters!r}")
+    if method == "vote":
+        return stacked.sum(axis=0)
+    # Exact half-integer rank sums per layer (T_u = mean rank x V), summed, divided once, as aggregate() does.
+    sums = np.round(stacked * (2 * num_voters)) / 2
+    return sums.sum(axis=0) / (num_voters * stacked.shape[0])

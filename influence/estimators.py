@@ -189,9 +189,15 @@ class DataInf(Estimator):
             if n == 0:
                 raise InvalidInputError("DataInf needs at least one train feature row")
             damping = self.damping_ratio * squared / n / int(num_params)
-            if not damping > 0:
+            if squared == 0.0:
+                # Every train gradient is zero (a LoRA A tensor while B is still zero, or features that
+                # underflowed in float16): every score q^T M g_k is 0 whatever M is, so any positive damping
+                # gives the same (zero) scores. 1.0 keeps M = I finite instead of failing the whole index.
+                damping = 1.0
+            elif not (math.isfinite(damping) and damping > 0):
                 raise InvalidInputError(
-                    "every train gradient of this layer is zero: DataInf's damping would be 0; pass damping="
+                    f"DataInf's damping came out as {damping!r} (mean squared norm {squared / n!r} over "
+                    f"{num_params} parameters); pass damping= explicitly"
                 )
         weighted: torch.Tensor | None = None
         n = 0

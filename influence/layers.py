@@ -377,20 +377,42 @@ def _match_dict(selector: Mapping, layers: Sequence[Layer]) -> list[Layer]:
     unknown = set(selector) - allowed
     if unknown:
         raise UnknownLayerError(f"unknown selector fields {sorted(unknown)}; allowed: {sorted(allowed)}")
+    def strings(field: str) -> list[str]:
+        value = selector[field]
+        if isinstance(value, str):
+            return [value]
+        if isinstance(value, Sequence) and all(isinstance(item, str) for item in value):
+            return list(value)
+        raise UnknownLayerError(f"selector field {field!r} must be a string or a list of strings, got {value!r}")
+
+    def text(field: str) -> str:
+        value = selector[field]
+        if not isinstance(value, str):
+            raise UnknownLayerError(f"selector field {field!r} must be a string, got {value!r}")
+        return value
+
     terms: list[list[str]] = []
     if selector.get("names"):
-        terms.append(list(selector["names"]))
+        terms.append(strings("names"))
     if selector.get("regex"):
-        terms.append([f"re:{selector['regex']}"])
+        terms.append([f"re:{text('regex')}"])
     if selector.get("blocks") is not None:
-        low, high = selector["blocks"]
-        terms.append([f"blocks:{int(low)}-{int(high)}"])
+        bounds = selector["blocks"]
+        if (
+            isinstance(bounds, str)
+            or not isinstance(bounds, Sequence)
+            or len(bounds) != 2
+            or not all(isinstance(b, int) and not isinstance(b, bool) for b in bounds)
+        ):
+            raise UnknownLayerError(f"selector field 'blocks' must be [first, last] block numbers, got {bounds!r}")
+        low, high = bounds
+        terms.append([f"blocks:{low}-{high}"])
     if selector.get("roles"):
-        terms.append([f"role:{r}" for r in selector["roles"]])
+        terms.append([f"role:{r}" for r in strings("roles")])
     if selector.get("position"):
-        terms.append([f"position:{selector['position']}"])
+        terms.append([f"position:{text('position')}"])
     if selector.get("groups"):
-        terms.append([f"group:{g}" for g in selector["groups"]])
+        terms.append([f"group:{g}" for g in strings("groups")])
     chosen = {layer.name for layer in layers}
     for alternatives in terms:  # within a field: union; across fields: intersection
         chosen &= {layer.name for alt in alternatives for layer in _match_string(alt, layers)}

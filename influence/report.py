@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from influence.aggregation import AGGREGATORS, aggregate, average_ranks
+from influence.aggregation import AGGREGATORS, aggregate, average_ranks, combine_layer_aggregates
 from influence.errors import InvalidInputError
 from influence.estimators import Estimator, make_estimator
 from influence.layers import Layer, layer_groups
@@ -285,6 +285,21 @@ def _train_source(features: Any, names: Sequence[str]) -> _TrainSource:
         missing = [n for n in names if n not in features.layers]
         if missing:
             raise InvalidInputError(f"the feature store has no layers {missing}")
+        live = features.live_positions()
+        if len(live) < features.num_rows:
+            # Deleted (tombstoned) rows are in no rank, mask position or detrimental list: a report ranges over
+            # the live rows only, gathered in memory (a compaction makes this a plain memory map again).
+            row_ids = np.asarray(features.row_ids(), dtype=np.int64)[live]
+            gathered = {n: np.asarray(features.layer(n))[live] for n in names}
+
+            def live_chunks(name: str) -> Iterator[np.ndarray]:
+                array = gathered[name]
+                for i0 in range(0, len(array), _FIT_ROWS):
+                    yield array[i0 : i0 + _FIT_ROWS]
+
+            return _TrainSource(
+                gathered, {n: np.array(features.norms(n))[live] for n in names}, row_ids, live_chunks
+            )
 
         def store_chunks(name: str) -> Iterator[np.ndarray]:
             for _, block in features.iter_layer_chunks(name, _FIT_ROWS):
@@ -494,6 +509,7 @@ def _score_estimator(
     vote_k: float,
     noisy: np.ndarray | None,
     quantiles: Sequence[float] | None,
+    fitted: Mapping[str, Estimator] | None = None,
 ) -> _EstimatorScores:
     by_name = {layer.name: layer for layer in layers}
     unknown = sorted({n for s in sets for n in s.members} - set(by_name))
@@ -510,7 +526,12 @@ def _score_estimator(
     def lazy(members: Sequence[str]) -> LazyScores:
         for name in members:
             if name not in estimators:
-                estimators[name] = _fit(estimator, options, by_name[name], lambda n=name: source.chunks(n))
+                given = None if fitted is None else fitted.get(name)
+                estimators[name] = (
+                    given
+                    if given is not None
+                    else _fit(estimator, options, by_name[name], lambda n=name: source.chunks(n))
+                )
         return LazyScores(
             {n: source.arrays[n] for n in members},
             {n: queries[n] for n in members},
@@ -551,8 +572,7 @@ def _score_estimator(
                 voters = num_voters[only_correct]
                 assert voters is not None
                 # Exact half-integer rank sums per layer, summed, divided once: aggregate()'s own arithmetic.
-                sums = [np.round(part * (2 * voters)) / 2 for part in parts]
-                value = np.sum(sums, axis=0) / (voters * len(parts))
+                value = combine_layer_aggregates(parts, "rank", voters)
             else:
                 value = aggregate(
                     lazy(layer_set.members), method, vote_k=vote_k, correct=columns[only_correct]
@@ -675,6 +695,7 @@ def layer_report(
     cancellation: Mapping[str, Cancellation] | None = None,
     extra_groups: Mapping[str, Sequence[str]] | None = None,
     estimator_options: Mapping[str, Mapping[str, Any]] | None = None,
+    fitted_estimators: Mapping[str, Mapping[str, Estimator]] | None = None,
     alpha: float = 0.01,
     min_auc_gain: float = 0.02,
     min_accuracy_gain: float = 0.05,
@@ -688,7 +709,10 @@ def layer_report(
     (m, k_u) per layer. layers: the units to report (names must match; groups come from them). noisy: (n,)
     bool or None. reference_correct: (m,) bool, whether the model predicts each reference row correctly (needed
     by the "-c" aggregations; gives the accuracy when reference_accuracy is None). cancellation: layer ->
-    metrics.Cancellation. extra_groups: name -> member layers. The margins are explained in the module docstring.
+    metrics.Cancellation. extra_groups: name -> member layers. fitted_estimators: estimator name -> layer ->
+    an Estimator used as given instead of one fitted on `features` (e.g. DataInf restored from the statistics an
+    index was built with, so the report scores as its queries do). A FeatureStore's deleted rows are left out.
+    The margins are explained in the module docstring.
     """
     layers = list(layers)
     if not layers:
@@ -793,6 +817,7 @@ def layer_report(
             vote_k,
             usable_mask,
             quantiles,
+            (fitted_estimators or {}).get(estimator),
         )
         distributions.extend(scored.distributions)
         harmful = scored.scores[("group", all_total.name, "rank")]

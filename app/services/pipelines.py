@@ -546,7 +546,14 @@ def finalize_build(ctx: BuildContext, job_id: str) -> str:
             "num_layers": len(store.layers),
             "size_bytes": size,
             "finalize_seconds": round(seconds, 3),
+            "zero_layers": zero_layers(store),
         }
+        if result["zero_layers"]:
+            result["warning"] = (
+                f"{len(result['zero_layers'])} layers hold only zero features (every row's gradient is zero, or "
+                f"too small for {store.manifest.dtype}): they score every row 0. A LoRA A tensor is zero while "
+                "its B still is; otherwise rebuild with dtype float32"
+            )
         with session_scope(ctx.session_factory) as session:
             # Ready only together with the job's success (a step that saw a cancel may have ended the job).
             if job_service.mark_succeeded(session, job_id, result):
@@ -560,6 +567,18 @@ def finalize_build(ctx: BuildContext, job_id: str) -> str:
                 )
     log.info("index build %s finished: %d rows, %d bytes", job_id, store.num_rows, size)
     return "finalized"
+
+
+def zero_layers(store) -> list[str]:
+    """Layers whose STORED features are zero in every row (read back: the norms are taken before the float16
+    cast, so they do not show features that underflowed)."""
+    import numpy as np
+
+    return [
+        name
+        for name in store.layers
+        if not any(np.any(block) for _, block in store.iter_layer_chunks(name, STATISTICS_BLOCK_ROWS))
+    ]
 
 
 def fit_statistics(store) -> None:

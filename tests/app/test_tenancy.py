@@ -7,6 +7,7 @@ concurrent jobs of a tenant are limited."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import stat
@@ -19,7 +20,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select
 
 from app.models import ApiKey, Index, Job
-from app.services.pipelines import run_build_inline
+from app.services.pipelines import run_build_inline, run_job_inline
 from tests.app.conftest import ROOT_DIR, build_api, make_settings
 from tests.conftest import SST2
 from tests.worker.support import assert_problem, register_dataset, register_model, tsv
@@ -44,8 +45,33 @@ def owner(tmp_path_factory, sqlite_template, tiny_model_dir, sst2_rows):
     queued = api.client.post(
         "/v1/indexes", json={"model_id": model["id"], "dataset_id": dataset["id"], "layers": "CL"}
     ).json()
+    # One of each workflow (audit, layer report, batch check: run; experiment: left queued).
+    audit = api.client.post(f"/v1/indexes/{index['id']}/audits", json={"reference": EXAMPLES}).json()
+    report = api.client.post(
+        f"/v1/indexes/{index['id']}/reports", json={"reference": EXAMPLES, "cancellation_rows": 0}
+    ).json()
+    check = api.client.post(
+        f"/v1/indexes/{index['id']}/checks",
+        files={"file": ("b.tsv", tsv(sst2_rows[40:42]))},
+        data={"text_column": "sentence", "reference": json.dumps(EXAMPLES)},
+    ).json()
+    for job in (audit, report, check):
+        run_job_inline(api.settings, api.session_factory, job["id"])
+    experiment = api.client.post(
+        "/v1/experiments",
+        json={
+            "base_model_id": model["id"],
+            "dataset_id": dataset["id"],
+            "reference": {"dataset_id": dataset["id"], "limit": 5},
+            "max_length": 32,
+        },
+    ).json()
     other = api.other_client("tenant-b")
     mine = {
+        "audit": audit["id"],
+        "report": report["id"],
+        "check": check["id"],
+        "experiment": experiment["id"],
         "model": model["id"],
         "dataset": dataset["id"],
         "index": index["id"],
@@ -86,6 +112,54 @@ CROSS_TENANT = {
         b.post(f"/v1/indexes/{a['index']}/rows/delete", json={"row_ids": [1]}),
     ),
     ("POST", "/v1/indexes/{index_id}/compact"): lambda b, a: (404, b.post(f"/v1/indexes/{a['index']}/compact")),
+    ("POST", "/v1/indexes/{index_id}/audits"): lambda b, a: (
+        404,
+        b.post(f"/v1/indexes/{a['index']}/audits", json={"reference": EXAMPLES}),
+    ),
+    ("GET", "/v1/audits"): lambda b, a: ("list", b.get("/v1/audits")),
+    ("GET", "/v1/audits/{audit_id}"): lambda b, a: (404, b.get(f"/v1/audits/{a['audit']}")),
+    ("DELETE", "/v1/audits/{audit_id}"): lambda b, a: (404, b.delete(f"/v1/audits/{a['audit']}")),
+    ("GET", "/v1/audits/{audit_id}/rows"): lambda b, a: (404, b.get(f"/v1/audits/{a['audit']}/rows")),
+    ("GET", "/v1/audits/{audit_id}/scores"): lambda b, a: (404, b.get(f"/v1/audits/{a['audit']}/scores")),
+    ("POST", "/v1/indexes/{index_id}/reports"): lambda b, a: (
+        404,
+        b.post(f"/v1/indexes/{a['index']}/reports", json={"reference": EXAMPLES}),
+    ),
+    ("GET", "/v1/reports"): lambda b, a: ("list", b.get("/v1/reports")),
+    ("GET", "/v1/reports/{report_id}"): lambda b, a: (404, b.get(f"/v1/reports/{a['report']}")),
+    ("GET", "/v1/reports/{report_id}/html"): lambda b, a: (404, b.get(f"/v1/reports/{a['report']}/html")),
+    ("DELETE", "/v1/reports/{report_id}"): lambda b, a: (404, b.delete(f"/v1/reports/{a['report']}")),
+    ("POST", "/v1/indexes/{index_id}/checks"): lambda b, a: (
+        404,
+        b.post(
+            f"/v1/indexes/{a['index']}/checks",
+            files={"file": ("b.tsv", tsv([("a fine film", 1)]))},
+            data={"text_column": "sentence", "reference": json.dumps(EXAMPLES)},
+        ),
+    ),
+    ("GET", "/v1/checks"): lambda b, a: ("list", b.get("/v1/checks")),
+    ("GET", "/v1/checks/{check_id}"): lambda b, a: (404, b.get(f"/v1/checks/{a['check']}")),
+    ("DELETE", "/v1/checks/{check_id}"): lambda b, a: (404, b.delete(f"/v1/checks/{a['check']}")),
+    ("POST", "/v1/experiments"): lambda b, a: (
+        404,
+        b.post(
+            "/v1/experiments",
+            json={
+                "base_model_id": a["model"],
+                "dataset_id": a["dataset"],
+                "reference": {"dataset_id": a["dataset"]},
+            },
+        ),
+    ),
+    ("GET", "/v1/experiments"): lambda b, a: ("list", b.get("/v1/experiments")),
+    ("GET", "/v1/experiments/{experiment_id}"): lambda b, a: (
+        404,
+        b.get(f"/v1/experiments/{a['experiment']}"),
+    ),
+    ("DELETE", "/v1/experiments/{experiment_id}"): lambda b, a: (
+        404,
+        b.delete(f"/v1/experiments/{a['experiment']}"),
+    ),
     ("GET", "/v1/jobs"): lambda b, a: ("list", b.get("/v1/jobs")),
     ("GET", "/v1/jobs/{job_id}"): lambda b, a: (404, b.get(f"/v1/jobs/{a['job']}")),
     ("POST", "/v1/jobs/{job_id}/cancel"): lambda b, a: (404, b.post(f"/v1/jobs/{a['queued_job']}/cancel")),
@@ -129,6 +203,10 @@ def test_another_tenant_sees_nothing(owner, route):
     assert client.get(f"/v1/datasets/{mine['dataset']}").status_code == 200
     assert client.get(f"/v1/indexes/{mine['index']}").json()["deleted_rows"] == 0
     assert client.get(f"/v1/jobs/{mine['queued_job']}").json()["status"] == "queued"
+    assert client.get(f"/v1/audits/{mine['audit']}/scores").status_code == 200
+    assert client.get(f"/v1/reports/{mine['report']}/html").status_code == 200
+    assert client.get(f"/v1/checks/{mine['check']}").json()["status"] == "succeeded"
+    assert client.get(f"/v1/experiments/{mine['experiment']}").json()["status"] == "queued"
     assert client.post(f"/v1/indexes/{mine['index']}/query", json=EXAMPLES).status_code == 200
 
 
@@ -162,7 +240,8 @@ def test_own_creations_stay_apart(owner, sst2_rows):
 
 def _route_request(client, method, path, headers):
     url = path.replace("{model_id}", "x").replace("{dataset_id}", "x").replace("{index_id}", "x")
-    url = url.replace("{job_id}", "x")
+    for name in ("job", "audit", "report", "check", "experiment"):
+        url = url.replace(f"{{{name}_id}}", "x")
     return client.request(method, url, headers=headers)
 
 

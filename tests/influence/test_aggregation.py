@@ -357,3 +357,27 @@ def test_accelerator_path_matches_brute_force(method, monkeypatch):
         expected = reference(scores, method, np.arange(5), vote_k=0.4, rrf_k=3.0)
         got = aggregate(torch.from_numpy(scores), method, vote_k=0.4, rrf_k=3.0, chunk_elements=40)
         np.testing.assert_allclose(got, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("method", ["rank", "vote"])
+@pytest.mark.parametrize("with_correct", [False, True])
+def test_combined_layer_aggregates_equal_the_aggregate_over_all_layers(method, with_correct):
+    """An audit keeps each layer's own aggregate; rank and vote over all layers follow from those exactly."""
+    from influence.aggregation import combine_layer_aggregates
+
+    rng = np.random.default_rng(3)
+    scores = np.round(rng.standard_normal((257, 5, 9)) * 4) / 4  # many ties in every voter's column
+    correct = rng.random(9) < 0.6 if with_correct else None
+    voters = int(correct.sum()) if with_correct else 9
+    parts = [aggregate(scores[:, u : u + 1, :], method, vote_k=0.3, correct=correct) for u in range(5)]
+    combined = combine_layer_aggregates(parts, method, voters)
+    np.testing.assert_array_equal(combined, aggregate(scores, method, vote_k=0.3, correct=correct))
+
+
+def test_combined_layer_aggregates_refuse_what_does_not_combine_exactly():
+    from influence.aggregation import combine_layer_aggregates
+
+    with pytest.raises(InvalidInputError, match="cannot be combined exactly"):
+        combine_layer_aggregates([np.zeros(3)], "mean", 2)
+    with pytest.raises(InvalidInputError, match="num_voters"):
+        combine_layer_aggregates([np.zeros(3)], "rank", 0)

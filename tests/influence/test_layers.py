@@ -164,6 +164,14 @@ def test_selectors(minilm_lora_layers):
         "blocks:x-y",
         "weird:thing",
         {"colour": "red"},
+        # Wrongly typed fields (JSON from an API caller) are refused, not a TypeError.
+        {"names": 5},
+        {"blocks": 5},
+        {"blocks": [1, 2, 3]},
+        {"blocks": ["a", "b"]},
+        {"roles": [1]},
+        {"regex": 7},
+        {"position": ["middle"]},
     ],
 )
 def test_bad_selectors_are_refused_clearly(minilm_lora_layers, bad):

@@ -1,0 +1,58 @@
+"""A typed Python client of the influence service's HTTP API, and the `influence` command line on top of it.
+
+    from influence_client import InfluenceClient, InfluenceAPIError
+
+It depends on httpx only (tqdm, when installed, draws the command line's progress bars).
+"""
+
+from influence_client.client import (
+    Audit,
+    AuditRow,
+    AuditRowsPage,
+    Check,
+    CheckRow,
+    Dataset,
+    DatasetRow,
+    Example,
+    Experiment,
+    Health,
+    Hit,
+    Index,
+    InfluenceAPIError,
+    InfluenceClient,
+    Job,
+    Model,
+    ModelLayers,
+    Page,
+    QueryResult,
+    Readiness,
+    Reference,
+    Report,
+    RowsDeleted,
+)
+
+__all__ = [
+    "Audit",
+    "AuditRow",
+    "AuditRowsPage",
+    "Check",
+    "CheckRow",
+    "Dataset",
+    "DatasetRow",
+    "Example",
+    "Experiment",
+    "Health",
+    "Hit",
+    "Index",
+    "InfluenceAPIError",
+    "InfluenceClient",
+    "Job",
+    "Model",
+    "ModelLayers",
+    "Page",
+    "QueryResult",
+    "Readiness",
+    "Reference",
+    "Report",
+    "RowsDeleted",
+]

@@ -1,0 +1,94 @@
+"""The service the client and CLI tests talk to: the real app (tests/app/conftest.py's `build_api`) over a
+freshly migrated SQLite file, reached in-process through an httpx transport, and a job queue that runs each job
+through the worker's own code (`run_job_inline`) in this process."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import httpx
+from fastapi.testclient import TestClient
+
+from influence_client import InfluenceClient
+from tests.app.conftest import Api, RecordingQueue, build_api, make_settings
+from tests.conftest import SST2
+
+BASE_URL = "http://testserver"
+log = logging.getLogger(__name__)
+
+
+class AppTransport(httpx.BaseTransport):
+    """Hands each request to an ASGI app in this process (Starlette's TestClient runs it); the request goes as
+    the InfluenceClient built it, its Authorization header included."""
+
+    def __init__(self, app):
+        self._client = TestClient(app, base_url=BASE_URL)
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        # Starlette's TestClient speaks its own httpx flavour: the request crosses over as its parts (a multipart
+        # upload is a stream: read whole first).
+        response = self._client.request(
+            request.method, str(request.url), headers=request.headers.multi_items(), content=request.read()
+        )
+        return httpx.Response(
+            response.status_code, headers=response.headers.multi_items(), content=response.content
+        )
+
+    def close(self) -> None:
+        self._client.close()
+
+
+class InlineQueue:
+    """A JobQueue that runs each job to its end when it is handed over (after the creating request commits),
+    so a job is finished by the time its POST answers, through the code a worker runs. `hold = True` only
+    records jobs instead (they stay queued: for waiting and cancelling)."""
+
+    def __init__(self):
+        self.settings = None
+        self.session_factory = None
+        self.hold = False
+        self.enqueued: list[str] = []
+        self.models = None
+
+    def bind(self, api: Api) -> None:
+        from app.services.pipelines import ModelCache
+
+        self.settings, self.session_factory, self.models = api.settings, api.session_factory, ModelCache()
+
+    def enqueue(self, job) -> None:
+        from app.services.pipelines import run_job_inline
+
+        self.enqueued.append(job.id)
+        if self.hold:
+            return
+        try:
+            run_job_inline(self.settings, self.session_factory, job.id, self.models)
+        except Exception:  # the job is marked failed with the error: that is the answer the tests read
+            log.exception("job %s failed", job.id)
+
+
+def start_api(folder: Path, queue: RecordingQueue | InlineQueue | None = None, **overrides) -> Api:
+    """The app over a new, migrated SQLite file in `folder`, with a tenant and its API key (`api.token`). The
+    pytest temp tree (tiny models, written files) and SST-2 are allowed roots."""
+    from app.migrate import upgrade
+
+    url = f"sqlite:///{folder / 'influence.db'}"
+    upgrade(url)
+    settings = make_settings(folder, url, [folder.parent, SST2], **overrides)
+    api = build_api(settings, queue=queue if queue is not None else RecordingQueue())
+    if isinstance(queue, InlineQueue):
+        queue.bind(api)
+    return api
+
+
+def client_for(api: Api, token: str | None = None) -> InfluenceClient:
+    """An InfluenceClient on the in-process app, with the tenant's key (or `token`)."""
+    return InfluenceClient(
+        BASE_URL, token if token is not None else api.token, transport=AppTransport(api.app)
+    )
+
+
+def stop_api(api: Api) -> None:
+    api.client.close()
+    api.app.state.engine.dispose()
