@@ -32,6 +32,11 @@ class Settings(BaseSettings):
     max_rows: int = Field(2_000_000, description="Most rows in one dataset")
     max_text_chars: int = Field(20_000, description="Longest text field accepted in a row or query example")
     max_query_examples: int = Field(256, description="Most examples in one query")
+    max_score_tensor_bytes: int = Field(
+        2 * 1024**3,
+        description="Largest raw score tensor (train rows x layers x reference rows x 4 bytes) an audit writes "
+        "(HTTP 422 above)",
+    )
     max_reference_rows: int = Field(
         10_000, description="Most reference rows of an audit, layer report or batch check (HTTP 422 above)"
     )

@@ -2,7 +2,7 @@
 
 In the API (`create_audit`): the index is this tenant's and ready, the layers are among the index's, the
 reference set is resolved (references.resolve_reference), and the raw score tensor it would produce fits
-MAX_SCORE_TENSOR_BYTES; the job (kind `audit`, target the index) is queued once committed.
+max_score_tensor_bytes; the job (kind `audit`, target the index) is queued once committed.
 
 In the worker (`run_audit`, registered with runners.job_runner):
   1. open the index's store (every checksum verified) and featurize the reference with the index's projection
@@ -52,9 +52,6 @@ from app.services.references import featurize_reference, load_reference, open_in
 from app.services.runners import JobRun, job_runner
 
 AUDIT = "audit"
-# The raw score tensor (n x U x m float32) is written to disk whole and downloadable: refuse audits whose
-# tensor would pass this size (the file, and the page cache it goes through, grow with it).
-MAX_SCORE_TENSOR_BYTES = 2 * 1024**3
 SCORES_FILE = "scores.safetensors"
 RANKING_FILE = "ranking.npy"
 TOP_ROWS = 10
@@ -104,11 +101,11 @@ def create_audit(
     )
     m = _reference_size(reference)
     size = int(index.num_rows) * len(layers) * m * 4
-    if size > MAX_SCORE_TENSOR_BYTES:
+    if size > settings.max_score_tensor_bytes:
         raise Invalid(
             f"the score tensor would take {size:,} bytes ({index.num_rows} rows x {len(layers)} layers x {m} "
-            f"reference rows x 4 bytes), over the limit of {MAX_SCORE_TENSOR_BYTES:,}: choose fewer layers or "
-            "reference rows"
+            f"reference rows x 4 bytes), over the limit of {settings.max_score_tensor_bytes:,} "
+            "(max_score_tensor_bytes): choose fewer layers or reference rows"
         )
     if body.estimator == "datainf":
         _require_statistics(settings, index, layers)
@@ -399,9 +396,10 @@ def run_audit(run: JobRun) -> dict[str, Any]:
         raise Conflict(f"index {index.id!r} no longer holds layers {missing[:5]}; audit again")
     m, num_layers = len(examples), len(layers)
     n = store.num_live_rows
-    if n * num_layers * m * 4 > MAX_SCORE_TENSOR_BYTES:
+    if n * num_layers * m * 4 > settings.max_score_tensor_bytes:
         raise Invalid(
-            f"the score tensor ({n} x {num_layers} x {m} float32) is over {MAX_SCORE_TENSOR_BYTES:,} bytes"
+            f"the score tensor ({n} x {num_layers} x {m} float32) is over {settings.max_score_tensor_bytes:,} "
+            "bytes (max_score_tensor_bytes)"
         )
     total = _total_steps(m, num_layers)
     run.progress(0, total)

@@ -271,7 +271,7 @@ def create_experiment(
             _check_among(layers, selector, name)
     check_aggregations(body.report.aggregations)
     if body.retraining.enabled:
-        _check_ranking_size(layers, body, dataset.row_count, reference)
+        _check_ranking_size(layers, body, dataset.row_count, reference, settings.max_score_tensor_bytes)
 
     job = job_service.create_job(
         session,
@@ -297,10 +297,9 @@ def _check_among(layers: Sequence, selector: Any, name: str) -> None:
 
 
 def _check_ranking_size(
-    layers: Sequence, body: ExperimentCreate, rows: int, reference: dict[str, Any]
+    layers: Sequence, body: ExperimentCreate, rows: int, reference: dict[str, Any], limit: int
 ) -> None:
     """The retraining check's audit writes the whole score tensor: refuse now what the audit would refuse."""
-    from app.services.audits import MAX_SCORE_TENSOR_BYTES
     from influence import select_layers
 
     chosen = select_layers(layers, body.retraining.layers) if body.retraining.layers is not None else layers
@@ -310,10 +309,11 @@ def _check_ranking_size(
         else len(_reference_rows(reference) or ())
     )
     size = rows * len(chosen) * m * 4
-    if size > MAX_SCORE_TENSOR_BYTES:
+    if size > limit:
         raise Invalid(
             f"the retraining check's ranking would score {rows} rows x {len(chosen)} layers x {m} reference rows "
-            f"({size:,} bytes, over {MAX_SCORE_TENSOR_BYTES:,}): choose fewer retraining.layers or reference rows"
+            f"({size:,} bytes, over max_score_tensor_bytes = {limit:,}): choose fewer retraining.layers or "
+            "reference rows"
         )
 
 

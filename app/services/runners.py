@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import tempfile
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -161,6 +162,11 @@ class JobRun:
         self.artifacts[name] = digest
 
 
+_VERIFIED: set[tuple] = set()
+_VERIFIED_LOCK = threading.Lock()
+_VERIFIED_CAPACITY = 4096
+
+
 def artifact_path(settings: Settings, job: Job, name: str) -> Path:
     """A finished job's artifact, its checksum verified against the job's result (409 if it does not match:
     a corrupted file is refused, never served; 404 when the job has no such artifact)."""
@@ -169,10 +175,22 @@ def artifact_path(settings: Settings, job: Job, name: str) -> Path:
         raise NotFound(f"job {job.id!r} has no artifact {name!r}" + ("" if job.status == "succeeded" else
                        f" (it is {job.status})"))
     path = job_dir(settings, job.id) / name
-    if not path.is_file():
-        raise Conflict(f"the artifact {name!r} of job {job.id!r} is missing on disk; run the job again")
-    if sha256_file(path) != listed:
-        raise Conflict(f"the artifact {name!r} of job {job.id!r} is corrupted (checksum mismatch); run the job again")
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        raise Conflict(f"the artifact {name!r} of job {job.id!r} is missing on disk; run the job again") from None
+    # Hashing a 2 GB score tensor on every download would cost more than serving it: a file is hashed once per
+    # version (inode, size, modification time) per process; any write to it makes a new version, hashed again.
+    version = (str(path), stat.st_ino, stat.st_size, stat.st_mtime_ns, listed)
+    if version not in _VERIFIED:
+        if sha256_file(path) != listed:
+            raise Conflict(
+                f"the artifact {name!r} of job {job.id!r} is corrupted (checksum mismatch); run the job again"
+            )
+        with _VERIFIED_LOCK:
+            if len(_VERIFIED) >= _VERIFIED_CAPACITY:
+                _VERIFIED.clear()
+            _VERIFIED.add(version)
     return path
 
 

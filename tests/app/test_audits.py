@@ -15,7 +15,6 @@ import pytest
 import torch
 
 from app.models import Job
-from app.services import audits as audit_service
 from app.services.pipelines import run_build_inline, run_job_inline
 from app.services.runners import job_dir
 from tests.app.conftest import build_api, make_settings
@@ -532,7 +531,7 @@ def test_refusals_are_4xx(served, monkeypatch, tiny_model_dir):
     assert_problem(_create(api, index["id"], reference=ref, extra=1), 422)
     # A score tensor over the size limit: 422 naming its size.
     n, layers, m = ROWS, len(index["layers"]), REFERENCE_ROWS
-    monkeypatch.setattr(audit_service, "MAX_SCORE_TENSOR_BYTES", n * layers * m * 4 - 1)
+    monkeypatch.setattr(api.settings, "max_score_tensor_bytes", n * layers * m * 4 - 1)
     assert_problem(_create(api, index["id"], reference=ref), 422, f"{n * layers * m * 4:,} bytes")
     monkeypatch.undo()
     # correct_only needs a classification model.
@@ -596,6 +595,8 @@ def test_a_corrupted_or_missing_artifact_is_refused(served):
         ("scores.safetensors", "/scores", {}),
     ):
         path = folder / name
+        # Served (and verified) once first: a later corruption is still caught.
+        assert api.client.get(url + route, params=params).status_code == 200
         original = path.read_bytes()
         damaged = bytearray(original)
         damaged[-1] ^= 0xFF
