@@ -41,13 +41,13 @@ from sqlalchemy.orm import Session
 
 from app.config import Settings
 from app.errors import Conflict, Invalid
-from app.models import Dataset, Index, Job, RegisteredModel
+from app.models import Dataset, Index, Job
 from app.schemas.audits import AuditCreate
 from app.services import jobs as job_service
 from app.services import runners
 from app.services.datasets import iter_rows, read_rows
 from app.services.indexes import get_index, require_ready
-from app.services.pipelines import store_dir
+from app.services.pipelines import index_sources, store_dir
 from app.services.references import featurize_reference, load_reference, open_index_store, resolve_reference
 from app.services.runners import JobRun, job_runner
 
@@ -85,10 +85,7 @@ def create_audit(
     from app.services.queries import select_query_layers
 
     index = get_index(session, index_id, tenant_id)
-    model = session.get(RegisteredModel, index.model_id)
-    dataset = session.get(Dataset, index.dataset_id)
-    if model is None or dataset is None:
-        raise Conflict(f"index {index_id!r} names a model or dataset that no longer exists")
+    model, dataset = index_sources(session, index)
     if body.correct_only and model.task != "classification":
         raise Invalid(
             "correct_only needs a classification model (it keeps the reference rows the model predicts "
@@ -382,10 +379,7 @@ def run_audit(run: JobRun) -> dict[str, Any]:
         index = session.get(Index, run.target_id) if run.target_id else None
         if index is None:
             raise Conflict("the audit's index was deleted")
-        model = session.get(RegisteredModel, index.model_id)
-        dataset = session.get(Dataset, index.dataset_id)
-        if model is None or dataset is None:
-            raise Conflict(f"index {index.id!r} names a model or dataset that no longer exists")
+        model, dataset = index_sources(session, index)
         store = open_index_store(settings, index)
         examples = load_reference(settings, session, params["reference"])
         for row in (index, model, dataset):

@@ -53,6 +53,7 @@ from app.services import datasets as dataset_files
 from app.services import jobs as job_service
 from app.services import runners
 from app.services.indexes import get_index, require_ready
+from app.services.pipelines import index_sources
 from app.services.runners import JobCancelled, JobRun, job_runner
 
 CHECK = "batch_check"
@@ -110,10 +111,7 @@ def create_check(
 
     index = get_index(session, index_id, tenant_id)
     require_ready(index)
-    model = session.get(RegisteredModel, index.model_id)
-    dataset = session.get(Dataset, index.dataset_id)
-    if model is None or dataset is None:
-        raise Conflict(f"index {index.id!r} names a model or dataset that no longer exists")
+    model, dataset = index_sources(session, index)
     for name, value in (("vote_k", request.vote_k), ("threshold_percentile", request.threshold_percentile)):
         if not math.isfinite(value):
             raise Invalid(f"{name} must be a finite number")
@@ -509,10 +507,7 @@ def _load(run: JobRun) -> _Loaded:
         index = session.get(Index, run.target_id)
         if index is None:  # deleted: the delete cancelled this job
             raise JobCancelled(run.job_id)
-        model = session.get(RegisteredModel, index.model_id)
-        dataset = session.get(Dataset, index.dataset_id)
-        if model is None or dataset is None:
-            raise Conflict(f"index {index.id!r} names a model or dataset that no longer exists")
+        model, dataset = index_sources(session, index)
         for item in (index, model, dataset):
             session.expunge(item)
     return _Loaded(index, model, dataset)

@@ -303,14 +303,20 @@ class IndexGone(Exception):
     """The job's index was deleted: the step ends the job (cancelled) and cleans up after itself."""
 
 
-def _load_rows(session: Session, job: Job) -> _BuildRows:
-    index = session.get(Index, job.target_id)
-    if index is None:
-        raise IndexGone(job.target_id)
+def index_sources(session: Session, index: Index) -> tuple[RegisteredModel, Dataset]:
+    """The model and dataset an index was built from (409 if either was removed since)."""
     model = session.get(RegisteredModel, index.model_id)
     dataset = session.get(Dataset, index.dataset_id)
     if model is None or dataset is None:
         raise Conflict(f"index {index.id!r} names a model or dataset that no longer exists")
+    return model, dataset
+
+
+def _load_rows(session: Session, job: Job) -> _BuildRows:
+    index = session.get(Index, job.target_id)
+    if index is None:
+        raise IndexGone(job.target_id)
+    model, dataset = index_sources(session, index)
     session.expunge(dataset)
     return _BuildRows(
         job_id=job.id,

@@ -30,7 +30,7 @@ from app.models import Dataset, Index, RegisteredModel
 from app.schemas.indexes import QueryExample, QueryRequest
 from app.services.datasets import read_rows
 from app.services.indexes import get_index, layer_from_dict
-from app.services.pipelines import ModelCache, resolve_device
+from app.services.pipelines import ModelCache, index_sources, resolve_device
 from app.services.references import featurize_for_index
 
 # Scores held at once while scoring exactly (float32): n rows x U layers x g examples <= this.
@@ -449,10 +449,7 @@ def run_query(
     started = time.perf_counter()
     check_query_limits(request, settings)
     index = get_index(session, index_id, tenant_id)
-    model = session.get(RegisteredModel, index.model_id)
-    dataset = session.get(Dataset, index.dataset_id)
-    if model is None or dataset is None:
-        raise Conflict(f"index {index_id!r} names a model or dataset that no longer exists")
+    model, dataset = index_sources(session, index)
     prepared = prepare(settings, runtime, index, model, dataset, request)
     approximation = None
     if request.approximate:

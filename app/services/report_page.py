@@ -322,7 +322,8 @@ _SCRIPT = r"""
     if (!rows.length) return notAvailable(slot, "layer-bars", "no single-layer entries for " + est + " / " + agg);
     const step = Math.max(14, Math.min(56, Math.floor(960 / rows.length)));
     const longest = Math.max(...rows.map((e) => Math.min(e.layers.name.length, 40)));
-    const M = { l: 62, r: 120, t: 24, b: 24 + longest * 5 };
+    // Labels run down-left at 45 degrees from their bar: the first ones need room on the left too.
+    const M = { l: Math.max(62, 12 + longest * 5), r: 120, t: 24, b: 24 + longest * 5 };
     const H = 300 + M.b, W = M.l + rows.length * step + M.r;
     const svg = newSvg(slot, "layer-bars", W, H, "AUC-NDR per layer (" + est + ", " + agg + ")",
       "One bar per single layer: its AUC-NDR with estimator " + est + " and aggregation " + agg + ". The dashed "
@@ -438,7 +439,7 @@ _SCRIPT = r"""
     const rows = c.layers;
     const step = Math.max(14, Math.min(56, Math.floor(960 / rows.length)));
     const longest = Math.max(...rows.map((r) => Math.min(r.layer.length, 40)));
-    const M = { l: 66, r: 24, t: 30, b: 24 + longest * 5 };
+    const M = { l: Math.max(66, 12 + longest * 5), r: 24, t: 30, b: 24 + longest * 5 };
     const PH = 230 + M.b, W = M.l + rows.length * step + M.r;
     const svg = newSvg(slot, "cancellation", W, 2 * PH, "Cancellation per layer",
       "Two bar charts: L1/L1 cancellation (sum over rows of |g| divided by |sum over rows of g|) and L1/L2 "

@@ -37,12 +37,12 @@ from sqlalchemy.orm import Session
 
 from app.config import Settings
 from app.errors import Conflict, Invalid
-from app.models import Dataset, Index, Job, RegisteredModel
+from app.models import Dataset, Index, Job
 from app.schemas.reports import NoisyRows, ReportCreate
 from app.services import jobs as job_service
 from app.services.datasets import iter_rows, read_rows
 from app.services.indexes import get_index, layer_from_dict, require_ready
-from app.services.pipelines import store_dir
+from app.services.pipelines import index_sources, store_dir
 from app.services.runners import (
     JobRun,
     artifact_path,
@@ -124,10 +124,7 @@ def create_report(
 
     index = get_index(session, index_id, tenant_id)
     require_ready(index)
-    model = session.get(RegisteredModel, index.model_id)
-    dataset = session.get(Dataset, index.dataset_id)
-    if model is None or dataset is None:
-        raise Conflict(f"index {index.id!r} names a model or dataset that no longer exists")
+    model, dataset = index_sources(session, index)
     layers = select_query_layers(index, model, body.layers)
     aggregations = check_aggregations(body.aggregations)
     reference = resolve_reference(
@@ -339,10 +336,7 @@ def run_layer_report(run: JobRun) -> dict[str, Any]:
         index = session.get(Index, run.target_id)
         if index is None:
             raise Conflict(f"index {run.target_id!r} was deleted")
-        model = session.get(RegisteredModel, index.model_id)
-        dataset = session.get(Dataset, index.dataset_id)
-        if model is None or dataset is None:
-            raise Conflict(f"index {index.id!r} names a model or dataset that no longer exists")
+        model, dataset = index_sources(session, index)
         store = open_index_store(settings, index)
         examples = load_reference(settings, session, params["reference"])
     names = list(params["layers"])
