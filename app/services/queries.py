@@ -410,7 +410,7 @@ def shown_layer_ranks(scores: np.ndarray, shown: np.ndarray) -> np.ndarray:
 def _hits(
     chosen: np.ndarray | None,
     ranked: _Ranked,
-    ranks: np.ndarray,
+    ranks: dict[int, np.ndarray],
     row_ids: np.ndarray,
     rows: dict[int, dict[str, Any]],
     layers: Sequence[str],
@@ -430,7 +430,7 @@ def _hits(
                 "noisy": row.get("noisy"),
                 "score": float(ranked.aggregated[local]),
                 "layers": [
-                    {"layer": name, "score": float(ranked.scores[local, u]), "rank": float(ranks[local, u])}
+                    {"layer": name, "score": float(ranked.scores[local, u]), "rank": float(ranks[int(local)][u])}
                     for u, name in enumerate(layers)
                 ],
             }
@@ -484,9 +484,8 @@ def run_query(
     results = []
     for j, item in enumerate(ranked):
         shown = np.unique(np.concatenate([c for c in (item.helpful, item.harmful) if c is not None]))
-        ranks = np.zeros_like(item.scores, dtype=np.float64)
-        if len(shown):
-            ranks[shown] = shown_layer_ranks(item.scores, shown)
+        # Ranks of the shown rows only (local index -> (U,)): an (n, U) array per example cost 0.2 s at 1M rows.
+        ranks = dict(zip(shown.tolist(), shown_layer_ranks(item.scores, shown), strict=True)) if len(shown) else {}
         example = request.examples[j]
         results.append(
             {
