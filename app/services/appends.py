@@ -44,6 +44,7 @@ import json
 import logging
 import os
 import shutil
+import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -64,6 +65,9 @@ log = logging.getLogger(__name__)
 
 APPENDS_DIR = "appends"
 APPEND_LOCK = ".append.lock"
+# A superseded version of a dataset's rows is kept this long after it was written: a download or a job that read
+# the dataset before a later append may still be reading it (longer readers get a clear 409 from its checksum).
+SUPERSEDED_GRACE_S = 6 * 3600
 
 
 class AppendRefused(Exception):
@@ -129,13 +133,58 @@ def append_rows(
     ({"text", "text_pair", "label", "noisy"}); `features()` gives their float32 features for every layer of the
     store, asked for only when the store lacks them. Idempotent per `job_id`."""
     with dataset_append_lock(ctx.settings, dataset_id):
+        before = _dataset_version(ctx, dataset_id)
         start, stop = grow_dataset(ctx, dataset_id, job_id, rows)
-        index_rows = grow_store(ctx, index_id, start, stop, features)
+        try:
+            index_rows = grow_store(ctx, index_id, start, stop, features)
+        except Exception:
+            # An error, not a crash (a crash reruns the job, which finishes the append): put the dataset back as
+            # it was when this call grew it and the store has not taken the rows, so nothing is half-appended and
+            # the same batch can be checked again without landing in the dataset twice.
+            if before is not None and before[1] == start and not _store_holds(ctx, index_id, start, stop):
+                _revert_dataset(ctx, dataset_id, before, stop)
+            raise
     log.info("job %s appended dataset rows [%d, %d) to index %s", job_id, start, stop, index_id)
     return AppendOutcome((start, stop), index_rows)
 
 
 # ------------------------------------------------------------------------------------------ the dataset
+
+
+def _dataset_version(ctx: Any, dataset_id: str) -> tuple[str, int, list[Any]] | None:
+    """(rows path, row count, labels) of the dataset now; None if it is gone."""
+    with session_scope(ctx.session_factory) as session:
+        dataset = session.get(Dataset, dataset_id)
+        return None if dataset is None else (dataset.path, int(dataset.row_count), list(dataset.labels or []))
+
+
+def _revert_dataset(ctx: Any, dataset_id: str, before: tuple[str, int, list[Any]], grown_to: int) -> None:
+    """Switch the dataset back to `before` if it still is the version this append made (row count `grown_to`)."""
+    path, row_count, labels = before
+    with session_scope(ctx.session_factory) as session:
+        session.execute(
+            update(Dataset)
+            .where(Dataset.id == dataset_id, Dataset.row_count == grown_to)
+            .values(path=path, row_count=row_count, labels=labels)
+            .execution_options(synchronize_session=False)
+        )
+    log.warning("dataset %s: rows [%d, %d) taken back after a failed append", dataset_id, row_count, grown_to)
+
+
+def _store_holds(ctx: Any, index_id: str, start: int, stop: int) -> bool:
+    """Whether the index's store holds any of the dataset rows [start, stop) (True when it cannot be told)."""
+    from influence import FeatureStore
+
+    try:
+        with session_scope(ctx.session_factory) as session:
+            index = session.get(Index, index_id)
+            if index is None:
+                return False
+            path = ctx.settings.resolved_artifacts_dir / index.store_path
+        store = FeatureStore.open(path, verify=False)
+        return bool(np.isin(np.arange(start, stop), store.row_ids()).any())
+    except Exception:
+        return True
 
 
 def grow_dataset(ctx: Any, dataset_id: str, job_id: str, rows: Sequence[dict[str, Any]]) -> tuple[int, int]:
@@ -258,10 +307,16 @@ def _fsync_dir(path: Path) -> None:
 
 def _drop_superseded(appends: Path, keep: set[str]) -> None:
     """Remove appended versions other than `keep` (and staging leftovers: every appender holds the lock, so
-    they belong to dead processes). The registration's own files stay: they are the rows as registered."""
+    they belong to dead processes) once they are older than SUPERSEDED_GRACE_S: a download or a job that read
+    the dataset row before a later append may still be reading that version. The registration's own files
+    stay: they are the rows as registered."""
+    cutoff = time.time() - SUPERSEDED_GRACE_S
     for entry in appends.iterdir():
-        if entry.name not in keep:
-            remove_tree(entry)
+        if entry.name in keep:
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            if entry.name.startswith(".") or entry.stat().st_mtime < cutoff:
+                remove_tree(entry)
 
 
 # -------------------------------------------------------------------------------------------- the index

@@ -5,7 +5,8 @@ A request that registers a dataset writes it under <artifacts>/tmp/dataset-<id>-
 until its transaction ends. The kernel drops the lock when the process dies, even by kill -9, so a folder
 whose lock can be taken belongs to no live request: it is removed unless a committed dataset row names it.
 Index folders (<artifacts>/indexes/<id>/) whose index row is gone (deleted, with the API killed before it
-removed the files) are removed too. The API runs this when it starts.
+removed the files) are removed too, and so are job folders (<artifacts>/jobs/<id>/: a batch check's upload
+whose request died before its commit holds `.registering.lock` the same way). The API runs this when it starts.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.config import Settings
-from app.models import Dataset, Index
+from app.models import Dataset, Index, Job
 from app.services.datasets import REGISTERING_LOCK, STAGING_PREFIX
 from app.services.pipelines import remove_tree
 
@@ -49,8 +50,8 @@ def _abandoned(folder: Path) -> Iterator[bool]:
 
 
 def sweep_orphans(settings: Settings, session_factory: sessionmaker[Session]) -> list[Path]:
-    """Remove abandoned dataset staging folders, dataset folders no committed row names, and index folders
-    whose index was deleted. Returns what was removed."""
+    """Remove abandoned dataset staging folders, and dataset, index and job folders that no committed row names.
+    Returns what was removed."""
     root = settings.resolved_artifacts_dir
     removed: list[Path] = []
     staging = root / "tmp"
@@ -62,7 +63,7 @@ def sweep_orphans(settings: Settings, session_factory: sessionmaker[Session]) ->
                         remove_tree(folder)
                         removed.append(folder)
     with session_factory() as session:
-        for kind, model in (("datasets", Dataset), ("indexes", Index)):
+        for kind, model in (("datasets", Dataset), ("indexes", Index), ("jobs", Job)):
             folder_root = root / kind
             if not folder_root.is_dir():
                 continue

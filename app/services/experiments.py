@@ -505,7 +505,8 @@ def _training_dataset(session: Session, params: dict[str, Any]) -> Dataset:
     dataset = session.get(Dataset, params["dataset_id"])
     if dataset is None:
         raise Conflict(f"the training dataset {params['dataset_id']!r} was deleted")
-    if dataset.content_hash != params["training_hash"]:
+    # A batch check may append rows without changing the content hash (it hashes the registered file).
+    if dataset.content_hash != params["training_hash"] or dataset.row_count != params["training_rows"]:
         raise Conflict(f"the training dataset {dataset.id!r} changed since the experiment was created")
     session.expunge(dataset)
     return dataset

@@ -81,6 +81,9 @@ class JobCancelled(Exception):
     """Raised by JobRun.progress when the job's cancellation was requested: the runner stops there."""
 
 
+RUN_LOCK = "run.lock"
+
+
 def job_dir(settings: Settings, job_id: str) -> Path:
     return settings.resolved_artifacts_dir / "jobs" / job_id
 
@@ -195,30 +198,37 @@ def artifact_path(settings: Settings, job: Job, name: str) -> Path:
 
 
 def run_job(ctx: Any, job_id: str) -> str:
-    """Run a workflow job to its end (see the module docstring). Returns what happened, for the task log."""
+    """Run a workflow job to its end (see the module docstring). Returns what happened, for the task log.
+
+    The run lock is taken FIRST: a second delivery of a job that a live process is running (a broker
+    redelivery, another worker's start-up recovery) answers "busy" and changes nothing, not even a pending
+    cancellation (the process that runs the job honours it at its next progress call)."""
     from app.services.pipelines import exclusive
 
-    with session_scope(ctx.session_factory) as session:
-        job = job_service.mark_running(session, job_id)
-        if job is None:
-            return "skipped"
-        run = JobRun(
-            ctx=ctx,
-            job_id=job.id,
-            kind=job.kind,
-            tenant_id=job.tenant_id,
-            target_id=job.target_id,
-            params=dict(job.params or {}),
-            attempts=job.attempts,
-            artifacts={},
-        )
-        if job.cancel_requested:
-            job_service.mark_cancelled(session, job_id)
-            return "cancelled"
-    runner = runner_for(run.kind)
-    with exclusive(job_dir(ctx.settings, job_id) / "run.lock") as taken:
+    with ctx.session_factory() as session:
+        if session.get(Job, job_id) is None:
+            return "skipped"  # deleted: no folder (not even a lock file) is made for it
+    with exclusive(job_dir(ctx.settings, job_id) / RUN_LOCK) as taken:
         if not taken:
             return "busy"
+        with session_scope(ctx.session_factory) as session:
+            job = job_service.mark_running(session, job_id)
+            if job is None:
+                return "skipped"
+            run = JobRun(
+                ctx=ctx,
+                job_id=job.id,
+                kind=job.kind,
+                tenant_id=job.tenant_id,
+                target_id=job.target_id,
+                params=dict(job.params or {}),
+                attempts=job.attempts,
+                artifacts={},
+            )
+            if job.cancel_requested:
+                job_service.mark_cancelled(session, job_id)
+                return "cancelled"
+        runner = runner_for(run.kind)
         try:
             result = runner(run)
         except JobCancelled:
@@ -228,9 +238,22 @@ def run_job(ctx: Any, job_id: str) -> str:
         result = dict(result or {})
         result["artifacts"] = {**result.get("artifacts", {}), **run.artifacts}
         with session_scope(ctx.session_factory) as session:
-            job_service.mark_succeeded(session, job_id, result)
+            if not job_service.mark_succeeded(session, job_id, result):
+                log.warning("job %s finished its work but was no longer running; its result is dropped", job_id)
+                return "superseded"
     log.info("job %s (%s) succeeded", job_id, run.kind)
     return "succeeded"
+
+
+def job_is_running_here(settings: Settings, job_id: str) -> bool:
+    """Whether a live process holds the job's run lock (it is working on the job right now)."""
+    from app.services.pipelines import exclusive
+
+    lock = job_dir(settings, job_id) / RUN_LOCK
+    if not lock.exists():
+        return False
+    with exclusive(lock) as taken:
+        return not taken
 
 
 def delete_job_resource(session: Session, settings: Settings, job: Job) -> None:
@@ -239,6 +262,8 @@ def delete_job_resource(session: Session, settings: Settings, job: Job) -> None:
 
     if job.status in job_service.ACTIVE:
         raise Conflict(f"job {job.id!r} is {job.status}; cancel it (POST /v1/jobs/{job.id}/cancel) first")
+    if job_is_running_here(settings, job.id):
+        raise Conflict(f"job {job.id!r} is still finishing its work; delete it again in a moment")
     session.delete(job)
     session.flush()
     directory = job_dir(settings, job.id)

@@ -113,9 +113,14 @@ def test_start_up_sweeps_what_killed_processes_left(built, sst2_rows):
     fcntl.flock(held.fileno(), fcntl.LOCK_EX)
     gone_index = root / "indexes" / ("d" * 32)
     (gone_index / "store").mkdir(parents=True)
+    # A batch check's upload whose request died before its commit: a job folder no job row names.
+    dead_check = root / "jobs" / ("c" * 32)
+    dead_check.mkdir(parents=True)
+    (dead_check / "batch.jsonl").write_text("{}\n")
+    (dead_check / ".registering.lock").touch()
     try:
         removed = sweep_orphans(settings, api.session_factory)
-        assert sorted(removed) == sorted([staging, unnamed, gone_index])
+        assert sorted(removed) == sorted([staging, unnamed, gone_index, dead_check])
         assert in_flight.exists() and (root / "datasets" / dataset["id"]).exists()
         assert (root / "indexes" / index["id"]).exists()
     finally:
