@@ -55,6 +55,7 @@ from app.services.models import get_model
 from app.services.references import load_reference, resolve_reference
 from app.services.reports import check_aggregations
 from app.services.runners import (
+    PARENT_PARAM,
     JobCancelled,
     JobRun,
     atomic_path,
@@ -871,6 +872,8 @@ def _wait_for(ctx: _Context, job_id: str, what: str) -> Job:
             break
         ctx.at(1.0, throttle=True)
         time.sleep(WAIT_POLL_S)
+    if job.status == "cancelled":
+        ctx.at(1.0)  # cancelled because this experiment was: end the experiment as cancelled, not failed
     if job.status != "succeeded":
         raise Conflict(
             f"the {what} job {job_id!r} ended {job.status}" + (f": {job.error}" if job.error else "")
@@ -914,7 +917,7 @@ def _find_subjob(session: Session, ctx: _Context, kind: str, target_id: str) -> 
     jobs = session.scalars(
         select(Job).where(Job.tenant_id == ctx.run.tenant_id, Job.kind == kind, Job.target_id == target_id)
     ).all()
-    mine = [job.id for job in jobs if (job.params or {}).get("experiment_id") == ctx.run.job_id]
+    mine = [job.id for job in jobs if (job.params or {}).get(PARENT_PARAM) == ctx.run.job_id]
     return mine[0] if mine else None
 
 
@@ -929,7 +932,7 @@ def _subjob(
             job_id = _find_subjob(session, ctx, kind, index_id)
             if job_id is None:
                 job = create(session, _sub_settings(ctx.settings))
-                job.params = {**(job.params or {}), "experiment_id": ctx.run.job_id}
+                job.params = {**(job.params or {}), PARENT_PARAM: ctx.run.job_id}
                 session.flush()
                 job_id = job.id
         ctx.state.note(stage, **{f"{kind}_id": job_id})

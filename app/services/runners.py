@@ -82,6 +82,8 @@ class JobCancelled(Exception):
 
 
 RUN_LOCK = "run.lock"
+# A sub-job's params name the job it runs for under this key (an experiment tags its report and audit).
+PARENT_PARAM = "experiment_id"
 
 
 def job_dir(settings: Settings, job_id: str) -> Path:
@@ -140,10 +142,16 @@ class JobRun:
         return session_scope(self.ctx.session_factory)
 
     def progress(self, done: int, total: int | None = None) -> None:
-        """Record progress; raises JobCancelled when a cancel was requested (the runner stops there)."""
+        """Record progress; raises JobCancelled when a cancel was requested (the runner stops there), of this
+        job or of the job it runs for (an experiment's report and audit sub-jobs stop with the experiment)."""
         with self.session() as session:
-            if job_service.update_progress(session, self.job_id, done, total):
-                raise JobCancelled(self.job_id)
+            cancelled = job_service.update_progress(session, self.job_id, done, total)
+            parent = self.params.get(PARENT_PARAM)
+            if not cancelled and parent:
+                with contextlib.suppress(NotFound):
+                    cancelled = job_service.is_cancel_requested(session, parent)
+        if cancelled:
+            raise JobCancelled(self.job_id)
 
     def write_bytes(self, name: str, data: bytes) -> Path:
         path = self.directory / name
