@@ -5,18 +5,13 @@ zero errors, and no deleted row in any answer given after its deletion."""
 from __future__ import annotations
 
 import importlib.util
-import os
-import signal
-import socket
-import subprocess
 import sys
-import time
 
 import httpx
 
 from app.services.pipelines import run_build_inline
 from tests.app.conftest import ROOT_DIR, build_api, make_settings
-from tests.worker.support import register_dataset, register_model
+from tests.worker.support import ApiProcess, register_dataset, register_model
 
 
 def _load_module():
@@ -25,12 +20,6 @@ def _load_module():
     sys.modules[spec.name] = module  # dataclasses look their module up while the class is being made
     spec.loader.exec_module(module)
     return module
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def test_concurrent_queries_under_row_deletions_make_no_errors(
@@ -47,36 +36,9 @@ def test_concurrent_queries_under_row_deletions_make_no_errors(
     ).json()
     run_build_inline(settings, api.session_factory, index["job"]["id"])
 
-    port = _free_port()
-    env = {
-        **os.environ,
-        "INFLUENCE_DATA_DIR": str(settings.data_dir),
-        "INFLUENCE_DATABASE_URL": sqlite_url,
-        "INFLUENCE_ARTIFACTS_DIR": str(settings.resolved_artifacts_dir),
-        "INFLUENCE_DEVICE": "cpu",
-        "OMP_NUM_THREADS": "1",
-        "PYTHONPATH": str(ROOT_DIR),
-    }
-    log = open(tmp_path / "api.log", "wb")  # noqa: SIM115 - the server writes to it until it stops
-    server = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "--factory", "app.main:create_app", "--port", str(port)],
-        cwd=ROOT_DIR,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    base_url = f"http://127.0.0.1:{port}"
+    server = ApiProcess(settings, tmp_path / "api.log", INFLUENCE_DEVICE="cpu").start()
+    base_url = server.url
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{base_url}/healthz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, (tmp_path / "api.log").read_text(errors="replace")
-            time.sleep(0.2)
         # Warm up first (the server loads the model and the FAISS indexes on its first queries).
         with httpx.Client(base_url=base_url, headers={"Authorization": f"Bearer {api.token}"}, timeout=120) as client:
             for approximate in (False, True):
@@ -108,10 +70,4 @@ def test_concurrent_queries_under_row_deletions_make_no_errors(
                 rows = {hit["row"] for key in ("helpful", "harmful") for hit in answer["results"][0][key]}
                 assert answer["num_rows"] == 100 - len(deleted) and not rows & set(deleted)
     finally:
-        server.send_signal(signal.SIGTERM)
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
-        log.close()
+        server.stop()

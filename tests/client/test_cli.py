@@ -8,20 +8,16 @@ import io
 import json
 import os
 import shlex
-import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import httpx
 import pytest
 
 from influence_client.cli import main, render_table, with_default_actions
-from tests.app.conftest import ROOT_DIR, make_tenant
+from tests.app.conftest import make_settings, make_tenant
 from tests.client import AppTransport, InlineQueue, start_api, stop_api
-from tests.worker.support import tsv
+from tests.worker.support import ApiProcess, free_port, tsv
 
 
 class Cli:
@@ -232,7 +228,7 @@ def test_errors_and_usage(cli, tmp_path):
     assert code == 2 and "no such file" in err
     code, _, err = cli(f"--api-key-file {tmp_path / 'absent'} models list", key="")
     assert code == 2 and "cannot read the API key file" in err
-    port = _free_port()  # nothing listens there
+    port = free_port()  # nothing listens there
     code = main(["--url", f"http://127.0.0.1:{port}", "models", "list"], stderr=(stderr := io.StringIO()))
     assert code == 2 and f"cannot reach the service at http://127.0.0.1:{port}" in stderr.getvalue()
 
@@ -262,12 +258,6 @@ def test_render_table_and_default_actions():
     assert with_default_actions(["models", "list"]) == ["models", "list"]
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def test_the_installed_console_script_against_a_live_server(tmp_path):
     script = Path(sys.executable).parent / "influence"
     helped = subprocess.run([script, "--help"], capture_output=True, text=True, timeout=30)
@@ -276,38 +266,14 @@ def test_the_installed_console_script_against_a_live_server(tmp_path):
     from app.db import make_engine, make_session_factory
     from app.migrate import upgrade
 
-    url = f"sqlite:///{tmp_path / 'influence.db'}"
-    upgrade(url)
-    engine = make_engine(url)
+    settings = make_settings(tmp_path, f"sqlite:///{tmp_path / 'influence.db'}", [tmp_path])
+    upgrade(settings.resolved_database_url)
+    engine = make_engine(settings.resolved_database_url)
     _, token = make_tenant(make_session_factory(engine))
     engine.dispose()
-    port = _free_port()
-    env = {
-        **os.environ,
-        "INFLUENCE_DATA_DIR": str(tmp_path / "data"),
-        "INFLUENCE_DATABASE_URL": url,
-        "PYTHONPATH": str(ROOT_DIR),
-    }
-    log = open(tmp_path / "api.log", "wb")  # noqa: SIM115 - the server writes to it until it stops
-    server = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "--factory", "app.main:create_app", "--port", str(port)],
-        cwd=ROOT_DIR,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    base_url = f"http://127.0.0.1:{port}"
+    server = ApiProcess(settings, tmp_path / "api.log").start()
+    base_url = server.url
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if httpx.get(f"{base_url}/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, (tmp_path / "api.log").read_text(errors="replace")
-            time.sleep(0.1)
         listed = subprocess.run(
             [script, "--json", "models", "list"],
             capture_output=True,
@@ -325,10 +291,4 @@ def test_the_installed_console_script_against_a_live_server(tmp_path):
         )
         assert refused.returncode == 2 and "401 Unauthorized" in refused.stderr and refused.stdout == ""
     finally:
-        server.send_signal(signal.SIGTERM)
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
-        log.close()
+        server.stop()

@@ -1,13 +1,17 @@
-"""Helpers shared by the worker and index/query tests: register over HTTP, wait for jobs, run a real worker."""
+"""Helpers shared by the worker and index/query tests: register over HTTP, wait for jobs, run a real worker or
+a real API process."""
 
 from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+import httpx
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -142,3 +146,68 @@ def assert_problem(response, status: int, *fragments: str) -> dict:
     for fragment in fragments:
         assert fragment in body["detail"], body["detail"]
     return body
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class ApiProcess:
+    """`uvicorn --factory app.main:create_app` on 127.0.0.1 over the test's database and artifacts."""
+
+    def __init__(self, settings, log_path, **env):
+        self.port = free_port()
+        self.env = {
+            **os.environ,
+            "INFLUENCE_DATA_DIR": str(settings.data_dir),
+            "INFLUENCE_DATABASE_URL": settings.resolved_database_url,
+            "INFLUENCE_ARTIFACTS_DIR": str(settings.resolved_artifacts_dir),
+            "INFLUENCE_MAX_UPLOAD_BYTES": str(settings.max_upload_bytes),
+            "OMP_NUM_THREADS": "1",
+            "PYTHONPATH": str(ROOT),
+            **env,
+        }
+        self.log_path = log_path
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> ApiProcess:
+        log = open(self.log_path, "ab")  # noqa: SIM115 - the server owns it until it exits
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "--factory", "app.main:create_app", "--port", str(self.port)],
+            cwd=ROOT,
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        log.close()
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"{self.url}/healthz", timeout=2).status_code == 200:
+                    return self
+            except httpx.TransportError:
+                pass
+            assert self.process.poll() is None and time.monotonic() < deadline, self.log_path.read_text()
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        """SIGTERM (a graceful stop), then SIGKILL if it does not end."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def kill(self) -> None:
+        """kill -9, as an OOM killer or a power cut would."""
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout=30)

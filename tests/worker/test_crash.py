@@ -4,11 +4,7 @@ left is removed when the API starts again."""
 
 from __future__ import annotations
 
-import os
-import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -16,62 +12,8 @@ import uuid
 import httpx
 
 from app.models import Dataset
-from tests.app.conftest import ROOT_DIR, build_api, make_settings, tsv_bytes
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-class ApiProcess:
-    """`uvicorn --factory app.main:create_app` on 127.0.0.1 over the test's database and artifacts."""
-
-    def __init__(self, settings, log_path):
-        self.port = _free_port()
-        self.env = {
-            **os.environ,
-            "INFLUENCE_DATA_DIR": str(settings.data_dir),
-            "INFLUENCE_DATABASE_URL": settings.resolved_database_url,
-            "INFLUENCE_ARTIFACTS_DIR": str(settings.resolved_artifacts_dir),
-            "INFLUENCE_MAX_UPLOAD_BYTES": str(settings.max_upload_bytes),
-            "OMP_NUM_THREADS": "1",
-            "PYTHONPATH": str(ROOT_DIR),
-        }
-        self.log_path = log_path
-        self.process: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self) -> ApiProcess:
-        log = open(self.log_path, "ab")  # noqa: SIM115 - the server owns it until it exits
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "--factory", "app.main:create_app", "--port", str(self.port)],
-            cwd=ROOT_DIR,
-            env=self.env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        log.close()
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{self.url}/healthz", timeout=2).status_code == 200:
-                    return self
-            except httpx.TransportError:
-                pass
-            assert self.process.poll() is None and time.monotonic() < deadline, self.log_path.read_text()
-            time.sleep(0.1)
-
-    def kill(self) -> None:
-        """kill -9, as an OOM killer or a power cut would."""
-        if self.process is not None and self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait(timeout=30)
+from tests.app.conftest import build_api, make_settings, tsv_bytes
+from tests.worker.support import ApiProcess
 
 
 def _multipart(content: bytes, token: str) -> tuple[bytes, bytes]:

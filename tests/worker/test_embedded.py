@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import stat
 import subprocess
 import sys
@@ -16,13 +15,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.worker.support import ROOT
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+from tests.worker.support import ROOT, free_port
 
 
 def _children(pid: int) -> list[int]:
@@ -62,7 +55,7 @@ def _wait_ready(client: httpx.Client, timeout: float) -> dict:
 
 
 def test_serve_migrates_runs_a_worker_restarts_it_and_stops_it(tmp_path):
-    port = _free_port()
+    port = free_port()
     data_dir = tmp_path / "var"
     env = {
         **os.environ,
