@@ -86,9 +86,10 @@ def _as_queries(queries: Any) -> torch.Tensor:
 
 
 def _norms_as_tensor(norms: Any, n: int) -> torch.Tensor | None:
+    """(n,) float32 norms as a tensor; a read-only memmap (a store's norms) is wrapped, not copied."""
     if norms is None:
         return None
-    tensor = norms if isinstance(norms, torch.Tensor) else torch.as_tensor(np.asarray(norms))
+    tensor = norms if isinstance(norms, torch.Tensor) else _readonly_view(np.asarray(norms))
     if tuple(tensor.shape) != (n,):
         raise InvalidInputError(f"norms must have shape ({n},), got {tuple(tensor.shape)}")
     return tensor.to(torch.float32)
@@ -109,8 +110,8 @@ def score_layer(
     chunk_rows: int = DEFAULT_CHUNK_ROWS,
 ) -> torch.Tensor:
     """Exact scores of one layer: train features (n, k) (array, memmap, tensor; float16/32/64) against
-    queries (m, k). norms: optional (n,) train feature norms (computed per chunk when the estimator needs them
-    and none are given). Returns (n, m) float32 on the queries' device.
+    queries (m, k). norms: optional (n,) train feature norms, used when the estimator needs them (computed per
+    chunk when none are given), e.g. a store's read-only memmap. Returns (n, m) float32 on the queries' device.
     """
     n, k = _feature_shape(train)
     query_tensor = _as_queries(queries)
@@ -120,7 +121,8 @@ def score_layer(
         )
     if int(chunk_rows) < 1:
         raise InvalidInputError("chunk_rows must be positive")
-    norm_tensor = _norms_as_tensor(norms, n)
+    # Norms only matter to estimators that scale rows by them (cosine): the others never read them.
+    norm_tensor = _norms_as_tensor(norms, n) if estimator.needs_norms else None
     device = query_tensor.device
     if query_tensor.dtype in (torch.float16, torch.bfloat16):
         query_tensor = query_tensor.float()  # the transform is done at no less than float32 precision

@@ -300,7 +300,7 @@ def _score_layers(
             store.layer(name),
             reference.features[name],
             estimators[name],
-            np.array(store.norms(name)),  # a copy: torch warns about wrapping read-only memmaps
+            store.norms(name),
         ).numpy()
         if some_deleted:
             block = block[live]

@@ -305,13 +305,7 @@ def exact_scores(prepared: _Prepared, columns: Sequence[int]) -> np.ndarray:
         {name: store.layer(name) for name in prepared.layers},
         {name: prepared.queries[name][list(columns)] for name in prepared.layers},
         prepared.estimators,
-        # Copies of the (n,) norms (torch warns about wrapping read-only memmaps), for the estimators that
-        # use them (cosine) only: copying 12 layers' norms cost more than a grad-dot query's aggregation top-k.
-        {
-            name: np.array(store.norms(name))
-            for name in prepared.layers
-            if getattr(prepared.estimators[name], "needs_norms", False)
-        },
+        {name: store.norms(name) for name in prepared.layers},
     )
 
 

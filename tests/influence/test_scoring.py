@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -52,6 +54,12 @@ def test_score_layer_on_a_memmap_matches_the_direct_product(tmp_path, dtype, nam
     np.testing.assert_allclose(
         score_layer(stored, queries, estimator, norms, 8).numpy(), exact, rtol=1e-5, atol=1e-5
     )
+    # A store's norms are a read-only memmap: taken as they are (no copy, no warning from torch).
+    stored_norms = store_layer(tmp_path, "norms", norms.numpy())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = score_layer(stored, queries, estimator, stored_norms, 8)
+    np.testing.assert_allclose(got.numpy(), exact, rtol=1e-5, atol=1e-5)
 
 
 def test_score_layer_errors():
