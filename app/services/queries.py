@@ -27,11 +27,11 @@ import numpy as np
 from app.config import Settings
 from app.errors import Conflict, Invalid
 from app.models import Dataset, Index, RegisteredModel
-from app.schemas.indexes import QueryExample, QueryRequest
+from app.schemas.indexes import QueryRequest
 from app.services.datasets import read_rows
 from app.services.indexes import get_index, layer_from_dict
 from app.services.pipelines import ModelCache, index_sources, resolve_device
-from app.services.references import featurize_for_index
+from app.services.references import check_labels, featurize_for_index, to_examples
 
 # Scores held at once while scoring exactly (float32): n rows x U layers x g examples <= this.
 SCORE_BUDGET_ELEMENTS = 1 << 26
@@ -161,42 +161,6 @@ def check_query_limits(request: QueryRequest, settings: Settings) -> None:
                 raise Invalid(
                     f"examples[{i}]: text longer than {settings.max_text_chars} characters (max_text_chars)"
                 )
-
-
-def to_examples(given: Sequence[QueryExample], dataset: Dataset, task: str, where: str = "examples") -> list:
-    """API examples as influence.Example, label names mapped to the dataset's class indices (422 if unknown)."""
-    from influence.data import Example
-
-    names = dataset.label_names or []
-    out = []
-    for i, example in enumerate(given):
-        label = example.label
-        if task == "classification":
-            if isinstance(label, str):
-                if label not in names:
-                    raise Invalid(
-                        f"{where}[{i}].label {label!r} is not a label name of the dataset"
-                        + (f" ({', '.join(names[:10])})" if names else " (its labels are class indices)")
-                    )
-                label = names.index(label)
-            if label is None:
-                raise Invalid(f"{where}[{i}].label is required for a classification index")
-        elif label is not None and not isinstance(label, str):
-            label = str(label)
-        out.append(Example(text=example.text, label=label, text_pair=example.text_pair))
-    pairs = {example.text_pair is None for example in out}
-    if len(pairs) > 1:
-        raise Invalid(f"either every one of {where} has a text_pair or none does")
-    return out
-
-
-def check_labels(examples: Sequence, model: RegisteredModel, where: str = "examples") -> None:
-    if model.task != "classification":
-        return
-    classes = int(model.num_labels or 2)
-    for i, example in enumerate(examples):
-        if not isinstance(example.label, int) or not 0 <= example.label < classes:
-            raise Invalid(f"{where}[{i}].label {example.label!r} is not a class index in [0, {classes})")
 
 
 def select_query_layers(index: Index, model: RegisteredModel, selector: Any) -> list[str]:

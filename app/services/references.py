@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session
 from app.config import Settings
 from app.errors import Conflict, Invalid
 from app.models import Dataset, Index, RegisteredModel
+from app.schemas.indexes import QueryExample
 from app.schemas.references import ReferenceSet
 from app.services.datasets import get_dataset, read_rows
 from app.services.pipelines import ModelCache, ModelSpec, store_dir
@@ -52,6 +53,43 @@ class ReferenceFeatures:
 # --------------------------------------------------------------------------------------------- in the API
 
 
+def to_examples(given: Sequence[QueryExample], dataset: Dataset, task: str, where: str = "examples") -> list:
+    """API examples as influence.Example, label names mapped to the dataset's class indices (422 if unknown)."""
+    from influence.data import Example
+
+    names = dataset.label_names or []
+    out = []
+    for i, example in enumerate(given):
+        label = example.label
+        if task == "classification":
+            if isinstance(label, str):
+                if label not in names:
+                    raise Invalid(
+                        f"{where}[{i}].label {label!r} is not a label name of the dataset"
+                        + (f" ({', '.join(names[:10])})" if names else " (its labels are class indices)")
+                    )
+                label = names.index(label)
+            if label is None:
+                raise Invalid(f"{where}[{i}].label is required for a classification index")
+        elif label is not None and not isinstance(label, str):
+            label = str(label)
+        out.append(Example(text=example.text, label=label, text_pair=example.text_pair))
+    pairs = {example.text_pair is None for example in out}
+    if len(pairs) > 1:
+        raise Invalid(f"either every one of {where} has a text_pair or none does")
+    return out
+
+
+def check_labels(examples: Sequence, model: RegisteredModel, where: str = "examples") -> None:
+    """Classification labels must be class indices of the model's head (422 naming the example otherwise)."""
+    if model.task != "classification":
+        return
+    classes = int(model.num_labels or 2)
+    for i, example in enumerate(examples):
+        if not isinstance(example.label, int) or not 0 <= example.label < classes:
+            raise Invalid(f"{where}[{i}].label {example.label!r} is not a class index in [0, {classes})")
+
+
 def _label_map(reference: Dataset, trained: Dataset) -> dict[int, int] | None:
     """Class index in the reference dataset -> class index of the index's dataset (None: the same numbering).
 
@@ -81,8 +119,6 @@ def resolve_reference(
     trained: Dataset,
 ) -> dict[str, Any]:
     """Check a reference set without loading anything heavy; returns the JSON spec a job keeps in its params."""
-    from app.services.queries import check_labels, to_examples
-
     limit = settings.max_reference_rows
     if reference.examples is not None:
         if len(reference.examples) > limit:
