@@ -831,28 +831,14 @@ def _build_index(ctx: _Context, index_id: str, build_job_id: str) -> None:
     job's progress (and cancellation check) between them."""
     from app.services import pipelines
 
-    dispatcher = pipelines.InlineDispatcher()
-    build = pipelines.BuildContext(
-        ctx.settings, ctx.run.ctx.session_factory, ctx.run.ctx.models, dispatcher, device=ctx.run.ctx.device
-    )
-    steps = {
-        "plan": lambda job_id, _: pipelines.plan_build(build, job_id),
-        "chunk": lambda job_id, chunk: pipelines.build_chunk(build, job_id, chunk),
-        "finalize": lambda job_id, _: pipelines.finalize_build(build, job_id),
-    }
-    dispatcher.plan(build_job_id)
-    chunks_done = 0
     try:
-        while dispatcher.steps:
-            step, job_id, chunk = dispatcher.steps.pop(0)
-            try:
-                steps[step](job_id, chunk)
-            except Exception as exc:
-                pipelines.fail_job(build, build_job_id, pipelines.describe_error(exc))
-                raise
-            chunks_done += step == "chunk"
-            pending = sum(1 for queued in dispatcher.steps if queued[0] == "chunk")
-            ctx.at(chunks_done / max(1, chunks_done + pending + 1))
+        pipelines.run_build_inline(
+            ctx.settings,
+            ctx.run.ctx.session_factory,
+            build_job_id,
+            models=ctx.run.ctx.models,
+            after_step=lambda done, known: ctx.at(done / max(1, known)),
+        )
         _wait_for(ctx, build_job_id, "index build")
     except JobCancelled:
         _stop_build(ctx, build_job_id, index_id)

@@ -32,7 +32,7 @@ import os
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -723,13 +723,20 @@ class InlineDispatcher:
 
 
 def run_build_inline(
-    settings: Settings, session_factory: sessionmaker[Session], job_id: str, models: ModelCache | None = None
+    settings: Settings,
+    session_factory: sessionmaker[Session],
+    job_id: str,
+    models: ModelCache | None = None,
+    after_step: Callable[[int, int], None] | None = None,
 ) -> None:
-    """Run a whole index build in this process (no broker, no worker): plan, every chunk, finalize."""
+    """Run a whole index build in this process (no broker, no worker): plan, every chunk, finalize.
+
+    after_step(chunks_done, steps_known) is called between steps (a caller's progress and cancellation
+    point: what it raises ends the run without failing the build)."""
     dispatcher = InlineDispatcher()
     ctx = BuildContext(settings, session_factory, models or ModelCache(), dispatcher)
     dispatcher.plan(job_id)
-    _run_inline(ctx, dispatcher, job_id)
+    _run_inline(ctx, dispatcher, job_id, after_step)
 
 
 def run_job_inline(
@@ -745,7 +752,12 @@ def run_job_inline(
     _run_inline(ctx, dispatcher, job_id)
 
 
-def _run_inline(ctx: BuildContext, dispatcher: InlineDispatcher, job_id: str) -> None:
+def _run_inline(
+    ctx: BuildContext,
+    dispatcher: InlineDispatcher,
+    job_id: str,
+    after_step: Callable[[int, int], None] | None = None,
+) -> None:
     runners = {
         "plan": lambda j, _: plan_build(ctx, j),
         "chunk": lambda j, c: build_chunk(ctx, j, c),
@@ -753,13 +765,18 @@ def _run_inline(ctx: BuildContext, dispatcher: InlineDispatcher, job_id: str) ->
         "compact": lambda j, _: compact_index(ctx, j),
         "run": lambda j, _: run_workflow_job(ctx, j),
     }
-    try:
-        while dispatcher.steps:
-            step, step_job, chunk = dispatcher.steps.pop(0)
+    chunks_done = 0
+    while dispatcher.steps:
+        step, step_job, chunk = dispatcher.steps.pop(0)
+        try:
             runners[step](step_job, chunk)
-    except Exception as exc:
-        fail_job(ctx, job_id, describe_error(exc))
-        raise
+        except Exception as exc:
+            fail_job(ctx, job_id, describe_error(exc))
+            raise
+        if after_step is not None:
+            chunks_done += step == "chunk"
+            pending = sum(1 for queued in dispatcher.steps if queued[0] == "chunk")
+            after_step(chunks_done, chunks_done + pending + 1)
 
 
 def run_workflow_job(ctx: BuildContext, job_id: str) -> str:
