@@ -41,7 +41,6 @@ from typing import IO, Any
 
 import numpy as np
 from pydantic import ValidationError
-from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from app.config import Settings
@@ -315,12 +314,9 @@ def list_checks(
     session: Session, *, tenant_id: str, index_id: str | None = None, offset: int = 0, limit: int = 50
 ) -> tuple[Sequence[Job], int]:
     """A page of this tenant's checks, newest first, and the total."""
-    query = select(Job).where(Job.tenant_id == tenant_id, Job.kind == CHECK)
-    if index_id is not None:
-        query = query.where(Job.target_id == index_id)
-    total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
-    rows = session.scalars(query.order_by(Job.created_at.desc(), Job.id).offset(offset).limit(limit)).all()
-    return rows, total
+    return job_service.list_jobs(
+        session, tenant_id=tenant_id, kind=CHECK, target_id=index_id, offset=offset, limit=limit
+    )
 
 
 def read_check(
