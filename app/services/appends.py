@@ -277,7 +277,7 @@ def _write_version(
         files = {}
         for name in (dataset_files.ROWS_FILE, dataset_files.OFFSETS_FILE):
             dataset_files._fsync(staging / name)
-            files[name] = dataset_files._sha256_file(staging / name)
+            files[name] = dataset_files.sha256_file(staging / name)
         if dataset.task == "classification":
             labels: list[Any] = sorted({*(dataset.labels or []), *(int(row["label"]) for row in rows)})
         else:

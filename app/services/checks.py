@@ -669,7 +669,7 @@ def _load_outcome(run: JobRun) -> dict[str, Any] | None:
         return None
     if not isinstance(outcome, dict) or outcome.get("verdict") not in ("pass", "fail"):
         return None
-    run.artifacts[RESULT_FILE] = runners.sha256_file(path)
+    run.artifacts[RESULT_FILE] = dataset_files.sha256_file(path)
     return outcome
 
 

@@ -183,7 +183,7 @@ def _open_rows(settings: Settings, dataset: Dataset) -> tuple[Path, Path]:
     except (OSError, ValueError, AttributeError):
         raise Conflict(f"the artifact of dataset {dataset.id!r} is corrupted (meta.json); register it again") from None
     for name, expected in checksums.items():  # datasets registered before checksums existed have none
-        if _sha256_file(path.with_name(name)) != expected:
+        if sha256_file(path.with_name(name)) != expected:
             raise Conflict(
                 f"the artifact of dataset {dataset.id!r} is corrupted ({name} failed its sha256 check); "
                 "register it again"
@@ -193,7 +193,8 @@ def _open_rows(settings: Settings, dataset: Dataset) -> tuple[Path, Path]:
     return path, offsets
 
 
-def _sha256_file(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in blocks."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(_READ_BLOCK), b""):
@@ -339,7 +340,7 @@ def _register(
         files = {}
         for file_name in (ROWS_FILE, OFFSETS_FILE):
             _fsync(staging / file_name)
-            files[file_name] = _sha256_file(staging / file_name)
+            files[file_name] = sha256_file(staging / file_name)
         meta = {
             "id": dataset_id,
             "name": name,

@@ -700,7 +700,7 @@ def _noisy_dataset_name(ctx: _Context, training: Dataset) -> str:
 
 
 def _register_dataset(ctx: _Context) -> str:
-    from app.services.runners import sha256_file
+    from app.services.datasets import sha256_file
 
     path = ctx.run.directory / NOISY_ROWS_FILE
     digest = sha256_file(path)

@@ -38,6 +38,7 @@ from app.db import after_commit, session_scope
 from app.errors import Conflict, NotFound
 from app.models import Job
 from app.services import jobs as job_service
+from app.services.datasets import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -88,14 +89,6 @@ PARENT_PARAM = "experiment_id"
 
 def job_dir(settings: Settings, job_id: str) -> Path:
     return settings.resolved_artifacts_dir / "jobs" / job_id
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 @contextlib.contextmanager
