@@ -280,6 +280,22 @@ class _TrainSource:
     chunks: Callable[[str], Iterator[np.ndarray]]
 
 
+class _LiveRows:
+    """One layer's (n, k) features restricted to a store's live positions, as an (n_live, k) array-like whose
+    row slices are gathered when read: never a whole layer copied into memory at once."""
+
+    def __init__(self, matrix: Any, live: np.ndarray) -> None:
+        self._matrix, self._live = matrix, live
+        self.shape = (len(live), int(matrix.shape[1]))
+        self.dtype = matrix.dtype
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, rows: Any) -> np.ndarray:
+        return np.asarray(self._matrix[self._live[rows]])
+
+
 def _train_source(features: Any, names: Sequence[str]) -> _TrainSource:
     if isinstance(features, FeatureStore):
         missing = [n for n in names if n not in features.layers]
@@ -288,17 +304,19 @@ def _train_source(features: Any, names: Sequence[str]) -> _TrainSource:
         live = features.live_positions()
         if len(live) < features.num_rows:
             # Deleted (tombstoned) rows are in no rank, mask position or detrimental list: a report ranges over
-            # the live rows only, gathered in memory (a compaction makes this a plain memory map again).
-            row_ids = np.asarray(features.row_ids(), dtype=np.int64)[live]
-            gathered = {n: np.asarray(features.layer(n))[live] for n in names}
+            # the live rows only, read through per-layer views that gather a block of rows at a time.
+            views = {n: _LiveRows(features.layer(n), live) for n in names}
 
             def live_chunks(name: str) -> Iterator[np.ndarray]:
-                array = gathered[name]
-                for i0 in range(0, len(array), _FIT_ROWS):
-                    yield array[i0 : i0 + _FIT_ROWS]
+                view = views[name]
+                for i0 in range(0, len(view), _FIT_ROWS):
+                    yield view[i0 : i0 + _FIT_ROWS]
 
             return _TrainSource(
-                gathered, {n: np.array(features.norms(n))[live] for n in names}, row_ids, live_chunks
+                views,
+                {n: np.asarray(features.norms(n))[live] for n in names},
+                np.asarray(features.row_ids(), dtype=np.int64)[live],
+                live_chunks,
             )
 
         def store_chunks(name: str) -> Iterator[np.ndarray]:
@@ -307,7 +325,7 @@ def _train_source(features: Any, names: Sequence[str]) -> _TrainSource:
 
         return _TrainSource(
             {n: features.layer(n) for n in names},
-            {n: np.array(features.norms(n)) for n in names},  # writable: torch refuses read-only memory
+            {n: features.norms(n) for n in names},  # read-only memmaps: scoring takes them as they are
             np.asarray(features.row_ids(), dtype=np.int64),
             store_chunks,
         )
