@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import json
 import math
 import os
@@ -45,7 +44,7 @@ from influence.errors import (
     StoreCorruptedError,
     StoreIncompleteError,
 )
-from influence.store import FeatureStore, layer_file_stem
+from influence.store import FeatureStore, _sha256_file, layer_file_stem
 
 INDEX_KINDS: dict[str, type[LayerIndex]] = {}
 
@@ -383,14 +382,6 @@ class HNSWLayerIndex(LayerIndex):
 
 
 # ------------------------------------------------------------------------------------- store integration
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 @contextlib.contextmanager
