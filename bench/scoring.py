@@ -3,6 +3,9 @@
     python -m bench.scoring            # n = 100k and 1M x 12 layers x dim 256 float16 memmaps; 5 runs each
     python -m bench.scoring --quick    # n = 100k only: one JSON line
 
+Third round: the compiled kernel (influence.kernels) against the blocked BLAS path ("eager"), m = 1..16 query
+vectors, same process, alternating (results "kernel_n{n}_m{m}"; "before" = eager, "after" = compiled).
+
 Profiling bench.query at n = 100k put 80 % of a query in `exact_scores` (1.46 s of 1.81 s, 45x its
 memory-bandwidth floor). The cause: influence.scoring converted each 65,536-row chunk of a read-only float16
 memmap by copying it (np.copy, because torch refuses read-only memory), then converting the copy to a fresh
@@ -140,6 +143,48 @@ def compare(name: str, before, after, runs: int) -> dict:
     return out
 
 
+def kernel_compare(sizes: list[int], runs: int, rng) -> dict[str, Any]:
+    """The compiled kernel vs BLAS over the 12 memmaps, for a few query counts (its crossover with BLAS)."""
+    import torch
+
+    import influence.scoring as scoring
+    from bench.growth import feature_files
+    from influence import make_estimator, score_layer
+    from influence.kernels import COMPILED_DOTS, compiled_scoring_status, enable_compiled_scoring
+
+    class KernelOff:
+        @staticmethod
+        def serves(dtype, num_queries) -> bool:
+            return False
+
+    started = common.timed(lambda: (enable_compiled_scoring(warm_up=False), COMPILED_DOTS.serves(torch.float16, 1)))
+    common.log(f"compiled kernel: {compiled_scoring_status()} after {started[0]:.1f}s")
+    estimator = make_estimator("grad-dot")
+    out: dict[str, Any] = {"kernel_compile_s": started[0], "kernel_status": compiled_scoring_status()}
+    for n in sizes:
+        files = feature_files(n, 12)
+        for m in (1, 2, 4, 8, 16):
+            queries = [torch.from_numpy(rng.standard_normal((m, 256), dtype=np.float32)) for _ in files]
+
+            def compiled(files=files, queries=queries):
+                return [score_layer(f, q, estimator) for f, q in zip(files, queries, strict=True)]
+
+            def eager(files=files, queries=queries):
+                saved, scoring.COMPILED_DOTS = scoring.COMPILED_DOTS, KernelOff()
+                try:
+                    return compiled(files, queries)
+                finally:
+                    scoring.COMPILED_DOTS = saved
+
+            diff = max(float((a - b).abs().max()) for a, b in zip(eager(), compiled(), strict=True))
+            scale = max(float(b.abs().max()) for b in eager())
+            entry = compare(f"kernel n={n} m={m} (before = BLAS, after = compiled)", eager, compiled, runs)
+            entry["max_abs_diff_over_max_abs"] = diff / scale
+            entry["kernel_used"] = m <= 8
+            out[f"kernel_n{n}_m{m}"] = entry
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.scoring", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
@@ -203,6 +248,7 @@ def main(argv: list[str] | None = None) -> None:
             for k in (1, 10, 100):
                 assert np.array_equal(top_k(values, k, d), top_k_before(values, k, d))
     results["top_k_tie_heavy_checks"] = "200 arrays x 2 directions x k in (1, 10, 100): identical"
+    results.update(kernel_compare(sizes, args.runs, rng))
     result = {"machine": common.machine(), "load_at_start": load_start, "results": results}
     headline = {"load_1min": common.load_average()[0]}
     for key, entry in results.items():

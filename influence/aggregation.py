@@ -72,7 +72,7 @@ def average_ranks(x: torch.Tensor) -> torch.Tensor:
         return _average_ranks_torch(x)
     n = x.shape[0]
     rows = _rows_first(x.reshape(n, -1))
-    return torch.from_numpy(_average_ranks_rows(rows)).T.reshape(x.shape)
+    return torch.from_numpy(_map_row_parts(_average_ranks_rows, rows)).T.reshape(x.shape)
 
 
 def _on_cpu(x: torch.Tensor) -> bool:
@@ -118,21 +118,24 @@ def _average_ranks_rows(rows: np.ndarray) -> np.ndarray:
     c, n = rows.shape
     order, tied = _sort_rows(rows)
     ranks = np.empty((c, n), dtype=np.float64)
-    np.put_along_axis(ranks, order, np.broadcast_to(np.arange(n, dtype=np.float64), (c, n)), axis=1)
-    if not tied.any():
+    positions = np.arange(n, dtype=np.float64)
+    for i in range(c):  # one plain scatter per row: half the time of np.put_along_axis
+        ranks[i, order[i]] = positions
+    pairs = np.flatnonzero(tied)  # (row, t) with sorted positions t and t + 1 equal, as row * (n - 1) + t
+    if len(pairs) == 0:
         return ranks
-    # Fix only the members of tie groups (sorted positions tied with a neighbour): groups are runs of them.
-    member = np.zeros((c, n), dtype=bool)
-    member[:, :-1] = tied
-    member[:, 1:] |= tied
-    flat = np.flatnonzero(member)
-    tied_with_previous = np.zeros((c, n), dtype=bool)
-    tied_with_previous[:, 1:] = tied
-    starts = ~tied_with_previous.reshape(-1)[flat]
-    group = np.cumsum(starts) - 1
+    # Fix only the members of tie groups, which are few: runs of sorted positions tied with a neighbour.
+    row, t = np.divmod(pairs, n - 1)
+    flat = np.union1d(row * n + t, row * n + t + 1)  # members as row * n + sorted position, ascending
     position = flat % n
+    member_row = flat // n
+    tied_with_previous = np.zeros(len(flat), dtype=bool)
+    has_previous = position > 0
+    tied_with_previous[has_previous] = tied[member_row[has_previous], position[has_previous] - 1]
+    starts = ~tied_with_previous
+    group = np.cumsum(starts) - 1
     average = (position[starts] + (np.bincount(group) - 1) / 2.0)[group]
-    ranks.reshape(-1)[flat - position + order.reshape(-1)[flat]] = average
+    ranks[member_row, order[member_row, position]] = average
     return ranks
 
 
@@ -287,16 +290,48 @@ def _selected_columns(correct: Any, m: int) -> np.ndarray:
     return columns
 
 
-def _sum_over_row_parts(fn: Callable[[np.ndarray], np.ndarray], rows: np.ndarray) -> np.ndarray:
-    """fn(part) -> (n,) summed over row parts of a (c, n) array, the parts run in threads.
+def _row_parts(fn: Callable[[np.ndarray], np.ndarray], rows: np.ndarray) -> list[np.ndarray]:
+    """[fn(part)] over consecutive row parts of a (c, n) array, the parts run in threads.
 
     numpy's sorts release the GIL, so threads use every core torch is allowed (torch.get_num_threads()).
     """
     workers = min(torch.get_num_threads(), rows.shape[0])
     if workers <= 1:
-        return fn(rows)
+        return [fn(rows)]
     with ThreadPoolExecutor(workers) as pool:
-        return sum(pool.map(fn, np.array_split(rows, workers)))
+        return list(pool.map(fn, np.array_split(rows, workers)))
+
+
+def _sum_over_row_parts(fn: Callable[[np.ndarray], np.ndarray], rows: np.ndarray) -> np.ndarray:
+    """fn(part) -> (n,) summed over row parts of a (c, n) array, the parts run in threads."""
+    return sum(_row_parts(fn, rows))
+
+
+def _map_row_parts(fn: Callable[[np.ndarray], np.ndarray], rows: np.ndarray) -> np.ndarray:
+    """fn(part) -> (rows of part, n), stacked back in order, the parts run in threads."""
+    parts = _row_parts(fn, rows)
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+
+def _voter_rows(source: ScoreSource) -> Iterator[np.ndarray | torch.Tensor]:
+    """Every voter once: CPU blocks as (c, n) numpy rows (_rows_first), accelerator blocks as they come.
+
+    Consecutive CPU blocks are joined up to the element budget, so that a few test columns per layer (a query:
+    one column in each of 12 layers) make one array that the threads of _sum_over_row_parts share, instead of
+    12 single-row arrays sorted one after another on one core."""
+    pending: list[np.ndarray] = []
+    size = 0
+    for block in source.voter_blocks():
+        if not _on_cpu(block):
+            yield block
+            continue
+        pending.append(_rows_first(block))
+        size += block.numel()
+        if size >= source.chunk_elements:
+            yield pending[0] if len(pending) == 1 else np.concatenate(pending)
+            pending, size = [], 0
+    if pending:
+        yield pending[0] if len(pending) == 1 else np.concatenate(pending)
 
 
 def _sum_over_voters(source: ScoreSource, points: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
@@ -306,11 +341,11 @@ def _sum_over_voters(source: ScoreSource, points: Callable[[torch.Tensor], torch
         return points(torch.from_numpy(_average_ranks_rows(rows))).sum(dim=0).numpy()
 
     total = torch.zeros(source.n, dtype=torch.float64)
-    for block in source.voter_blocks():
-        if _on_cpu(block):
-            total += torch.from_numpy(_sum_over_row_parts(rows_points, _rows_first(block)))
+    for rows in _voter_rows(source):
+        if isinstance(rows, np.ndarray):
+            total += torch.from_numpy(_sum_over_row_parts(rows_points, rows))
         else:
-            total += points(_average_ranks_torch(block)).sum(dim=1).cpu()
+            total += points(_average_ranks_torch(rows)).sum(dim=1).cpu()
     return total
 
 
@@ -341,12 +376,11 @@ def _vote(source: ScoreSource, options: AggregationOptions) -> torch.Tensor:
     """Truncated Borda count: minus the points max(0, K - rank) summed over voters."""
     k = vote_size(options.vote_k, source.n)
     total = torch.zeros(source.n, dtype=torch.float64)
-    for block in source.voter_blocks():
-        if _on_cpu(block):
-            borda = _sum_over_row_parts(lambda rows: _truncated_borda_rows(rows, k), _rows_first(block))
-            total += torch.from_numpy(borda)
+    for rows in _voter_rows(source):
+        if isinstance(rows, np.ndarray):
+            total += torch.from_numpy(_sum_over_row_parts(lambda part: _truncated_borda_rows(part, k), rows))
         else:
-            total += (k - _average_ranks_torch(block)).clamp_(min=0.0).sum(dim=1).cpu()
+            total += (k - _average_ranks_torch(rows)).clamp_(min=0.0).sum(dim=1).cpu()
     return -total
 
 
@@ -448,8 +482,9 @@ EXACTLY_COMBINABLE = ("rank", "vote")
 def combine_layer_aggregates(parts: Any, method: str, num_voters: int) -> np.ndarray:
     """aggregate(S, method) of an (n, U, m) tensor, bit for bit, from its U per-layer results.
 
-    parts: U arrays (n,), part u = aggregate(S[:, u:u+1, :], method, ...) with the same vote_k and `correct`
-    for every layer; num_voters: the test columns each layer votes with (m, or how many `correct` keeps).
+    parts: U arrays (n,) (or one (U, n) array), part u = aggregate(S[:, u:u+1, :], method, ...) with the same
+    vote_k and `correct` for every layer; num_voters: the test columns each layer votes with (m, or how many
+    `correct` keeps).
     Lets a caller that needs each layer's own aggregate anyway (an audit's per-layer contributions) skip a
     second pass over the whole tensor. Returns (n,) float64.
     """
@@ -458,7 +493,7 @@ def combine_layer_aggregates(parts: Any, method: str, num_voters: int) -> np.nda
             f"{method!r} aggregates cannot be combined exactly from per-layer ones; use one of "
             f"{', '.join(EXACTLY_COMBINABLE)} or aggregate() over all layers"
         )
-    stacked = np.asarray([np.asarray(p, dtype=np.float64) for p in parts])
+    stacked = np.asarray(parts, dtype=np.float64)  # a (U, n) float64 array passes through without a copy
     if stacked.ndim != 2 or stacked.shape[0] == 0:
         raise InvalidInputError(f"parts must be U >= 1 arrays of equal length, got shape {stacked.shape}")
     if isinstance(num_voters, bool) or not isinstance(num_voters, int | np.integer) or num_voters < 1:
@@ -466,5 +501,6 @@ def combine_layer_aggregates(parts: Any, method: str, num_voters: int) -> np.nda
     if method == "vote":
         return stacked.sum(axis=0)
     # Exact half-integer rank sums per layer (T_u = mean rank x V), summed, divided once, as aggregate() does.
-    sums = np.round(stacked * (2 * num_voters)) / 2
+    # With one voter the parts are those sums already (average ranks are half-integers).
+    sums = stacked if num_voters == 1 else np.round(stacked * (2 * num_voters)) / 2
     return sums.sum(axis=0) / (num_voters * stacked.shape[0])

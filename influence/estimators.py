@@ -58,14 +58,20 @@ class Estimator(ABC):
         scores = train @ transformed.to(device=train.device, dtype=dtype).T
         if norms is None and self.needs_norms:
             norms = torch.linalg.vector_norm(train, dim=1)
-        if norms is not None:
-            if tuple(norms.shape) != (train.shape[0],):
-                raise InvalidInputError(
-                    f"norms must have shape ({train.shape[0]},), got {tuple(norms.shape)}"
-                )
-            scale = self.row_scale(norms.to(device=train.device))
-            if scale is not None:
-                scores *= scale.to(dtype).unsqueeze(1)
+        return self.scale_rows(scores, norms)
+
+    def scale_rows(self, scores: torch.Tensor, norms: torch.Tensor | None) -> torch.Tensor:
+        """Inner products (n, m) times the per-row factor row_scale(norms), in place; None norms: as they are.
+
+        The second half of score_transformed, for callers that form the inner products another way (the
+        compiled kernel of influence.kernels)."""
+        if norms is None:
+            return scores
+        if tuple(norms.shape) != (scores.shape[0],):
+            raise InvalidInputError(f"norms must have shape ({scores.shape[0]},), got {tuple(norms.shape)}")
+        scale = self.row_scale(norms.to(device=scores.device))
+        if scale is not None:
+            scores *= scale.to(scores.dtype).unsqueeze(1)
         return scores
 
     def score(

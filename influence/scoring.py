@@ -2,6 +2,9 @@
 
 Features are the stored per-layer train features (n, k), typically float16/float32 memmaps; queries are the
 test features (m, k) of the same layer. Scores are float32 (n, m) per layer, positive = helpful.
+
+On CPU, float16 rows against at most a few queries (an interactive query) go through the fused kernel of
+influence.kernels when it is enabled; everything else through the blocked BLAS path below.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import torch
 
 from influence.errors import InvalidInputError
 from influence.estimators import Estimator
+from influence.kernels import COMPILED_DOTS
 
 DEFAULT_CHUNK_ROWS = 65536
 # On CPU, rows are converted to float32 and scored in blocks of about this many features (4 MiB of float32),
@@ -53,14 +57,23 @@ def _score_rows_cpu(
     norm_tensor: torch.Tensor | None,
     out: torch.Tensor,
     buffer: torch.Tensor,
+    kernel: Any = None,
 ) -> None:
-    """Scores of rows i0:i1 into out[i0:i1], in blocks of buffer's rows. A float16 (or read-only, or other)
-    block is converted into `buffer` (block_rows, k) float32 in one pass, straight from the source (no
-    intermediate copy), then scored while in cache; float32 blocks in writable memory are scored in place."""
+    """Scores of rows i0:i1 into out[i0:i1], in blocks of buffer's rows. With `kernel` (influence.kernels),
+    float16 blocks are dotted by it. Otherwise a float16 (or read-only, or other) block is converted into
+    `buffer` (block_rows, k) float32 in one pass, straight from the source (no intermediate copy), then scored
+    while in cache; float32 blocks in writable memory are scored in place."""
     step = buffer.shape[0]
     for b0 in range(i0, i1, step):
         b1 = min(i1, b0 + step)
         source = train[b0:b1]
+        block_norms = None if norm_tensor is None else norm_tensor[b0:b1]
+        half = _float16_rows(source) if kernel is not None else None
+        if half is not None:
+            if block_norms is None and estimator.needs_norms:
+                block_norms = torch.linalg.vector_norm(half.float(), dim=1)  # as score_transformed computes them
+            out[b0:b1] = estimator.scale_rows(kernel(half, transformed), block_norms)
+            continue
         if isinstance(source, torch.Tensor):
             if source.dtype == torch.float32 and source.device.type == "cpu":
                 rows = source  # already float32 in memory: scored in place, as before
@@ -76,8 +89,25 @@ def _score_rows_cpu(
                     source = np.ascontiguousarray(source, dtype=np.float32)
                 rows = buffer[: b1 - b0]
                 rows.copy_(_readonly_view(source))
-        block_norms = None if norm_tensor is None else norm_tensor[b0:b1]
         out[b0:b1] = estimator.score_transformed(rows, transformed, block_norms)
+
+
+def _float16_rows(rows: Any) -> torch.Tensor | None:
+    """A CPU float16 (r, k) block as a tensor over the same memory (no copy), None for any other block."""
+    if isinstance(rows, torch.Tensor):
+        return rows if rows.dtype == torch.float16 and rows.device.type == "cpu" else None
+    array = np.asarray(rows)
+    return _readonly_view(array) if array.dtype == np.float16 else None
+
+
+def _element_dtype(features: Any) -> torch.dtype | None:
+    """The torch dtype of an array-like's elements (None when it does not say)."""
+    if isinstance(features, torch.Tensor):
+        return features.dtype if features.device.type == "cpu" else None
+    try:
+        return torch.from_numpy(np.empty(0, dtype=np.dtype(features.dtype))).dtype
+    except (AttributeError, TypeError):
+        return None
 
 
 def _as_queries(queries: Any) -> torch.Tensor:
@@ -128,11 +158,17 @@ def score_layer(
         query_tensor = query_tensor.float()  # the transform is done at no less than float32 precision
     # Transform once (DataInf works in float64 inside), then score in float32.
     transformed = estimator.transform_query(query_tensor).to(torch.float32)
+    kernel = None
+    if device.type == "cpu" and n > 0 and COMPILED_DOTS.serves(_element_dtype(train), transformed.shape[0]):
+        kernel = COMPILED_DOTS
+        whole = _float16_rows(train) if isinstance(train, np.ndarray | torch.Tensor) else None
+        if whole is not None and (norm_tensor is not None or not estimator.needs_norms):
+            return estimator.scale_rows(kernel(whole, transformed), norm_tensor)  # one pass over all rows
     out = torch.empty((n, query_tensor.shape[0]), dtype=torch.float32, device=device)
     if device.type == "cpu" and n > 0:
         block_rows = max(1, min(int(chunk_rows), n, CPU_BLOCK_ELEMENTS // max(1, k)))
         buffer = torch.empty((block_rows, k), dtype=torch.float32)
-        _score_rows_cpu(train, 0, n, transformed, estimator, norm_tensor, out, buffer)
+        _score_rows_cpu(train, 0, n, transformed, estimator, norm_tensor, out, buffer, kernel)
         return out
     for i0 in range(0, n, int(chunk_rows)):
         i1 = min(n, i0 + int(chunk_rows))
@@ -260,12 +296,17 @@ def score_tensor(
     norms: Mapping[str, Any] | None = None,
     chunk_rows: int = DEFAULT_CHUNK_ROWS,
 ) -> np.ndarray:
-    """Materialise the (n, U, m) float32 score tensor (small sets, downloads); layers in `features` order."""
+    """Materialise the (n, U, m) float32 score tensor (small sets, a query); layers in `features` order.
+
+    Laid out layer-major in memory (a transposed view of a (U, m, n) array): each layer's column out[:, u, j]
+    is contiguous, as score_layer produces it and as ranking reads it (aggregate sorts along n per voter), so
+    neither side copies through a stride of U x m."""
     lazy = LazyScores(features, queries, estimators, norms, chunk_rows)
-    out = np.empty(lazy.shape, dtype=np.float32)
-    for u in range(lazy.shape[1]):
-        out[:, u, :] = lazy.layer_scores(u).cpu().numpy()
-    return out
+    n, num_layers, m = lazy.shape
+    layer_major = np.empty((num_layers, m, n), dtype=np.float32)
+    for u in range(num_layers):
+        layer_major[u] = lazy.layer_scores(u).cpu().numpy().T
+    return layer_major.transpose(2, 0, 1)
 
 
 def top_k(agg: Any, k: int, direction: Literal["helpful", "harmful"]) -> np.ndarray:

@@ -81,6 +81,12 @@ def run_job(job_id: str) -> str:
 @worker_process_init.connect
 def _init_process(**_) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if get_settings().compiled_scoring:
+        from influence.kernels import enable_compiled_scoring
+
+        # Compiled at the first job that scores against a few reference rows (most never do), so that such a
+        # job scores with the same kernel as the API's queries.
+        enable_compiled_scoring(warm_up=False)
     if resolve_device(get_settings().device) == "cuda":
         # One pool process per GPU (python -m worker): process i featurizes on GPU i.
         import torch

@@ -25,9 +25,17 @@ class CheckOut(BaseModel):
     seconds: float
 
 
+class ScoringKernel(BaseModel):
+    state: str = Field(description="off | enabled | compiling | ready | failed (scoring then uses BLAS)")
+    failure: str | None = Field(None, description="Why the compiled kernel is unavailable")
+
+
 class Readiness(BaseModel):
     status: str = Field(description="ready")
     checks: dict[str, CheckOut]
+    compiled_scoring: ScoringKernel = Field(
+        description="The compiled query scoring kernel of this API process (informational: never fails readiness)"
+    )
 
 
 @router.get("/healthz", response_model=Health, summary="Liveness: the process answers")
@@ -61,4 +69,7 @@ def readyz(checks: ReadinessChecksDep):
             instance="/readyz",
             checks={name: result.model_dump() for name, result in results.items()},
         )
-    return JSONResponse(Readiness(status="ready", checks=results).model_dump())
+    from influence.kernels import compiled_scoring_status
+
+    kernel = ScoringKernel(**compiled_scoring_status())
+    return JSONResponse(Readiness(status="ready", checks=results, compiled_scoring=kernel).model_dump())

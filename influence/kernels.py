@@ -1,0 +1,173 @@
+"""A fused CPU kernel for the scoring hot path, compiled by torch.compile (inductor); off unless enabled.
+
+A query scores one or a few examples against every stored row: for each layer, (n, k) float16 features dotted
+with (m, k) float32 query vectors. The eager path (influence.scoring) converts blocks to float32 and calls
+BLAS; on CPU the float16 -> float32 conversion in torch's copy kernel is the bottleneck, not memory: 12 layers
+of 100k x 256 took 147 ms, of which about 70 ms converting, against 28 ms for a plain read of the same bytes.
+This kernel converts in registers and reduces in one pass, (F.float()[:, None, :] * Q[None]).sum(-1):
+48 ms for m = 1, 87 ms for m = 4; from m = 16 on BLAS wins (docs/benchmarks.md, item 6; bench/scoring.py).
+
+Numbers: float16 x float32 products are formed in float32 and summed in float32, as in the eager path; only
+the summation order differs (a few float32 ulps; tests/influence/test_kernels.py bounds both against float64).
+
+It needs a C++ compiler (inductor generates and builds C++ at run time), and compiling takes a few seconds
+with a warm cache (TORCHINDUCTOR_CACHE_DIR, by default under /tmp), half a minute cold. So it is opt-in:
+enable_compiled_scoring() starts the compile (in a background thread with warm_up=True, else at first use);
+scoring then waits for it, so every score of a process comes from the same kernel. Any failure (no compiler,
+a compile error) is logged once and scoring stays eager.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+# Above this many query vectors, one BLAS product over converted blocks beats re-reading rows per vector.
+COMPILED_MAX_QUERIES = 8
+# Row dtypes the kernel serves: a store's float16, whose conversion is the cost. float32 rows go straight to
+# BLAS, which already reads them at memory speed (67 ms for 12 x 100k x 256 float32, against 75 ms compiled).
+COMPILED_DTYPES = (torch.float16,)
+# The longest a scoring call waits for a compile in progress before scoring eagerly (a hung compiler).
+COMPILE_WAIT_SECONDS = 300.0
+
+
+def _row_dots(rows: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+    """(n, m) float32: rows (n, k) in any float dtype, widened in registers, dotted with queries (m, k)."""
+    return (rows.float()[:, None, :] * queries[None, :, :]).sum(-1)
+
+
+class _CompiledDots:
+    """The compiled kernel and its life: off -> enabled -> compiling -> ready, or failed (eager for good)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()  # guards the state below, and serialises calls into dynamo
+        self._enabled = False
+        self._ready = threading.Event()
+        self._function: Any = None
+        self._failure: str | None = None
+        self._started = False  # whether a compile was started since enabling
+
+    def enable(self, warm_up: bool) -> None:
+        with self._lock:
+            self._enabled = True
+            start = warm_up and not self._started
+            self._started = self._started or warm_up
+        if start:
+            threading.Thread(target=self._compile, name="influence-compile", daemon=True).start()
+
+    def _compile_once(self) -> None:
+        """Compile in the calling thread unless a compile was started already (lazy enabling)."""
+        with self._lock:
+            if self._started or not self._enabled:
+                return
+            self._started = True
+        self._compile()
+
+    def disable(self) -> None:
+        """Back to eager scoring (tests; a compile in progress finishes but is not used)."""
+        with self._lock:
+            self._enabled = False
+            self._function = None
+            self._failure = None
+            self._started = False
+            self._ready = threading.Event()
+
+    def _compile(self) -> None:
+        ready = self._ready
+        function = None
+        failure = None
+        try:
+            import torch._inductor.config as inductor_config
+
+            # Build in this thread: no pool of compile worker processes for one small kernel.
+            inductor_config.compile_threads = 1
+            compiled = torch.compile(_row_dots, dynamic=True)
+            # One call per dtype and per query count class (m = 1 is specialised, m >= 2 is symbolic), so that
+            # no query compiles again later.
+            with torch.no_grad():
+                for dtype in COMPILED_DTYPES:
+                    rows = torch.randn(64, 32).to(dtype)
+                    for m in (1, 2):
+                        queries = torch.randn(m, 32)
+                        got = compiled(rows, queries)
+                        expected = rows.double() @ queries.double().T
+                        if not torch.allclose(got.double(), expected, rtol=1e-5, atol=1e-5):
+                            raise RuntimeError(f"compiled kernel disagrees with float64 for {dtype}, m={m}")
+            function = compiled
+        except Exception as exc:  # no compiler, an inductor error: scoring stays eager
+            failure = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            log.warning("compiled scoring is unavailable, scoring eagerly: %s", failure)
+        with self._lock:
+            if ready is self._ready and self._enabled:
+                self._function = function
+                self._failure = failure
+            ready.set()
+
+    def status(self) -> dict[str, Any]:
+        with self._lock:
+            if not self._enabled:
+                state = "off"
+            elif not self._started:
+                state = "enabled"
+            elif not self._ready.is_set():
+                state = "compiling"
+            elif self._function is not None:
+                state = "ready"
+            else:
+                state = "failed"
+            return {"state": state, "failure": self._failure}
+
+    def serves(self, dtype: Any, num_queries: int) -> bool:
+        """Whether CPU rows of this dtype against this many query vectors go through the kernel (waiting for a
+        compile in progress). Every such call of the process then does, whatever the rows' container or
+        blocking: a row's score never depends on the path that computed it."""
+        if not (self._enabled and dtype in COMPILED_DTYPES and 1 <= num_queries <= COMPILED_MAX_QUERIES):
+            return False
+        self._compile_once()
+        if not self._ready.wait(COMPILE_WAIT_SECONDS):
+            return False
+        return self._function is not None
+
+    def __call__(self, rows: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+        """(n, m) float32 dots of CPU rows (n, k) with queries (m, k); call when serves() said so."""
+        n, k = rows.shape
+        queries = queries.to(torch.float32)
+        if n < 2 or k < 2:
+            # Sizes 0 and 1 are specialised by dynamo (another compile): pad with zeros instead, which leaves
+            # each real row's sum as it is (its extra products are exact zeros).
+            padded = torch.zeros((max(n, 2), max(k, 2)), dtype=rows.dtype)
+            padded[:n, :k] = rows
+            wide = torch.zeros((queries.shape[0], max(k, 2)), dtype=torch.float32)
+            wide[:, :k] = queries
+            return self(padded, wide)[:n]
+        with self._lock, torch.no_grad():
+            function = self._function
+            if function is None:  # disabled meanwhile
+                function = _row_dots
+            return function(rows.contiguous(), queries.contiguous())
+
+
+COMPILED_DOTS = _CompiledDots()
+
+
+def enable_compiled_scoring(*, warm_up: bool = True) -> None:
+    """Score float16 rows against up to COMPILED_MAX_QUERIES vectors with the compiled kernel.
+
+    warm_up=True compiles now in a background thread (the API at start-up); False compiles at the first
+    call that uses the kernel (a worker, which may never need it). Idempotent."""
+    COMPILED_DOTS.enable(warm_up)
+
+
+def disable_compiled_scoring() -> None:
+    """Score with the eager path only."""
+    COMPILED_DOTS.disable()
+
+
+def compiled_scoring_status() -> dict[str, Any]:
+    """{"state": "off" | "enabled" (not compiled yet) | "compiling" | "ready" | "failed", "failure": why}."""
+    return COMPILED_DOTS.status()
