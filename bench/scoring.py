@@ -14,7 +14,8 @@ page-faulted anew for each chunk. The fix converts 4 MiB blocks straight from th
 float32 buffer (a non-copying, read-only view; `Tensor.copy_` converts) and scores each block while it is in
 cache. The second fix is influence.top_k: a partial selection (np.partition) instead of a full stable argsort,
 with the same tie rule. (A third change, stacking a query's per-layer rank sorts so that both threads share
-them, measured x1.1 at 100k and x0.9 at 1M on the busy machine and was withdrawn.)
+them, measured x1.1 at 100k and x0.9 at 1M on the busy machine and was withdrawn; session 3 brought it back,
+measured x1.3-1.8 at 100k and 1M on a quiet machine: "joined_voters_*" below.)
 
 "before" is the previous code, kept verbatim below; "after" is influence as it is now. Both run in the same
 process, alternating, on the same memmaps (synthetic features of bench.growth); outputs are compared.
@@ -185,6 +186,39 @@ def kernel_compare(sizes: list[int], runs: int, rng) -> dict[str, Any]:
     return out
 
 
+def joined_voters_compare(sizes: list[int], runs: int) -> dict[str, Any]:
+    """aggregate() of a query-shaped (n, 12, 1) tensor: voter blocks ranked one layer at a time ("before") vs
+    joined across layers so both threads share them (influence.aggregation._voter_rows); results identical."""
+    import influence.aggregation as aggregation
+    from influence import aggregate
+
+    joined = aggregation._voter_rows
+
+    def one_by_one(source):
+        for block in source.voter_blocks():
+            yield aggregation._rows_first(block) if aggregation._on_cpu(block) else block
+
+    out: dict[str, Any] = {}
+    for n in sizes:
+        scores = np.random.default_rng(5).standard_normal((12, 1, n), dtype=np.float32).transpose(2, 0, 1)
+        for method in ("rank", "vote"):
+
+            def before(method=method, scores=scores):
+                aggregation._voter_rows = one_by_one
+                try:
+                    return aggregate(scores, method)
+                finally:
+                    aggregation._voter_rows = joined
+
+            def after(method=method, scores=scores):
+                return aggregate(scores, method)
+
+            entry = compare(f"aggregate {method} n={n} x 12 layers x 1 column (joined voters)", before, after, runs)
+            entry["identical"] = bool(np.array_equal(before(), after()))
+            out[f"joined_voters_{method}_n{n}"] = entry
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.scoring", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
@@ -249,10 +283,11 @@ def main(argv: list[str] | None = None) -> None:
                 assert np.array_equal(top_k(values, k, d), top_k_before(values, k, d))
     results["top_k_tie_heavy_checks"] = "200 arrays x 2 directions x k in (1, 10, 100): identical"
     results.update(kernel_compare(sizes, args.runs, rng))
+    results.update(joined_voters_compare(sizes, args.runs))
     result = {"machine": common.machine(), "load_at_start": load_start, "results": results}
     headline = {"load_1min": common.load_average()[0]}
     for key, entry in results.items():
-        if isinstance(entry, dict):
+        if isinstance(entry, dict) and "before_s" in entry:
             headline[f"{key}_before_s"] = entry["before_s"]["median"]
             headline[f"{key}_after_s"] = entry["after_s"]["median"]
             headline[f"{key}_speedup"] = entry["speedup"]["median"]

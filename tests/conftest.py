@@ -131,3 +131,18 @@ def tiny_model_dir(tmp_path_factory, tiny_tokenizer_dir):
         return folder
 
     return make
+
+
+@pytest.fixture(scope="session", autouse=True)
+def compiled_scoring_first():
+    """The query scoring kernel (influence.kernels) compiled once, before any test: every test of this process
+    scores with it whatever ran before (an API's start-up enables it for the whole process), and the inductor
+    cache on disk is warm for the API and worker processes the tests start (a cold compile takes ~25 s, a warm
+    one a few seconds)."""
+    import torch
+
+    from influence.kernels import COMPILED_DOTS, compiled_scoring_status, enable_compiled_scoring
+
+    enable_compiled_scoring(warm_up=False)
+    COMPILED_DOTS.serves(torch.float16, 1)
+    return compiled_scoring_status()
