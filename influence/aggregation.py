@@ -124,7 +124,10 @@ def _average_ranks_rows(rows: np.ndarray) -> np.ndarray:
     pairs = np.flatnonzero(tied)  # (row, t) with sorted positions t and t + 1 equal, as row * (n - 1) + t
     if len(pairs) == 0:
         return ranks
-    # Fix only the members of tie groups, which are few: runs of sorted positions tied with a neighbour.
+    if len(pairs) * 16 > c * n:
+        _fix_many_ties(ranks, order, tied)
+        return ranks
+    # Fix only the members of tie groups, when they are few: runs of sorted positions tied with a neighbour.
     row, t = np.divmod(pairs, n - 1)
     flat = np.union1d(row * n + t, row * n + t + 1)  # members as row * n + sorted position, ascending
     position = flat % n
@@ -137,6 +140,23 @@ def _average_ranks_rows(rows: np.ndarray) -> np.ndarray:
     average = (position[starts] + (np.bincount(group) - 1) / 2.0)[group]
     ranks[member_row, order[member_row, position]] = average
     return ranks
+
+
+def _fix_many_ties(ranks: np.ndarray, order: np.ndarray, tied: np.ndarray) -> None:
+    """_average_ranks_rows' tie fix-up in whole-array passes, for rows where ties are common (e.g. every row
+    whose features are all zero scores exactly 0): faster there than collecting the tied pairs one by one."""
+    c, n = ranks.shape
+    member = np.zeros((c, n), dtype=bool)
+    member[:, :-1] = tied
+    member[:, 1:] |= tied
+    flat = np.flatnonzero(member)
+    tied_with_previous = np.zeros((c, n), dtype=bool)
+    tied_with_previous[:, 1:] = tied
+    starts = ~tied_with_previous.reshape(-1)[flat]
+    group = np.cumsum(starts) - 1
+    position = flat % n
+    average = (position[starts] + (np.bincount(group) - 1) / 2.0)[group]
+    ranks.reshape(-1)[flat - position + order.reshape(-1)[flat]] = average
 
 
 def _average_ranks_torch(x: torch.Tensor) -> torch.Tensor:
@@ -335,15 +355,19 @@ def _voter_rows(source: ScoreSource) -> Iterator[np.ndarray | torch.Tensor]:
 
 
 def _sum_over_voters(source: ScoreSource, points: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-    """Sum over voters of points(average ranks of the voter's column): (n,) float64."""
+    """Sum over voters of points(average ranks of the voter's column): (n,) float64.
+
+    Each voter's points are computed in threads, then summed voter after voter in one fixed order, so that
+    inexact points (rrf's reciprocals) give the same sums whatever the number of threads."""
 
     def rows_points(rows: np.ndarray) -> np.ndarray:
-        return points(torch.from_numpy(_average_ranks_rows(rows))).sum(dim=0).numpy()
+        return points(torch.from_numpy(_average_ranks_rows(rows))).numpy()
 
     total = torch.zeros(source.n, dtype=torch.float64)
     for rows in _voter_rows(source):
         if isinstance(rows, np.ndarray):
-            total += torch.from_numpy(_sum_over_row_parts(rows_points, rows))
+            # numpy adds the rows of a C-ordered (c, n) array one after another along axis 0
+            total += torch.from_numpy(_map_row_parts(rows_points, rows).sum(axis=0))
         else:
             total += points(_average_ranks_torch(rows)).sum(dim=1).cpu()
     return total

@@ -32,8 +32,13 @@ COMPILED_MAX_QUERIES = 8
 # Row dtypes the kernel serves: a store's float16, whose conversion is the cost. float32 rows go straight to
 # BLAS, which already reads them at memory speed (67 ms for 12 x 100k x 256 float32, against 75 ms compiled).
 COMPILED_DTYPES = (torch.float16,)
-# The longest a scoring call waits for a compile in progress before scoring eagerly (a hung compiler).
+# The longest a scoring call waits for a compile in progress; past it the kernel is given up as failed (a hung
+# compiler), so that no later call waits again.
 COMPILE_WAIT_SECONDS = 300.0
+# Rows per call into the kernel. Inductor's kernels hold the GIL while they run: 65,536 rows of 256 float16 (32 MiB)
+# take about 3 ms, so other threads (the API's event loop, other requests) wait at most that long. A row's sum
+# does not depend on the block it is in (tested), and the calls add ~0.1 ms each.
+KERNEL_BLOCK_ROWS = 65536
 
 
 def _row_dots(rows: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
@@ -129,9 +134,24 @@ class _CompiledDots:
         if not (self._enabled and dtype in COMPILED_DTYPES and 1 <= num_queries <= COMPILED_MAX_QUERIES):
             return False
         self._compile_once()
-        if not self._ready.wait(COMPILE_WAIT_SECONDS):
+        ready = self._ready
+        if not ready.wait(COMPILE_WAIT_SECONDS):
+            self._give_up(ready, f"the compile did not finish within {COMPILE_WAIT_SECONDS:.0f} s")
             return False
         return self._function is not None
+
+    def _give_up(self, ready: threading.Event, why: str) -> None:
+        """Mark a compile that hangs as failed for good: a fresh, set event, so the compile's late result (tied
+        to the old event) is discarded and no call waits again."""
+        with self._lock:
+            if ready is not self._ready or ready.is_set():
+                return
+            log.warning("compiled scoring is unavailable, scoring eagerly: %s", why)
+            self._failure = why
+            self._function = None
+            done = threading.Event()
+            done.set()
+            self._ready = done
 
     def __call__(self, rows: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
         """(n, m) float32 dots of CPU rows (n, k) with queries (m, k); call when serves() said so."""
@@ -145,11 +165,15 @@ class _CompiledDots:
             wide = torch.zeros((queries.shape[0], max(k, 2)), dtype=torch.float32)
             wide[:, :k] = queries
             return self(padded, wide)[:n]
+        queries = queries.contiguous()
+        if n > KERNEL_BLOCK_ROWS:
+            blocks = range(0, n, KERNEL_BLOCK_ROWS)
+            return torch.cat([self(rows[i : i + KERNEL_BLOCK_ROWS], queries) for i in blocks])
         with self._lock, torch.no_grad():
             function = self._function
-            if function is None:  # disabled meanwhile
-                function = _row_dots
-            return function(rows.contiguous(), queries.contiguous())
+            if function is None:  # disabled meanwhile: the same sums, eagerly
+                return rows.float() @ queries.T
+            return function(rows.contiguous(), queries)
 
 
 COMPILED_DOTS = _CompiledDots()

@@ -92,21 +92,31 @@ def _score_rows_cpu(
         out[b0:b1] = estimator.score_transformed(rows, transformed, block_norms)
 
 
-def _float16_rows(rows: Any) -> torch.Tensor | None:
-    """A CPU float16 (r, k) block as a tensor over the same memory (no copy), None for any other block."""
+def _float16_rows(rows: Any, copy: bool = True) -> torch.Tensor | None:
+    """A CPU float16 (r, k) block as a C-contiguous tensor, over the same memory when it is laid out so, else
+    a copy (a block's worth), or None with copy=False; None for any other block."""
     if isinstance(rows, torch.Tensor):
-        return rows if rows.dtype == torch.float16 and rows.device.type == "cpu" else None
+        if rows.dtype != torch.float16 or rows.device.type != "cpu":
+            return None
+        return rows if rows.is_contiguous() else (rows.contiguous() if copy else None)
     array = np.asarray(rows)
-    return _readonly_view(array) if array.dtype == np.float16 else None
+    if array.dtype != np.float16:  # also a non-native byte order: BLAS's path converts it
+        return None
+    if not array.flags.c_contiguous:
+        if not copy:
+            return None
+        array = np.ascontiguousarray(array)
+    return _readonly_view(array)
 
 
 def _element_dtype(features: Any) -> torch.dtype | None:
-    """The torch dtype of an array-like's elements (None when it does not say)."""
+    """The torch dtype of an array-like's elements (None when it does not say, or torch has none for it)."""
     if isinstance(features, torch.Tensor):
         return features.dtype if features.device.type == "cpu" else None
     try:
-        return torch.from_numpy(np.empty(0, dtype=np.dtype(features.dtype))).dtype
-    except (AttributeError, TypeError):
+        dtype = np.dtype(features.dtype)
+        return torch.from_numpy(np.empty(0, dtype=dtype)).dtype if dtype.isnative else None
+    except (AttributeError, TypeError, ValueError):
         return None
 
 
@@ -161,9 +171,10 @@ def score_layer(
     kernel = None
     if device.type == "cpu" and n > 0 and COMPILED_DOTS.serves(_element_dtype(train), transformed.shape[0]):
         kernel = COMPILED_DOTS
-        whole = _float16_rows(train) if isinstance(train, np.ndarray | torch.Tensor) else None
+        # One pass over all rows when they lie contiguous in memory; otherwise (a view, a lazy source) block by block.
+        whole = _float16_rows(train, copy=False) if isinstance(train, np.ndarray | torch.Tensor) else None
         if whole is not None and (norm_tensor is not None or not estimator.needs_norms):
-            return estimator.scale_rows(kernel(whole, transformed), norm_tensor)  # one pass over all rows
+            return estimator.scale_rows(kernel(whole, transformed), norm_tensor)
     out = torch.empty((n, query_tensor.shape[0]), dtype=torch.float32, device=device)
     if device.type == "cpu" and n > 0:
         block_rows = max(1, min(int(chunk_rows), n, CPU_BLOCK_ELEMENTS // max(1, k)))
@@ -295,18 +306,25 @@ def score_tensor(
     estimators: Mapping[str, Estimator],
     norms: Mapping[str, Any] | None = None,
     chunk_rows: int = DEFAULT_CHUNK_ROWS,
+    *,
+    layer_major: bool = False,
 ) -> np.ndarray:
     """Materialise the (n, U, m) float32 score tensor (small sets, a query); layers in `features` order.
 
-    Laid out layer-major in memory (a transposed view of a (U, m, n) array): each layer's column out[:, u, j]
-    is contiguous, as score_layer produces it and as ranking reads it (aggregate sorts along n per voter), so
-    neither side copies through a stride of U x m."""
+    C-ordered by default. layer_major=True returns a transposed view of a (U, m, n) array instead, in which
+    each layer's column out[:, u, j] is contiguous, as score_layer produces it and as ranking reads it
+    (aggregate and average_ranks sort along n per voter): no copy goes through a stride of U x m (a query)."""
     lazy = LazyScores(features, queries, estimators, norms, chunk_rows)
     n, num_layers, m = lazy.shape
-    layer_major = np.empty((num_layers, m, n), dtype=np.float32)
+    if not layer_major:
+        out = np.empty(lazy.shape, dtype=np.float32)
+        for u in range(num_layers):
+            out[:, u, :] = lazy.layer_scores(u).cpu().numpy()
+        return out
+    by_layer = np.empty((num_layers, m, n), dtype=np.float32)
     for u in range(num_layers):
-        layer_major[u] = lazy.layer_scores(u).cpu().numpy().T
-    return layer_major.transpose(2, 0, 1)
+        by_layer[u] = lazy.layer_scores(u).cpu().numpy().T
+    return by_layer.transpose(2, 0, 1)
 
 
 def top_k(agg: Any, k: int, direction: Literal["helpful", "harmful"]) -> np.ndarray:

@@ -243,7 +243,21 @@ class _Ranked:
     aggregated: np.ndarray  # (c,) float64
     helpful: np.ndarray | None  # indices into positions, most helpful first
     harmful: np.ndarray | None
-    layer_ranks: np.ndarray | None = None  # (c, U) float64 average ranks per layer, when the aggregation had them
+    shown: np.ndarray  # indices into positions of the rows the answer shows (helpful and harmful), ascending
+    shown_ranks: np.ndarray | None  # (len(shown), U) float64 their per-layer average ranks, when at hand
+
+
+def _ranked(
+    positions: np.ndarray, scores: np.ndarray, outcome: tuple[np.ndarray, np.ndarray | None], request: QueryRequest
+) -> _Ranked:
+    """The top-k of one example's aggregated scores, with the shown rows' per-layer ranks when the aggregation
+    computed them (only theirs are kept: a (c, U) float64 matrix per example would be 24 GB for 256 examples at
+    1M rows)."""
+    aggregated, layer_ranks = outcome
+    helpful, harmful = _pick(aggregated, request.top_k, request.direction)
+    shown = np.unique(np.concatenate([c for c in (helpful, harmful) if c is not None]))
+    shown_ranks = None if layer_ranks is None else layer_ranks[shown]
+    return _Ranked(positions, scores, aggregated, helpful, harmful, shown, shown_ranks)
 
 
 def _pick(aggregated: np.ndarray, top_k: int, direction: str) -> tuple[np.ndarray | None, np.ndarray | None]:
@@ -267,7 +281,7 @@ def _aggregate(scores: np.ndarray, request: QueryRequest) -> tuple[np.ndarray, n
     from influence import InvalidInputError, aggregate, average_ranks
     from influence.aggregation import combine_layer_aggregates
 
-    if request.aggregation == "rank":
+    if request.aggregation == "rank" and len(scores):
         if np.isnan(scores.max()):  # what aggregate() refuses too
             raise InvalidInputError("scores contain NaN")
         ranks = average_ranks(torch.from_numpy(scores)).numpy()
@@ -285,6 +299,7 @@ def exact_scores(prepared: _Prepared, columns: Sequence[int]) -> np.ndarray:
         {name: prepared.queries[name][list(columns)] for name in prepared.layers},
         prepared.estimators,
         {name: store.norms(name) for name in prepared.layers},
+        layer_major=True,
     )
 
 
@@ -305,9 +320,7 @@ def rank_exact(prepared: _Prepared, request: QueryRequest) -> list[_Ranked]:
             block = block.transpose(1, 2, 0)[:, :, positions].transpose(2, 0, 1)
         for j in range(len(columns)):
             scores = block[:, :, j]
-            aggregated, layer_ranks = _aggregate(scores, request)
-            helpful, harmful = _pick(aggregated, request.top_k, request.direction)
-            out.append(_Ranked(positions, scores, aggregated, helpful, harmful, layer_ranks))
+            out.append(_ranked(positions, scores, _aggregate(scores, request), request))
         del block
     return out
 
@@ -343,9 +356,7 @@ def rank_approximate(
             norms = np.asarray(store.norms(name)[positions])
             query = prepared.queries[name][j : j + 1]
             scores[:, u] = score_layer(features, query, prepared.estimators[name], norms)[:, 0].numpy()
-        aggregated, layer_ranks = _aggregate(scores, request)
-        helpful, harmful = _pick(aggregated, request.top_k, request.direction)
-        out.append(_Ranked(positions, scores, aggregated, helpful, harmful, layer_ranks))
+        out.append(_ranked(positions, scores, _aggregate(scores, request), request))
     return out
 
 
@@ -457,14 +468,10 @@ def run_query(
 
     results = []
     for j, item in enumerate(ranked):
-        shown = np.unique(np.concatenate([c for c in (item.helpful, item.harmful) if c is not None]))
         # Ranks of the shown rows only (local index -> (U,)): an (n, U) array per example cost 0.2 s at 1M rows.
-        if not len(shown):
-            shown_ranks = np.zeros((0, len(prepared.layers)))
-        elif item.layer_ranks is not None:
-            shown_ranks = item.layer_ranks[shown]
-        else:
-            shown_ranks = shown_layer_ranks(item.scores, shown)
+        shown, shown_ranks = item.shown, item.shown_ranks
+        if shown_ranks is None:
+            shown_ranks = shown_layer_ranks(item.scores, shown) if len(shown) else np.zeros((0, len(prepared.layers)))
         ranks = dict(zip(shown.tolist(), shown_ranks, strict=True))
         example = request.examples[j]
         results.append(

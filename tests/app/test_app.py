@@ -42,6 +42,8 @@ def test_healthz_and_readyz_on_a_migrated_database(any_api):
     body = response.json()
     assert body["status"] == "ready"
     assert body["checks"]["database"]["ok"] is True and HEAD in body["checks"]["database"]["detail"]
+    # the query scoring kernel of this process (compiled first by the tests' session fixture)
+    assert body["compiled_scoring"] == {"state": "ready", "failure": None}
 
 
 def test_readyz_is_503_on_an_unmigrated_database(tmp_path, default_roots):

@@ -232,6 +232,34 @@ def test_average_ranks_against_brute_force():
     )
 
 
+@pytest.mark.parametrize("tied_share", [0.0, 0.01, 0.3, 1.0])
+def test_average_ranks_fix_few_and_many_ties_alike(tied_share):
+    """Both tie fix-ups (from the tied pairs when they are few, in whole-array passes when they are many, as when
+    every all-zero row scores exactly 0) against brute force, with ties in runs and adjacent groups."""
+    rng = np.random.default_rng(int(tied_share * 100))
+    n, columns = 3000, 5
+    x = rng.standard_normal((n, columns)).astype(np.float32)
+    tied = rng.random((n, columns)) < tied_share
+    x[tied] = rng.choice(np.array([0.0, -0.0, 1.0, 1.0000001, -2.5], dtype=np.float32), size=int(tied.sum()))
+    x[:4, 0] = [3.0, 3.0, 3.0000002, 3.0000002]  # two tie groups side by side in sorted order
+    expected = np.stack([brute_ranks(x[:, c]) for c in range(columns)], axis=1)
+    np.testing.assert_array_equal(average_ranks(torch.from_numpy(x)).numpy(), expected)
+
+
+def test_rank_aggregations_do_not_depend_on_the_thread_count():
+    scores = np.random.default_rng(4).standard_normal((5000, 6, 3)).astype(np.float32)
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for count in (1, 2, 3):
+            torch.set_num_threads(count)
+            results.append({method: aggregate(scores, method) for method in ("rank", "vote", "rrf")})
+    finally:
+        torch.set_num_threads(threads)
+    for method in ("rank", "vote", "rrf"):
+        assert all(np.array_equal(results[0][method], other[method]) for other in results[1:]), method
+
+
 def test_registry_dispatch():
     @register_aggregator("test-max")
     def _max(source, options):

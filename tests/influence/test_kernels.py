@@ -3,6 +3,9 @@ used by score_layer exactly where it should be, and a clean fall back to BLAS wh
 
 from __future__ import annotations
 
+import threading
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -180,3 +183,53 @@ def test_a_background_warm_up_is_waited_for_and_disable_returns_to_blas(monkeypa
     kernel.disable()
     assert kernel.status()["state"] == "off"
     assert not kernel.serves(torch.float16, 2)
+
+
+def test_rows_beyond_one_kernel_block_score_as_they_would_alone(compiled):
+    """The kernel is called on blocks of KERNEL_BLOCK_ROWS rows (it holds the GIL while it runs); a row's score
+    does not depend on the block it falls in."""
+    rng = np.random.default_rng(4)
+    n = kernels.KERNEL_BLOCK_ROWS + 3
+    rows = torch.from_numpy(rng.standard_normal((n, 12)).astype(np.float16))
+    queries = torch.from_numpy(rng.standard_normal((2, 12)).astype(np.float32))
+    whole = compiled(rows, queries)
+    assert tuple(whole.shape) == (n, 2)
+    for i in (0, kernels.KERNEL_BLOCK_ROWS - 1, kernels.KERNEL_BLOCK_ROWS, n - 1):
+        assert torch.equal(compiled(rows[i : i + 1], queries), whole[i : i + 1])
+
+
+def test_reversed_and_foreign_byte_order_rows_still_score(compiled):
+    rng = np.random.default_rng(5)
+    train = rng.standard_normal((40, 6)).astype(np.float16)
+    queries = rng.standard_normal((1, 6)).astype(np.float32)
+    estimator = make_estimator("grad-dot")
+    forward = score_layer(train, queries, estimator)
+    assert torch.equal(score_layer(train[::-1], queries, estimator), forward.flip(0))  # negative strides
+    big_endian = train.astype(np.float64).astype(">f8")
+    expected = torch.from_numpy(train.astype(np.float64)) @ torch.from_numpy(queries.astype(np.float64)).T
+    assert torch.allclose(score_layer(big_endian, queries, estimator).double(), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_a_hung_compile_is_given_up_once_and_its_late_result_ignored(monkeypatch):
+    release = threading.Event()
+
+    def hanging_compile(fn, dynamic):
+        release.wait(30)
+        return fn
+
+    monkeypatch.setattr(torch, "compile", hanging_compile)
+    monkeypatch.setattr(kernels, "COMPILE_WAIT_SECONDS", 0.2)
+    kernel = _CompiledDots()
+    kernel.enable(warm_up=True)
+    assert not kernel.serves(torch.float16, 1)
+    status = kernel.status()
+    assert status["state"] == "failed" and "did not finish within" in status["failure"]
+    started = time.monotonic()
+    assert not kernel.serves(torch.float16, 1)  # no second wait
+    assert time.monotonic() - started < 0.1
+    release.set()
+    deadline = time.monotonic() + 10
+    while threading.active_count() > 1 and any(t.name == "influence-compile" for t in threading.enumerate()):
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert kernel.status()["state"] == "failed"  # the compile finished late: not used
