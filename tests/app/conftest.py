@@ -221,6 +221,17 @@ def build_api(settings, queue=None, readiness_checks=(), authenticate: bool = Tr
     return Api(app, settings, queue, authenticate=authenticate)
 
 
+def fresh_api(tmp_path_factory, sqlite_template: Path, name: str, **overrides) -> Api:
+    """An API of its own for a module's (or a test's) fixture: a copy of the migrated SQLite template in a new
+    folder `name`, the test session's folders, the SST-2 rows and the packaged model allowed as server paths."""
+    from influence import packaged_minilm_path
+
+    folder = tmp_path_factory.mktemp(name)
+    shutil.copy(sqlite_template, folder / "influence.db")
+    roots = [tmp_path_factory.getbasetemp(), SST2, packaged_minilm_path().parent]
+    return build_api(make_settings(folder, f"sqlite:///{folder / 'influence.db'}", roots, **overrides))
+
+
 @pytest.fixture
 def api(tmp_path, sqlite_url, default_roots) -> Iterator[Api]:
     """The API over a migrated SQLite database."""

@@ -8,7 +8,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import shutil
 
 import numpy as np
 import pytest
@@ -17,8 +16,7 @@ import torch
 from app.models import Job
 from app.services.pipelines import run_build_inline, run_job_inline
 from app.services.runners import job_dir
-from tests.app.conftest import build_api, make_settings
-from tests.conftest import SST2
+from tests.app.conftest import build_api, fresh_api, make_settings
 from tests.worker.support import assert_problem, register_dataset, register_model, tsv
 
 ROWS = 120
@@ -47,15 +45,9 @@ EXAMPLES = [
 def served(tmp_path_factory, sqlite_template, tiny_model_dir, sst2_rows):
     """An API with a tiny-BERT index (8 layers) over 120 SST-2 rows flagged noisy every 7th row, and a
     reference dataset of 40 other SST-2 rows."""
-    from influence import packaged_minilm_path
-
-    tmp = tmp_path_factory.mktemp("audits")
-    shutil.copy(sqlite_template, tmp / "influence.db")
-    roots = [tmp_path_factory.getbasetemp(), SST2, packaged_minilm_path().parent]
-    settings = make_settings(
-        tmp, f"sqlite:///{tmp / 'influence.db'}", roots, max_reference_rows=50, max_active_jobs_per_tenant=50
+    built = fresh_api(
+        tmp_path_factory, sqlite_template, "audits", max_reference_rows=50, max_active_jobs_per_tenant=50
     )
-    built = build_api(settings)
     folder = tiny_model_dir("bert", "classification", num_labels=2)
     model = register_model(built.client, folder)
     dataset = register_dataset(built.client, sst2_rows[:ROWS], noisy=NOISY)

@@ -7,7 +7,6 @@ failing batch never joins; bad files are 4xx and leave nothing; every route is t
 from __future__ import annotations
 
 import json
-import shutil
 import threading
 import time
 
@@ -18,8 +17,7 @@ from sqlalchemy import update
 
 from app.models import Job
 from app.services.pipelines import ModelCache, run_build_inline, run_job_inline
-from tests.app.conftest import build_api, jsonl_bytes, make_settings
-from tests.conftest import SST2
+from tests.app.conftest import fresh_api, jsonl_bytes
 from tests.worker.support import assert_problem, register_dataset, register_model, tsv
 
 TRAIN_ROWS = 100
@@ -38,12 +36,7 @@ class Env:
 
 
 def _make_env(tmp_path_factory, sqlite_template, tiny_model_dir, sst2_rows, name: str, **settings) -> Env:
-    from influence import packaged_minilm_path
-
-    tmp = tmp_path_factory.mktemp(name)
-    shutil.copy(sqlite_template, tmp / "influence.db")
-    roots = [tmp_path_factory.getbasetemp(), SST2, packaged_minilm_path().parent]
-    api = build_api(make_settings(tmp, f"sqlite:///{tmp / 'influence.db'}", roots, **settings))
+    api = fresh_api(tmp_path_factory, sqlite_template, name, **settings)
     folder = tiny_model_dir("bert", "classification", num_labels=2)
     model = register_model(api.client, folder)
     dataset = register_dataset(api.client, sst2_rows[:TRAIN_ROWS], name="train")
@@ -307,12 +300,7 @@ QUERY = {
 @pytest.fixture
 def grow(tmp_path_factory, sqlite_template, tiny_model_dir, sst2_rows):
     """An API with a small index (3 layers, float16, flat FAISS) over 60 rows: appends change it, so one per test."""
-    from influence import packaged_minilm_path
-
-    tmp = tmp_path_factory.mktemp("grow")
-    shutil.copy(sqlite_template, tmp / "influence.db")
-    roots = [tmp_path_factory.getbasetemp(), SST2, packaged_minilm_path().parent]
-    api = build_api(make_settings(tmp, f"sqlite:///{tmp / 'influence.db'}", roots, max_top_k=500))
+    api = fresh_api(tmp_path_factory, sqlite_template, "grow", max_top_k=500)
     folder = tiny_model_dir("bert", "classification", num_labels=2)
     model = register_model(api.client, folder)
     dataset = register_dataset(api.client, sst2_rows[:GROW_ROWS], name="grow")

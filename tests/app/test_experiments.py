@@ -7,7 +7,6 @@ bad requests are 4xx, other tenants see nothing, a cancelled experiment stops at
 from __future__ import annotations
 
 import json
-import shutil
 import threading
 import time
 
@@ -17,8 +16,7 @@ import pytest
 from app.models import Dataset, Index, Job, RegisteredModel
 from app.services.pipelines import run_job_inline
 from app.services.runners import job_dir, sha256_file
-from tests.app.conftest import build_api, make_settings
-from tests.conftest import SST2
+from tests.app.conftest import fresh_api
 from tests.worker.support import assert_problem, register_dataset, register_model
 
 TRAIN_ROWS = 120
@@ -80,12 +78,7 @@ def one_thread():
 @pytest.fixture(scope="module")
 def ran(tmp_path_factory, sqlite_template, tiny_model_dir, sst2_rows, one_thread):
     """One experiment (noise 0.2, 1 epoch, retraining on) over 120 SST-2 rows of a tiny BERT, run inline."""
-    from influence import packaged_minilm_path
-
-    tmp = tmp_path_factory.mktemp("experiments")
-    shutil.copy(sqlite_template, tmp / "influence.db")
-    roots = [tmp_path_factory.getbasetemp(), SST2, packaged_minilm_path().parent]
-    api = build_api(make_settings(tmp, f"sqlite:///{tmp / 'influence.db'}", roots))
+    api = fresh_api(tmp_path_factory, sqlite_template, "experiments")
     folder = tiny_model_dir("bert", "classification", num_labels=2)
     base = register_model(api.client, folder, name="tiny-base")
     # Labels by name: the noisy dataset must number its classes as the training dataset does.

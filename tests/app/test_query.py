@@ -10,8 +10,7 @@ import pytest
 import torch
 
 from app.services.pipelines import run_build_inline
-from tests.app.conftest import build_api, make_settings
-from tests.conftest import SST2
+from tests.app.conftest import build_api, fresh_api, make_settings
 from tests.worker.support import assert_problem, register_dataset, register_model
 
 EXAMPLES = [
@@ -24,12 +23,7 @@ EXAMPLES = [
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, sqlite_template, tiny_model_dir, sst2_rows):
     """An API with one tiny-BERT index (all layers, float16) over 120 SST-2 rows, built in-process."""
-    from influence import packaged_minilm_path
-
-    tmp = tmp_path_factory.mktemp("query")
-    shutil.copy(sqlite_template, tmp / "influence.db")
-    roots = [tmp_path_factory.getbasetemp(), SST2, packaged_minilm_path().parent]
-    built = build_api(make_settings(tmp, f"sqlite:///{tmp / 'influence.db'}", roots, max_top_k=200))
+    built = fresh_api(tmp_path_factory, sqlite_template, "query", max_top_k=200)
     folder = tiny_model_dir("bert", "classification", num_labels=2)
     model = register_model(built.client, folder)
     noisy = [i % 7 == 0 for i in range(120)]

@@ -6,7 +6,6 @@ isolation for every route."""
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,8 +14,7 @@ import pytest
 import torch
 
 from app.services.pipelines import run_build_inline, run_job_inline
-from tests.app.conftest import build_api, make_settings
-from tests.conftest import SST2
+from tests.app.conftest import fresh_api
 from tests.worker.support import assert_problem, register_dataset, register_model
 
 N_TRAIN, N_REFERENCE = 120, 24
@@ -40,12 +38,7 @@ class Served:
 def served(tmp_path_factory, sqlite_template, tiny_model_dir, sst2_rows):
     """An API with a tiny-BERT index (all layers) over 120 SST-2 rows with a noisy column, and a reference
     dataset of 40 other rows."""
-    from influence import packaged_minilm_path
-
-    tmp = tmp_path_factory.mktemp("reports")
-    shutil.copy(sqlite_template, tmp / "influence.db")
-    roots = [tmp_path_factory.getbasetemp(), SST2, packaged_minilm_path().parent]
-    built = build_api(make_settings(tmp, f"sqlite:///{tmp / 'influence.db'}", roots, max_top_k=200))
+    built = fresh_api(tmp_path_factory, sqlite_template, "reports", max_top_k=200)
     folder = tiny_model_dir("bert", "classification", num_labels=2)
     model = register_model(built.client, folder)
     train_rows = sst2_rows[:N_TRAIN]

@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import stat
 import subprocess
 import sys
@@ -21,20 +20,14 @@ from sqlalchemy import select
 
 from app.models import ApiKey, Index, Job
 from app.services.pipelines import run_build_inline, run_job_inline
-from tests.app.conftest import ROOT_DIR, build_api, make_settings
-from tests.conftest import SST2
+from tests.app.conftest import ROOT_DIR, build_api, fresh_api, make_settings
 from tests.worker.support import assert_problem, register_dataset, register_model, tsv
 
 
 @pytest.fixture(scope="module")
 def owner(tmp_path_factory, sqlite_template, tiny_model_dir, sst2_rows):
     """Tenant A's resources (model, dataset, a ready index, a finished and a queued job) and tenant B's client."""
-    from influence import packaged_minilm_path
-
-    tmp = tmp_path_factory.mktemp("tenancy")
-    shutil.copy(sqlite_template, tmp / "influence.db")
-    roots = [tmp_path_factory.getbasetemp(), SST2, packaged_minilm_path().parent]
-    api = build_api(make_settings(tmp, f"sqlite:///{tmp / 'influence.db'}", roots))
+    api = fresh_api(tmp_path_factory, sqlite_template, "tenancy")
     folder = tiny_model_dir("bert", "classification", num_labels=2)
     model = register_model(api.client, folder)
     dataset = register_dataset(api.client, sst2_rows[:30])

@@ -5,14 +5,12 @@ and a reader keeps the version of a dataset's rows it started with while later a
 from __future__ import annotations
 
 import json
-import shutil
 import threading
 
 import pytest
 
 from app.services.pipelines import ModelCache, run_build_inline, run_job_inline
-from tests.app.conftest import build_api, make_settings
-from tests.conftest import SST2
+from tests.app.conftest import fresh_api
 from tests.worker.support import assert_problem, register_dataset, register_model, tsv
 
 MODELS = ModelCache()
@@ -29,12 +27,7 @@ REFERENCE = {
 @pytest.fixture
 def grow(tmp_path_factory, sqlite_template, tiny_model_dir, sst2_rows):
     """A fresh API with one ready tiny-BERT index over 60 SST-2 rows (appends change it: one per test)."""
-    from influence import packaged_minilm_path
-
-    tmp = tmp_path_factory.mktemp("races")
-    shutil.copy(sqlite_template, tmp / "influence.db")
-    roots = [tmp_path_factory.getbasetemp(), SST2, packaged_minilm_path().parent]
-    api = build_api(make_settings(tmp, f"sqlite:///{tmp / 'influence.db'}", roots))
+    api = fresh_api(tmp_path_factory, sqlite_template, "races")
     model = register_model(api.client, tiny_model_dir("bert", "classification", num_labels=2))
     dataset = register_dataset(api.client, sst2_rows[:ROWS], name="grow")
     body = {"model_id": model["id"], "dataset_id": dataset["id"], "chunk_size": 30, "layers": LAYERS}
