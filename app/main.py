@@ -115,6 +115,12 @@ def create_app(
             sweep_orphans(settings, started.state.session_factory)
         except Exception:  # an unmigrated database, say: /readyz reports it; serving goes on
             log.exception("could not sweep the artifacts directory")
+        from influence.threads import ONE_THREAD
+
+        # The worker that runs queries' small gradients, started before any other thread of ours: starting it
+        # briefly sets torch's default thread count for threads that start meanwhile (influence.threads). The
+        # compile below runs in a new thread, and inductor builds its kernels for that thread's count.
+        ONE_THREAD.thread_count()
         if settings.compiled_scoring:
             from influence.kernels import enable_compiled_scoring
 

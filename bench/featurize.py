@@ -2,6 +2,8 @@
 
     python -m bench.featurize                 # 512 SST-2 rows, 5 rounds, every method, bergson if its venv exists
     python -m bench.featurize --quick         # 128 rows, 5 rounds, no batch-of-one + embedding loop: one JSON line
+    python -m bench.featurize --small-batches # item 6, fourth round: small batches (a query's examples) on one
+                                              # intra-op thread (influence.threads) vs on all, by batch shape
 
 Methods, all on the same pre-tokenized rows (max length 128, tokenization excluded from every timing), the
 packaged MiniLM + LoRA r = 4 (query, value) + classifier head, eval mode (dropout off), float32, CPU:
@@ -276,6 +278,54 @@ def run_bergson(encoded, rounds: int, layers_note: str) -> dict:
 # ------------------------------------------------------------------------------------------------- main
 
 
+SMALL_BATCH_SHAPES = [(1, 10), (1, 40), (1, 120), (2, 10), (4, 10), (8, 10), (16, 10), (32, 10), (4, 40)]
+
+
+def small_batches(repeats: int) -> dict:
+    """Featurizer.featurize of the 12 LoRA B units (the query benchmark's layers) on batches of (rows, words):
+    on influence.threads' one-thread worker vs inline on all intra-op threads, alternating, medians in ms."""
+    import statistics
+
+    import influence.gradients as gradients
+    from bench.query import LAYERS
+    from influence import Featurizer, ProjectionSpec, discover_layers
+    from influence.data import Example, encode_examples, iter_batches, pad_token_id
+
+    loaded = common.load_lora_model()
+    by_name = {layer.name: layer for layer in discover_layers(loaded.model)}
+    featurizer = Featurizer(loaded.model, [by_name[n] for n in LAYERS], ProjectionSpec("factorized", 256, seed=0))
+    pad = pad_token_id(loaded.tokenizer)
+    one_thread = gradients.is_small_batch
+    rows_out = []
+    for rows, words in SMALL_BATCH_SHAPES:
+        examples = [Example(" ".join(["good"] * words), label=1) for _ in range(rows)]
+        encoded = encode_examples(loaded.tokenizer, examples, "classification", MAX_LENGTH)
+        batch = next(iter(iter_batches(encoded, pad, "classification", 64, sort_by_length=True)))
+        times: dict[str, list[float]] = {"one-thread": [], "all-threads": []}
+        for i in range(repeats + 1):
+            for mode in ("one-thread", "all-threads") if i % 2 else ("all-threads", "one-thread"):
+                gradients.is_small_batch = (lambda r, t: True) if mode == "one-thread" else (lambda r, t: False)
+                seconds, _ = common.timed(lambda batch=batch: featurizer.featurize(batch))
+                if i:  # the first pass of each shape is a warm-up
+                    times[mode].append(seconds)
+        gradients.is_small_batch = one_thread
+        median = {mode: 1000 * statistics.median(v) for mode, v in times.items()}
+        shape = tuple(batch.input_ids.shape)
+        rows_out.append(
+            {
+                "rows": shape[0],
+                "length": shape[1],
+                "tokens": shape[0] * shape[1],
+                "ms_one_thread": median["one-thread"],
+                "ms_all_threads": median["all-threads"],
+                "all_over_one": median["all-threads"] / median["one-thread"],
+                "worker_used": one_thread(*shape),
+            }
+        )
+        common.log(f"{shape}: one thread {median['one-thread']:.1f} ms, all {median['all-threads']:.1f} ms")
+    return {"shapes": rows_out, "repeats": repeats}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.featurize", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="128 rows, one JSON line")
@@ -285,9 +335,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=common.DEFAULT_THREADS)
     parser.add_argument("--no-bergson", action="store_true")
     parser.add_argument("--no-check", action="store_true")
+    parser.add_argument("--small-batches", action="store_true", help="one intra-op thread vs all, small batches")
     args = parser.parse_args(argv)
     common.set_threads(args.threads)
     import torch
+
+    if args.small_batches:
+        measured = small_batches(repeats=15 if args.quick else 41)
+        result = {"machine": common.machine(), "threads": torch.get_num_threads(), **measured}
+        headline = {f"{r['rows']}x{r['length']}_all_over_one": r["all_over_one"] for r in measured["shapes"]}
+        headline["load_1min"] = common.load_average()[0]
+        common.emit("featurize-small-batches", result, args.quick, headline)
+        return
 
     num_rows = args.rows or (128 if args.quick else 512)
     loop_rows = args.loop_rows or (64 if args.quick else 256)

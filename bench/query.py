@@ -6,6 +6,8 @@
     python -m bench.query --sizes 100000 --compare-before --no-faiss   # item 6: old vs new code, alternating
     python -m bench.query --sizes 100000 --compare-eager --no-faiss    # item 6, third round: compiled scoring
                                                                        # and joined ranking vs eager, alternating
+    python -m bench.query --sizes 100000 --compare-threads --no-faiss  # item 6, fourth round: the query gradient
+                                                                       # on one intra-op thread vs on all
 
 The service is the real one: app.main.create_app over SQLite in a bench data folder, served by uvicorn in a
 thread of this process on 127.0.0.1, queried with httpx (POST /v1/indexes/{id}/query, exact, grad-dot, rank,
@@ -411,7 +413,11 @@ def run_queries(
             }
             order = list(modes) if i % 2 == 0 else list(reversed(modes))
             for mode in order:
-                patches = {"before": BeforePatches, "eager": lambda: EagerPatches(splits)}
+                patches = {
+                    "before": BeforePatches,
+                    "eager": lambda: EagerPatches(splits),
+                    "all-threads": AllThreadsPatches,
+                }
                 patch = patches[mode]() if mode in patches else contextlib.nullcontext()
                 with patch:
                     start = time.perf_counter()
@@ -457,7 +463,7 @@ def run_queries(
             out.update(entry)
         else:
             out[mode] = entry
-    for mode in ("before", "eager"):
+    for mode in ("before", "eager", "all-threads"):
         if mode in rows:
             out[f"p50_speedup_vs_{mode}"] = out[mode]["p50_s"] / out["p50_s"]
     return out
@@ -516,6 +522,24 @@ def faiss_compare(
 # ------------------------------------------------------------------------------------------------- main
 
 
+class AllThreadsPatches:
+    """While active, the query gradient as before item 6's fourth round: small batches on all of torch's
+    intra-op threads instead of influence.threads' one-thread worker."""
+
+    def __enter__(self):
+        import influence.gradients as gradients
+
+        self._saved = gradients.is_small_batch
+        gradients.is_small_batch = lambda rows, length: False
+        return self
+
+    def __exit__(self, *exc):
+        import influence.gradients as gradients
+
+        gradients.is_small_batch = self._saved
+        return False
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.query", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
@@ -533,6 +557,11 @@ def main(argv: list[str] | None = None) -> None:
         "--compare-eager",
         action="store_true",
         help="also run each query with eager scoring and per-layer ranking (before the compiled kernel)",
+    )
+    parser.add_argument(
+        "--compare-threads",
+        action="store_true",
+        help="also run each query with the query gradient on all intra-op threads (before the one-thread worker)",
     )
     args = parser.parse_args(argv)
     common.set_threads(args.threads)
@@ -556,6 +585,7 @@ def main(argv: list[str] | None = None) -> None:
             index_id, info = ready_index(service, n)
             common.log(f"n={n}: index {index_id} ready ({info}); querying")
             modes = (("before",) if args.compare_before else ()) + (("eager",) if args.compare_eager else ())
+            modes += ("all-threads",) if args.compare_threads else ()
             modes += ("after",)
             measured = run_queries(service, index_id, n, repeats, args.warmups, modes)
             feature_bytes = n * len(LAYERS) * DIM * 2
@@ -588,7 +618,7 @@ def main(argv: list[str] | None = None) -> None:
         headline[f"p50_ms_{n}"] = 1000 * r["p50_s"]
         headline[f"p95_ms_{n}"] = 1000 * r["p95_s"]
         headline[f"scoring_over_floor_{n}"] = r["scoring_over_floor"]
-        for mode in ("before", "eager"):
+        for mode in ("before", "eager", "all-threads"):
             if mode in r:
                 headline[f"p50_ms_{mode}_{n}"] = 1000 * r[mode]["p50_s"]
     if "100000" in measured_sizes:
@@ -596,6 +626,7 @@ def main(argv: list[str] | None = None) -> None:
         headline["target_met_100k"] = result["target_p50_le_150ms_at_100k"]
     name = "query" + ("-compare-before" if args.compare_before else "")
     name += "-compare-eager" if args.compare_eager else ""
+    name += "-compare-threads" if args.compare_threads else ""
     common.emit(name, result, args.quick, headline)
 
 

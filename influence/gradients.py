@@ -32,6 +32,7 @@ from influence.projection import (
     exact_linear_gradient,
     make_projector,
 )
+from influence.threads import ONE_THREAD, is_small_batch
 
 
 def per_sample_losses(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -186,8 +187,15 @@ class Featurizer:
         return {name: projector.dim for name, projector in self.projectors.items()}
 
     def featurize(self, batch: Batch) -> FeatureBatch:
-        """Features of one batch, on the model's device; units the loss does not reach get zeros."""
+        """Features of one batch, on the model's device; units the loss does not reach get zeros.
+
+        Small batches on CPU (a query's few examples) run on one intra-op thread (influence.threads)."""
         device = next(self.model.parameters()).device
+        if device.type == "cpu" and is_small_batch(*batch.input_ids.shape):
+            return ONE_THREAD.run(self._featurize, batch, device)
+        return self._featurize(batch, device)
+
+    def _featurize(self, batch: Batch, device: torch.device) -> FeatureBatch:
         batch = batch.to(device)
         with HookedModel(self.model, self.layers, self.projectors) as hooked:
             results, losses, logits = hooked.backward_per_sample(batch)

@@ -1,0 +1,130 @@
+"""Small batches on the one-intra-op-thread worker (influence.threads): where they run, with how many threads,
+what they leave of the process' thread settings, and that their features are those of the inline path."""
+
+from __future__ import annotations
+
+import multiprocessing
+import threading
+
+import pytest
+import torch
+
+import influence.gradients as gradients
+from influence.data import Example, encode_examples, iter_batches, pad_token_id
+from influence.errors import InvalidInputError
+from influence.layers import discover_layers
+from influence.loading import load_model
+from influence.projection import ProjectionSpec
+from influence.threads import ONE_THREAD, SMALL_BATCH_TOKENS, is_small_batch
+
+
+@pytest.fixture
+def two_threads():
+    """torch on two intra-op threads for the test (CI may run on one: the worker is then not used)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+def _in_new_thread(fn):
+    out = {}
+    thread = threading.Thread(target=lambda: out.setdefault("value", fn()))
+    thread.start()
+    thread.join()
+    return out["value"]
+
+
+def test_the_worker_runs_on_one_thread_and_leaves_the_process_default(two_threads):
+    assert ONE_THREAD.thread_count() == 1
+    assert ONE_THREAD.run(lambda: threading.current_thread().name).startswith("influence-one-thread")
+    # The caller's own count, and the count a thread started afterwards begins with, are untouched.
+    assert torch.get_num_threads() == 2
+    assert _in_new_thread(torch.get_num_threads) == 2
+
+
+def test_the_worker_passes_results_and_errors_through_and_nests_inline(two_threads):
+    assert ONE_THREAD.run(lambda a, b=0: a + b, 2, b=3) == 5
+
+    def fail():
+        raise InvalidInputError("bad input on the worker")
+
+    with pytest.raises(InvalidInputError, match="bad input on the worker"):
+        ONE_THREAD.run(fail)
+    # Called from the worker itself (one thread there), run() works inline instead of waiting on itself.
+    assert ONE_THREAD.run(lambda: ONE_THREAD.run(lambda: threading.current_thread().name)).startswith(
+        "influence-one-thread"
+    )
+
+
+def test_one_thread_callers_run_inline():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert ONE_THREAD.run(lambda: threading.current_thread()) is threading.current_thread()
+    finally:
+        torch.set_num_threads(before)
+
+
+def _child_thread_count(queue):
+    queue.put(ONE_THREAD.thread_count())
+
+
+def test_a_forked_child_starts_its_own_worker(two_threads):
+    assert ONE_THREAD.thread_count() == 1  # started in the parent: the child inherits it without its thread
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    child = context.Process(target=_child_thread_count, args=(queue,))
+    child.start()
+    child.join(timeout=60)
+    assert child.exitcode == 0
+    assert queue.get(timeout=5) == 1
+
+
+def test_small_batch_threshold():
+    assert is_small_batch(1, SMALL_BATCH_TOKENS)
+    assert is_small_batch(4, SMALL_BATCH_TOKENS // 4)
+    assert not is_small_batch(1, SMALL_BATCH_TOKENS + 1)
+    assert not is_small_batch(32, 12)
+
+
+def _batch(tokenizer, texts, labels):
+    encoded = encode_examples(
+        tokenizer, [Example(t, label=y) for t, y in zip(texts, labels, strict=True)], "classification", 64
+    )
+    return next(iter(iter_batches(encoded, pad_token_id(tokenizer), "classification", 64, sort_by_length=False)))
+
+
+def test_small_batches_featurize_on_the_worker_with_the_inline_features(two_threads, tiny_model_dir, sst2_train):
+    loaded = load_model(tiny_model_dir("bert", "classification"), task="classification", num_labels=3)
+    model = loaded.model
+    featurizer = gradients.Featurizer(model, discover_layers(model), ProjectionSpec("factorized", 64, seed=3))
+    texts = [row.text for row in sst2_train[:40]]
+    small = _batch(loaded.tokenizer, texts[:2], [0, 1])
+    large = _batch(loaded.tokenizer, texts, [i % 2 for i in range(40)])
+    assert is_small_batch(*small.input_ids.shape) and not is_small_batch(*large.input_ids.shape)
+
+    seen = []
+    first_block = next(m for m in model.modules() if isinstance(m, torch.nn.Linear))
+    hook = first_block.register_forward_hook(
+        lambda *_: seen.append((threading.current_thread().name, torch.get_num_threads()))
+    )
+    try:
+        on_worker = featurizer.featurize(small)
+        featurizer.featurize(large)
+    finally:
+        hook.remove()
+    assert seen[0][0].startswith("influence-one-thread") and seen[0][1] == 1
+    assert seen[1] == (threading.current_thread().name, 2)
+
+    inline_path = gradients.is_small_batch
+    gradients.is_small_batch = lambda rows, length: False
+    try:
+        inline = featurizer.featurize(small)
+    finally:
+        gradients.is_small_batch = inline_path
+    assert on_worker.features.keys() == inline.features.keys()
+    for name, value in on_worker.features.items():
+        # One thread or two only changes the order of float32 sums inside the GEMMs.
+        torch.testing.assert_close(value, inline.features[name], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(on_worker.losses, inline.losses, rtol=1e-5, atol=1e-7)
