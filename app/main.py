@@ -120,7 +120,7 @@ def create_app(
         # The worker that runs queries' small gradients, started before any other thread of ours: starting it
         # briefly sets torch's default thread count for threads that start meanwhile (influence.threads). The
         # compile below runs in a new thread, and inductor builds its kernels for that thread's count.
-        ONE_THREAD.thread_count()
+        ONE_THREAD.start()
         if settings.compiled_scoring:
             from influence.kernels import enable_compiled_scoring
 

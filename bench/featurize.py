@@ -278,38 +278,46 @@ def run_bergson(encoded, rounds: int, layers_note: str) -> dict:
 # ------------------------------------------------------------------------------------------------- main
 
 
+# (rows, words of "good"): a batch of `rows` identical sentences, padded length words + 2 ([CLS], [SEP]).
 SMALL_BATCH_SHAPES = [(1, 10), (1, 40), (1, 120), (2, 10), (4, 10), (8, 10), (16, 10), (32, 10), (4, 40)]
 
 
 def small_batches(repeats: int) -> dict:
     """Featurizer.featurize of the 12 LoRA B units (the query benchmark's layers) on batches of (rows, words):
-    on influence.threads' one-thread worker vs inline on all intra-op threads, alternating, medians in ms."""
+    on influence.threads' one-thread worker vs inline on all intra-op threads, alternating, medians in ms; and
+    the way the process' own measurement (on its first small batch) chose."""
     import statistics
 
-    import influence.gradients as gradients
+    import torch
+
     from bench.query import LAYERS
     from influence import Featurizer, ProjectionSpec, discover_layers
     from influence.data import Example, encode_examples, iter_batches, pad_token_id
+    from influence.threads import ONE_THREAD, is_small_batch
 
     loaded = common.load_lora_model()
     by_name = {layer.name: layer for layer in discover_layers(loaded.model)}
     featurizer = Featurizer(loaded.model, [by_name[n] for n in LAYERS], ProjectionSpec("factorized", 256, seed=0))
     pad = pad_token_id(loaded.tokenizer)
-    one_thread = gradients.is_small_batch
+    cpu = torch.device("cpu")
+    ways = {
+        "one-thread": lambda batch: ONE_THREAD.on_worker(featurizer._featurize, batch, cpu),
+        "all-threads": lambda batch: featurizer._featurize(batch, cpu),
+    }
     rows_out = []
     for rows, words in SMALL_BATCH_SHAPES:
         examples = [Example(" ".join(["good"] * words), label=1) for _ in range(rows)]
         encoded = encode_examples(loaded.tokenizer, examples, "classification", MAX_LENGTH)
         batch = next(iter(iter_batches(encoded, pad, "classification", 64, sort_by_length=True)))
-        times: dict[str, list[float]] = {"one-thread": [], "all-threads": []}
+        if ONE_THREAD.one_thread_pays is None:
+            featurizer.featurize(batch)  # the process decides on its first small batch, as a server does
+        times: dict[str, list[float]] = {way: [] for way in ways}
         for i in range(repeats + 1):
-            for mode in ("one-thread", "all-threads") if i % 2 else ("all-threads", "one-thread"):
-                gradients.is_small_batch = (lambda r, t: True) if mode == "one-thread" else (lambda r, t: False)
-                seconds, _ = common.timed(lambda batch=batch: featurizer.featurize(batch))
+            for way in ("one-thread", "all-threads") if i % 2 else ("all-threads", "one-thread"):
+                seconds, _ = common.timed(lambda way=way, batch=batch: ways[way](batch))
                 if i:  # the first pass of each shape is a warm-up
-                    times[mode].append(seconds)
-        gradients.is_small_batch = one_thread
-        median = {mode: 1000 * statistics.median(v) for mode, v in times.items()}
+                    times[way].append(seconds)
+        median = {way: 1000 * statistics.median(v) for way, v in times.items()}
         shape = tuple(batch.input_ids.shape)
         rows_out.append(
             {
@@ -319,11 +327,16 @@ def small_batches(repeats: int) -> dict:
                 "ms_one_thread": median["one-thread"],
                 "ms_all_threads": median["all-threads"],
                 "all_over_one": median["all-threads"] / median["one-thread"],
-                "worker_used": one_thread(*shape),
+                "small_batch": is_small_batch(*shape),
             }
         )
         common.log(f"{shape}: one thread {median['one-thread']:.1f} ms, all {median['all-threads']:.1f} ms")
-    return {"shapes": rows_out, "repeats": repeats}
+    return {
+        "shapes": rows_out,
+        "repeats": repeats,
+        "process_chose_one_thread": ONE_THREAD.one_thread_pays,
+        "process_calibration_s": ONE_THREAD.calibration,
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -344,6 +357,7 @@ def main(argv: list[str] | None = None) -> None:
         measured = small_batches(repeats=15 if args.quick else 41)
         result = {"machine": common.machine(), "threads": torch.get_num_threads(), **measured}
         headline = {f"{r['rows']}x{r['length']}_all_over_one": r["all_over_one"] for r in measured["shapes"]}
+        headline["process_chose_one_thread"] = measured["process_chose_one_thread"]
         headline["load_1min"] = common.load_average()[0]
         common.emit("featurize-small-batches", result, args.quick, headline)
         return

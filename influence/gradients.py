@@ -189,10 +189,11 @@ class Featurizer:
     def featurize(self, batch: Batch) -> FeatureBatch:
         """Features of one batch, on the model's device; units the loss does not reach get zeros.
 
-        Small batches on CPU (a query's few examples) run on one intra-op thread (influence.threads)."""
+        Small batches on CPU (a query's few examples) run on one intra-op thread where that is faster
+        (influence.threads)."""
         device = next(self.model.parameters()).device
         if device.type == "cpu" and is_small_batch(*batch.input_ids.shape):
-            return ONE_THREAD.run(self._featurize, batch, device)
+            return ONE_THREAD.run_small(self._featurize, batch, device)
         return self._featurize(batch, device)
 
     def _featurize(self, batch: Batch, device: torch.device) -> FeatureBatch:

@@ -1,10 +1,13 @@
-"""Small batches on one intra-op thread: a second OpenMP thread costs more to wake than it saves on them.
+"""Small batches on one intra-op thread, where a second OpenMP thread costs more to wake than it saves.
 
 A one-example query gradient (12 tokens through MiniLM) is ~130 GEMMs of a dozen rows. With torch's two
 intra-op threads each of them wakes the second thread, and with OMP_WAIT_POLICY=PASSIVE (what the service runs
-under on shared hosts) a wake-up is a futex round trip: that gradient took 34 ms on two threads, 19 ms on one.
-Up to about 128 tokens per batch one thread wins; past it two do (32 rows of 12 tokens: 140 ms on two threads,
-186 ms on one). Measured with `python -m bench.featurize --small-batches` (docs/benchmarks.md, item 6).
+under on shared hosts) a wake-up is a futex round trip. What that costs depends on the host: on one 2-core VM
+the gradient took 34 ms on two threads and 19 ms on one; on another, 40-46 ms on two and 49-52 ms on one
+(docs/benchmarks.md, item 6). So the choice is measured, once per process, on the first small batch itself:
+it runs a few times each way, alternating, and the faster way is kept. Batches above SMALL_BATCH_TOKENS always
+use every thread (32 rows of 12 tokens: 140 ms on two threads, 186 ms on one).
+`python -m bench.featurize --small-batches` measures both ways by batch shape.
 
 torch's intra-op thread count is kept per OS thread (OpenMP's nthreads ICV and MKL's local count), but
 torch.set_num_threads also sets the default that threads starting later inherit. Switching the count around
@@ -14,27 +17,38 @@ one dedicated thread, set once to one intra-op thread, and the process default i
 
 from __future__ import annotations
 
+import logging
 import os
+import statistics
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
 import torch
 
+log = logging.getLogger(__name__)
+
 T = TypeVar("T")
 
-# Batches with at most this many token positions (rows x padded length) run on one intra-op thread.
+# Batches with at most this many token positions (rows x padded length) may run on one intra-op thread.
 SMALL_BATCH_TOKENS = 128
+# Runs each way of the first small batch (alternating) that decide whether one thread pays on this host.
+CALIBRATION_RUNS = 3
 
 
 class _SingleThreadRunner:
-    """A worker thread whose torch ops use one intra-op thread; started at first use (again after a fork)."""
+    """A worker thread whose torch ops use one intra-op thread (started at first use, again after a fork),
+    and the process' decision whether small work runs there."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
+        self._calibration_lock = threading.Lock()
         self._executor: ThreadPoolExecutor | None = None
         self._pid = 0
+        self.one_thread_pays: bool | None = None  # None until measured
+        self.calibration: dict[str, float] = {}  # median seconds each way, once measured
 
     def _start(self) -> ThreadPoolExecutor:
         default = torch.get_num_threads()  # this thread's count, which is also the process default
@@ -48,7 +62,11 @@ class _SingleThreadRunner:
         torch.set_num_threads(default)  # the default for threads started later; this thread's count is unchanged
         return executor
 
-    def run(self, fn: Callable[..., T], *args, **kwargs) -> T:
+    def start(self) -> None:
+        """Start the worker now (a server does it before its other threads exist)."""
+        self.on_worker(lambda: None)
+
+    def on_worker(self, fn: Callable[..., T], *args, **kwargs) -> T:
         """fn(*args, **kwargs) on the one-thread worker; inline when torch already uses one thread."""
         if torch.get_num_threads() == 1:
             return fn(*args, **kwargs)
@@ -59,14 +77,56 @@ class _SingleThreadRunner:
             executor = self._executor
         return executor.submit(fn, *args, **kwargs).result()
 
+    def run_small(self, fn: Callable[..., T], *args, **kwargs) -> T:
+        """fn(*args, **kwargs), a small piece of work, the faster way on this host: on the worker or inline.
+
+        The first call measures both ways on fn itself (CALIBRATION_RUNS each), so fn must be repeatable."""
+        if torch.get_num_threads() == 1:
+            return fn(*args, **kwargs)
+        if self.one_thread_pays is None:
+            with self._calibration_lock:
+                if self.one_thread_pays is None:
+                    return self._calibrate(fn, *args, **kwargs)
+        if self.one_thread_pays:
+            return self.on_worker(fn, *args, **kwargs)
+        return fn(*args, **kwargs)
+
+    def _calibrate(self, fn: Callable[..., T], *args, **kwargs) -> T:
+        self.start()  # not timed
+        seconds: dict[str, list[float]] = {"one thread": [], "all threads": []}
+        results: dict[str, T] = {}
+        for i in range(CALIBRATION_RUNS):
+            for way in ("one thread", "all threads") if i % 2 == 0 else ("all threads", "one thread"):
+                start = time.perf_counter()
+                results[way] = self.on_worker(fn, *args, **kwargs) if way == "one thread" else fn(*args, **kwargs)
+                seconds[way].append(time.perf_counter() - start)
+        self.calibration = {way: statistics.median(values) for way, values in seconds.items()}
+        self.one_thread_pays = self.calibration["one thread"] < self.calibration["all threads"]
+        # The chosen way's result: the two ways can differ in the last bits (GEMM blocking), and every later call
+        # of this process goes the chosen way, so the same batch gives the same bits from the first call on.
+        result = results["one thread" if self.one_thread_pays else "all threads"]
+        log.info(
+            "small batches run on %s (first small batch: %.1f ms on one intra-op thread, %.1f ms on %d)",
+            "one intra-op thread" if self.one_thread_pays else "every intra-op thread",
+            1000 * self.calibration["one thread"],
+            1000 * self.calibration["all threads"],
+            torch.get_num_threads(),
+        )
+        return result
+
+    def status(self) -> dict:
+        """{"one_thread": the decision (None until the first small batch), "measured_ms": what decided it}."""
+        measured = {way: round(1000 * value, 2) for way, value in self.calibration.items()}
+        return {"one_thread": self.one_thread_pays, "measured_ms": measured or None}
+
     def thread_count(self) -> int:
         """The intra-op thread count the worker runs with (1 once started); for tests and diagnostics."""
-        return self.run(torch.get_num_threads)
+        return self.on_worker(torch.get_num_threads)
 
 
 ONE_THREAD = _SingleThreadRunner()
 
 
 def is_small_batch(rows: int, length: int) -> bool:
-    """Whether a (rows, length) batch is small enough that one intra-op thread beats several."""
+    """Whether a (rows, length) batch is small enough that one intra-op thread may beat several."""
     return rows * length <= SMALL_BATCH_TOKENS

@@ -44,6 +44,16 @@ def test_healthz_and_readyz_on_a_migrated_database(any_api):
     assert body["checks"]["database"]["ok"] is True and HEAD in body["checks"]["database"]["detail"]
     # the query scoring kernel of this process (compiled first by the tests' session fixture)
     assert body["compiled_scoring"] == {"state": "ready", "failure": None}
+    # how this process runs small featurizations: what influence.threads measured (None before any)
+    from influence.threads import ONE_THREAD
+
+    small = body["small_batches"]
+    assert small["one_thread"] is ONE_THREAD.one_thread_pays
+    if small["one_thread"] is None:
+        assert small["measured_ms"] is None
+    else:
+        one, every = small["measured_ms"]["one thread"], small["measured_ms"]["all threads"]
+        assert one <= every if small["one_thread"] else one >= every
 
 
 def test_readyz_is_503_on_an_unmigrated_database(tmp_path, default_roots):

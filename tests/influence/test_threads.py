@@ -5,17 +5,28 @@ from __future__ import annotations
 
 import multiprocessing
 import threading
+import time
 
 import pytest
 import torch
 
 import influence.gradients as gradients
+import influence.threads as threads
 from influence.data import Example, encode_examples, iter_batches, pad_token_id
 from influence.errors import InvalidInputError
 from influence.layers import discover_layers
 from influence.loading import load_model
 from influence.projection import ProjectionSpec
 from influence.threads import ONE_THREAD, SMALL_BATCH_TOKENS, is_small_batch
+
+
+@pytest.fixture
+def one_thread_pays():
+    """The process' measured decision set to 'one thread pays' for the test, then put back."""
+    before = ONE_THREAD.one_thread_pays
+    ONE_THREAD.one_thread_pays = True
+    yield
+    ONE_THREAD.one_thread_pays = before
 
 
 @pytest.fixture
@@ -37,22 +48,22 @@ def _in_new_thread(fn):
 
 def test_the_worker_runs_on_one_thread_and_leaves_the_process_default(two_threads):
     assert ONE_THREAD.thread_count() == 1
-    assert ONE_THREAD.run(lambda: threading.current_thread().name).startswith("influence-one-thread")
+    assert ONE_THREAD.on_worker(lambda: threading.current_thread().name).startswith("influence-one-thread")
     # The caller's own count, and the count a thread started afterwards begins with, are untouched.
     assert torch.get_num_threads() == 2
     assert _in_new_thread(torch.get_num_threads) == 2
 
 
 def test_the_worker_passes_results_and_errors_through_and_nests_inline(two_threads):
-    assert ONE_THREAD.run(lambda a, b=0: a + b, 2, b=3) == 5
+    assert ONE_THREAD.on_worker(lambda a, b=0: a + b, 2, b=3) == 5
 
     def fail():
         raise InvalidInputError("bad input on the worker")
 
     with pytest.raises(InvalidInputError, match="bad input on the worker"):
-        ONE_THREAD.run(fail)
+        ONE_THREAD.on_worker(fail)
     # Called from the worker itself (one thread there), run() works inline instead of waiting on itself.
-    assert ONE_THREAD.run(lambda: ONE_THREAD.run(lambda: threading.current_thread().name)).startswith(
+    assert ONE_THREAD.on_worker(lambda: ONE_THREAD.on_worker(lambda: threading.current_thread().name)).startswith(
         "influence-one-thread"
     )
 
@@ -61,7 +72,7 @@ def test_one_thread_callers_run_inline():
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        assert ONE_THREAD.run(lambda: threading.current_thread()) is threading.current_thread()
+        assert ONE_THREAD.on_worker(lambda: threading.current_thread()) is threading.current_thread()
     finally:
         torch.set_num_threads(before)
 
@@ -81,6 +92,30 @@ def test_a_forked_child_starts_its_own_worker(two_threads):
     assert queue.get(timeout=5) == 1
 
 
+@pytest.mark.parametrize("one_thread_is_faster", [True, False])
+def test_the_first_small_work_decides_the_faster_way(two_threads, monkeypatch, one_thread_is_faster):
+    """run_small times its first piece of work both ways and keeps the faster; here the work is made slow on
+    one way (a sleep chosen by the intra-op thread count it sees), as a slow wake-up or a slow core would."""
+    runner = threads._SingleThreadRunner()
+    calls = []
+
+    def work(value):
+        on_one = torch.get_num_threads() == 1
+        calls.append(on_one)
+        time.sleep(0.001 if on_one == one_thread_is_faster else 0.02)
+        return value * 2, on_one
+
+    # The first call returns the chosen way's result (the ways may differ in the last bits; later calls go the
+    # chosen way), whichever ran last.
+    assert runner.run_small(work, 21) == (42, one_thread_is_faster)
+    assert calls.count(True) == calls.count(False) == threads.CALIBRATION_RUNS
+    assert runner.one_thread_pays is one_thread_is_faster
+    assert runner.calibration["one thread"] != runner.calibration["all threads"]
+    calls.clear()
+    assert [runner.run_small(work, 1) for _ in range(3)] == [(2, one_thread_is_faster)] * 3
+    assert calls == [one_thread_is_faster] * 3  # decided once: no more timing, the chosen way only
+
+
 def test_small_batch_threshold():
     assert is_small_batch(1, SMALL_BATCH_TOKENS)
     assert is_small_batch(4, SMALL_BATCH_TOKENS // 4)
@@ -95,7 +130,9 @@ def _batch(tokenizer, texts, labels):
     return next(iter(iter_batches(encoded, pad_token_id(tokenizer), "classification", 64, sort_by_length=False)))
 
 
-def test_small_batches_featurize_on_the_worker_with_the_inline_features(two_threads, tiny_model_dir, sst2_train):
+def test_small_batches_featurize_on_the_worker_with_the_inline_features(
+    two_threads, one_thread_pays, tiny_model_dir, sst2_train
+):
     loaded = load_model(tiny_model_dir("bert", "classification"), task="classification", num_labels=3)
     model = loaded.model
     featurizer = gradients.Featurizer(model, discover_layers(model), ProjectionSpec("factorized", 64, seed=3))

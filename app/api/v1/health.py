@@ -30,12 +30,23 @@ class ScoringKernel(BaseModel):
     failure: str | None = Field(None, description="Why the compiled kernel is unavailable")
 
 
+class SmallBatches(BaseModel):
+    one_thread: bool | None = Field(
+        description="Whether small batches (a query's examples) are featurized on one intra-op thread, as this "
+        "process measured faster on its first small batch; null until then"
+    )
+    measured_ms: dict[str, float] | None = Field(
+        None, description="That measurement: median milliseconds on one thread and on all threads"
+    )
+
+
 class Readiness(BaseModel):
     status: str = Field(description="ready")
     checks: dict[str, CheckOut]
     compiled_scoring: ScoringKernel = Field(
         description="The compiled query scoring kernel of this API process (informational: never fails readiness)"
     )
+    small_batches: SmallBatches = Field(description="How this API process runs query gradients (informational)")
 
 
 @router.get("/healthz", response_model=Health, summary="Liveness: the process answers")
@@ -70,6 +81,12 @@ def readyz(checks: ReadinessChecksDep):
             checks={name: result.model_dump() for name, result in results.items()},
         )
     from influence.kernels import compiled_scoring_status
+    from influence.threads import ONE_THREAD
 
-    kernel = ScoringKernel(**compiled_scoring_status())
-    return JSONResponse(Readiness(status="ready", checks=results, compiled_scoring=kernel).model_dump())
+    readiness = Readiness(
+        status="ready",
+        checks=results,
+        compiled_scoring=ScoringKernel(**compiled_scoring_status()),
+        small_batches=SmallBatches(**ONE_THREAD.status()),
+    )
+    return JSONResponse(readiness.model_dump())
