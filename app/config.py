@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -52,6 +53,11 @@ class Settings(BaseSettings):
         True,
         description="Score float16 features against up to 8 examples (a query) with a kernel compiled by "
         "torch.compile (needs a C++ compiler; about 3x faster on CPU); falls back to BLAS when it cannot compile",
+    )
+    small_batch_threads: Literal["auto", "one", "all"] = Field(
+        "auto",
+        description="Intra-op threads for small featurization batches (a query's examples): auto measures on "
+        "the first small batch whether one thread is faster than all (slow OpenMP wake-ups); one / all fix it",
     )
     worker_concurrency: int = Field(1, description="Processes of the embedded worker")
     broker_visibility_timeout: int = Field(

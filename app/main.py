@@ -121,6 +121,8 @@ def create_app(
         # briefly sets torch's default thread count for threads that start meanwhile (influence.threads). The
         # compile below runs in a new thread, and inductor builds its kernels for that thread's count.
         ONE_THREAD.start()
+        if settings.small_batch_threads != "auto":
+            ONE_THREAD.decide(one_thread=settings.small_batch_threads == "one")
         if settings.compiled_scoring:
             from influence.kernels import enable_compiled_scoring
 

@@ -141,6 +141,14 @@ class _CompiledDots:
             return False
         return self._function is not None
 
+    def wait_if_compiling(self) -> None:
+        """Wait for a compile already running (never start one); give it up past COMPILE_WAIT_SECONDS."""
+        with self._lock:
+            running = self._enabled and self._started and not self._ready.is_set()
+            ready = self._ready
+        if running and not ready.wait(COMPILE_WAIT_SECONDS):
+            self._give_up(ready, f"the compile did not finish within {COMPILE_WAIT_SECONDS:.0f} s")
+
     def _give_up(self, ready: threading.Event, why: str) -> None:
         """Mark a compile that hangs as failed for good: a fresh, set event, so the compile's late result (tied
         to the old event) is discarded and no call waits again."""
@@ -191,6 +199,12 @@ def enable_compiled_scoring(*, warm_up: bool = True) -> None:
 def disable_compiled_scoring() -> None:
     """Score with the eager path only."""
     COMPILED_DOTS.disable()
+
+
+def wait_for_compile_in_progress() -> None:
+    """Return once no compile of the kernel is running (at once when none is; never starts one): for a caller
+    about to time other work, which a compile beside it would slow (influence.threads' first small batch)."""
+    COMPILED_DOTS.wait_if_compiling()
 
 
 def compiled_scoring_status() -> dict[str, Any]:

@@ -81,6 +81,12 @@ def run_job(job_id: str) -> str:
 @worker_process_init.connect
 def _init_process(**_) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from influence.threads import ONE_THREAD
+
+    # The one-thread worker for small batches, started while this process has no other thread (influence.threads).
+    ONE_THREAD.start()
+    if get_settings().small_batch_threads != "auto":
+        ONE_THREAD.decide(one_thread=get_settings().small_batch_threads == "one")
     if get_settings().compiled_scoring:
         from influence.kernels import enable_compiled_scoring
 

@@ -56,6 +56,28 @@ def test_healthz_and_readyz_on_a_migrated_database(any_api):
         assert one <= every if small["one_thread"] else one >= every
 
 
+@pytest.mark.parametrize("choice", ["one", "all"])
+def test_a_fixed_small_batch_thread_choice_is_applied_at_start(tmp_path, sqlite_url, default_roots, choice):
+    from influence.threads import ONE_THREAD
+
+    before = ONE_THREAD.status()
+    try:
+        settings = make_settings(tmp_path, sqlite_url, default_roots, small_batch_threads=choice)
+        app = create_app(settings, job_queue=RecordingQueue(), readiness_checks=())
+        with TestClient(app) as client:  # runs the lifespan, which applies the setting
+            body = client.get("/readyz").json()
+        assert body["small_batches"] == {"one_thread": choice == "one", "measured_ms": None}
+        app.state.engine.dispose()
+    finally:  # the process' own choice back, as measured (or not yet) before this test
+        ONE_THREAD.one_thread_pays = before["one_thread"]
+        ONE_THREAD.calibration = {k: v / 1000 for k, v in (before["measured_ms"] or {}).items()}
+
+
+def test_unknown_small_batch_thread_choices_are_refused(tmp_path, sqlite_url, default_roots):
+    with pytest.raises(ValueError, match="small_batch_threads"):
+        make_settings(tmp_path, sqlite_url, default_roots, small_batch_threads="two")
+
+
 def test_readyz_is_503_on_an_unmigrated_database(tmp_path, default_roots):
     url = f"sqlite:///{tmp_path / 'empty.db'}"
     built = build_api(make_settings(tmp_path, url, default_roots), authenticate=False)

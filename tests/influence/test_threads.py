@@ -46,12 +46,39 @@ def _in_new_thread(fn):
     return out["value"]
 
 
-def test_the_worker_runs_on_one_thread_and_leaves_the_process_default(two_threads):
-    assert ONE_THREAD.thread_count() == 1
-    assert ONE_THREAD.on_worker(lambda: threading.current_thread().name).startswith("influence-one-thread")
-    # The caller's own count, and the count a thread started afterwards begins with, are untouched.
+def test_the_worker_runs_on_one_thread_and_leaves_every_other_thread_alone(two_threads):
+    runner = threads._SingleThreadRunner()  # a fresh one: the module's may have been started by earlier tests
+    waiting = threading.Event()
+    release = threading.Event()
+    counts = {}
+
+    def existing_thread():  # started before the worker, first touches torch after it
+        waiting.set()
+        release.wait(30)
+        counts["existing"] = torch.get_num_threads()
+
+    before = threading.Thread(target=existing_thread)
+    before.start()
+    waiting.wait(30)
+    runner.start()
+    release.set()
+    before.join()
+    assert runner.thread_count() == 1
+    assert runner.on_worker(lambda: threading.current_thread().name).startswith("influence-one-thread")
+    # The caller, a thread that existed, and a thread started afterwards all keep the process default.
     assert torch.get_num_threads() == 2
+    assert counts["existing"] == 2
     assert _in_new_thread(torch.get_num_threads) == 2
+
+
+def test_the_worker_restores_the_process_default_not_the_callers_count(two_threads):
+    """The default that new threads take can differ from the caller's own count (another thread set it)."""
+    _in_new_thread(lambda: torch.set_num_threads(3))  # the default is now 3; this thread keeps 2
+    assert torch.get_num_threads() == 2 and _in_new_thread(torch.get_num_threads) == 3
+    runner = threads._SingleThreadRunner()
+    runner.start()
+    assert runner.thread_count() == 1
+    assert torch.get_num_threads() == 2 and _in_new_thread(torch.get_num_threads) == 3
 
 
 def test_the_worker_passes_results_and_errors_through_and_nests_inline(two_threads):
@@ -62,10 +89,18 @@ def test_the_worker_passes_results_and_errors_through_and_nests_inline(two_threa
 
     with pytest.raises(InvalidInputError, match="bad input on the worker"):
         ONE_THREAD.on_worker(fail)
-    # Called from the worker itself (one thread there), run() works inline instead of waiting on itself.
-    assert ONE_THREAD.on_worker(lambda: ONE_THREAD.on_worker(lambda: threading.current_thread().name)).startswith(
-        "influence-one-thread"
-    )
+
+    def nested():
+        # Called from the worker itself, on_worker runs inline instead of waiting on itself, even if the
+        # work raised the worker's thread count meanwhile.
+        torch.set_num_threads(2)
+        try:
+            return ONE_THREAD.on_worker(lambda: threading.current_thread().name)
+        finally:
+            torch.set_num_threads(1)
+
+    assert ONE_THREAD.on_worker(nested).startswith("influence-one-thread")
+    assert ONE_THREAD.thread_count() == 1
 
 
 def test_one_thread_callers_run_inline():
@@ -114,6 +149,29 @@ def test_the_first_small_work_decides_the_faster_way(two_threads, monkeypatch, o
     calls.clear()
     assert [runner.run_small(work, 1) for _ in range(3)] == [(2, one_thread_is_faster)] * 3
     assert calls == [one_thread_is_faster] * 3  # decided once: no more timing, the chosen way only
+
+
+def test_close_timings_keep_every_thread(two_threads):
+    """One thread is chosen only when clearly faster (CALIBRATION_MARGIN): equal timings keep torch's own way."""
+    runner = threads._SingleThreadRunner()
+
+    def work():
+        time.sleep(0.01)
+        return torch.get_num_threads()
+
+    assert runner.run_small(work) == 2  # the all-threads result, the chosen way
+    assert runner.one_thread_pays is False
+    one, every = runner.calibration["one thread"], runner.calibration["all threads"]
+    assert one >= (1 - threads.CALIBRATION_MARGIN) * every
+
+
+def test_a_fixed_choice_is_not_measured(two_threads):
+    runner = threads._SingleThreadRunner()
+    runner.decide(one_thread=True)
+    assert runner.status() == {"one_thread": True, "measured_ms": None}
+    assert runner.run_small(torch.get_num_threads) == 1  # straight to the worker: no timing runs
+    runner.decide(one_thread=False)
+    assert runner.run_small(torch.get_num_threads) == 2
 
 
 def test_small_batch_threshold():
