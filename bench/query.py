@@ -599,6 +599,8 @@ def main(argv: list[str] | None = None) -> None:
             common.log(f"n={n}: p50 {measured['p50_s'] * 1000:.0f} ms, split {measured['split_median_s']}")
     finally:
         service.close()
+    from influence.threads import ONE_THREAD
+
     faiss_results = []
     if not args.no_faiss and not args.quick:
         faiss_results = faiss_compare([int(s) for s in args.faiss_sizes.split(",")])
@@ -611,9 +613,11 @@ def main(argv: list[str] | None = None) -> None:
         "memory_bandwidth_gb_s": bandwidth,
         "sizes": results,
         "faiss": faiss_results,
+        "small_batches": ONE_THREAD.status(),  # the service process' choice for query gradients (influence.threads)
     }
     measured_sizes = {n: r for n, r in results.items() if "p50_s" in r}
     headline: dict[str, Any] = {"load_1min": common.load_average()[0], "bandwidth_gb_s": bandwidth["best"]}
+    headline["small_batches_one_thread"] = result["small_batches"]["one_thread"]
     for n, r in measured_sizes.items():
         headline[f"p50_ms_{n}"] = 1000 * r["p50_s"]
         headline[f"p95_ms_{n}"] = 1000 * r["p95_s"]
