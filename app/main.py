@@ -115,18 +115,9 @@ def create_app(
             sweep_orphans(settings, started.state.session_factory)
         except Exception:  # an unmigrated database, say: /readyz reports it; serving goes on
             log.exception("could not sweep the artifacts directory")
-        from influence.threads import ONE_THREAD
+        from app.services.pipelines import configure_compute
 
-        # The worker that runs queries' small gradients, started before any other thread of ours: starting it
-        # briefly sets torch's default thread count for threads that start meanwhile (influence.threads). The
-        # compile below runs in a new thread, and inductor builds its kernels for that thread's count.
-        ONE_THREAD.start()
-        if settings.small_batch_threads != "auto":
-            ONE_THREAD.decide(one_thread=settings.small_batch_threads == "one")
-        if settings.compiled_scoring:
-            from influence.kernels import enable_compiled_scoring
-
-            enable_compiled_scoring(warm_up=True)  # compiles in the background; the first query waits for it
+        configure_compute(settings, compile_now=True)  # the kernel compiles in the background; queries wait for it
         yield
         engine.dispose()
 

@@ -135,19 +135,22 @@ class _CompiledDots:
         if not (self._enabled and dtype in COMPILED_DTYPES and 1 <= num_queries <= COMPILED_MAX_QUERIES):
             return False
         self._compile_once()
-        ready = self._ready
-        if not ready.wait(COMPILE_WAIT_SECONDS):
-            self._give_up(ready, f"the compile did not finish within {COMPILE_WAIT_SECONDS:.0f} s")
-            return False
-        return self._function is not None
+        return self._wait(self._ready) and self._function is not None
 
     def wait_if_compiling(self) -> None:
-        """Wait for a compile already running (never start one); give it up past COMPILE_WAIT_SECONDS."""
+        """Wait for a compile already running (never start one)."""
         with self._lock:
             running = self._enabled and self._started and not self._ready.is_set()
             ready = self._ready
-        if running and not ready.wait(COMPILE_WAIT_SECONDS):
-            self._give_up(ready, f"the compile did not finish within {COMPILE_WAIT_SECONDS:.0f} s")
+        if running:
+            self._wait(ready)
+
+    def _wait(self, ready: threading.Event) -> bool:
+        """Wait for a compile to end; past COMPILE_WAIT_SECONDS give it up for good. Whether it ended."""
+        if ready.wait(COMPILE_WAIT_SECONDS):
+            return True
+        self._give_up(ready, f"the compile did not finish within {COMPILE_WAIT_SECONDS:.0f} s")
+        return False
 
     def _give_up(self, ready: threading.Event, why: str) -> None:
         """Mark a compile that hangs as failed for good: a fresh, set event, so the compile's late result (tied

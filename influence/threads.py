@@ -30,6 +30,8 @@ from typing import TypeVar
 
 import torch
 
+from influence.kernels import wait_for_compile_in_progress
+
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -120,8 +122,6 @@ class _SingleThreadRunner:
         return fn(*args, **kwargs)
 
     def _calibrate(self, fn: Callable[..., T], *args, **kwargs) -> T:
-        from influence.kernels import wait_for_compile_in_progress
-
         wait_for_compile_in_progress()  # the API's first query can come while its kernel compiles on a core
         self.start()  # not timed
         seconds: dict[str, list[float]] = {"one thread": [], "all threads": []}
@@ -153,10 +153,6 @@ class _SingleThreadRunner:
             one_thread, calibration = self.one_thread_pays, dict(self.calibration)
         measured = {way: round(1000 * value, 2) for way, value in calibration.items()}
         return {"one_thread": one_thread, "measured_ms": measured or None}
-
-    def thread_count(self) -> int:
-        """The intra-op thread count the worker runs with (1 once started); for tests and diagnostics."""
-        return self.on_worker(torch.get_num_threads)
 
 
 ONE_THREAD = _SingleThreadRunner()

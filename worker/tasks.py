@@ -81,18 +81,9 @@ def run_job(job_id: str) -> str:
 @worker_process_init.connect
 def _init_process(**_) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from influence.threads import ONE_THREAD
-
-    # The one-thread worker for small batches, started while this process has no other thread (influence.threads).
-    ONE_THREAD.start()
-    if get_settings().small_batch_threads != "auto":
-        ONE_THREAD.decide(one_thread=get_settings().small_batch_threads == "one")
-    if get_settings().compiled_scoring:
-        from influence.kernels import enable_compiled_scoring
-
-        # Compiled at the first job that scores against a few reference rows (most never do), so that such a
-        # job scores with the same kernel as the API's queries.
-        enable_compiled_scoring(warm_up=False)
+    # The scoring kernel compiles at the first job that scores against a few reference rows (most never do), so
+    # that such a job scores with the same kernel as the API's queries.
+    pipelines.configure_compute(get_settings(), compile_now=False)
     if resolve_device(get_settings().device) == "cuda":
         # One pool process per GPU (python -m worker): process i featurizes on GPU i.
         import torch

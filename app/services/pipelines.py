@@ -69,6 +69,23 @@ def resolve_device(setting: str) -> str:
     return setting
 
 
+def configure_compute(settings: Any, *, compile_now: bool) -> None:
+    """This process' compute settings, applied once at its start (the API's lifespan, each worker pool process).
+
+    The one-thread worker for small featurization batches is started first, while the process has no other
+    thread of ours: starting it sets torch's default thread count to 1 for an instant (influence.threads), and
+    the kernel's compile thread builds for the count it sees. compile_now compiles the scoring kernel in the
+    background (the API, whose queries need it); otherwise at the first call that uses it (a worker)."""
+    from influence.kernels import enable_compiled_scoring
+    from influence.threads import ONE_THREAD
+
+    ONE_THREAD.start()
+    if settings.small_batch_threads != "auto":
+        ONE_THREAD.decide(one_thread=settings.small_batch_threads == "one")
+    if settings.compiled_scoring:
+        enable_compiled_scoring(warm_up=compile_now)
+
+
 # ------------------------------------------------------------------------------------------ model cache
 
 

@@ -63,7 +63,7 @@ def test_the_worker_runs_on_one_thread_and_leaves_every_other_thread_alone(two_t
     runner.start()
     release.set()
     before.join()
-    assert runner.thread_count() == 1
+    assert runner.on_worker(torch.get_num_threads) == 1
     assert runner.on_worker(lambda: threading.current_thread().name).startswith("influence-one-thread")
     # The caller, a thread that existed, and a thread started afterwards all keep the process default.
     assert torch.get_num_threads() == 2
@@ -77,7 +77,7 @@ def test_the_worker_restores_the_process_default_not_the_callers_count(two_threa
     assert torch.get_num_threads() == 2 and _in_new_thread(torch.get_num_threads) == 3
     runner = threads._SingleThreadRunner()
     runner.start()
-    assert runner.thread_count() == 1
+    assert runner.on_worker(torch.get_num_threads) == 1
     assert torch.get_num_threads() == 2 and _in_new_thread(torch.get_num_threads) == 3
 
 
@@ -100,7 +100,7 @@ def test_the_worker_passes_results_and_errors_through_and_nests_inline(two_threa
             torch.set_num_threads(1)
 
     assert ONE_THREAD.on_worker(nested).startswith("influence-one-thread")
-    assert ONE_THREAD.thread_count() == 1
+    assert ONE_THREAD.on_worker(torch.get_num_threads) == 1
 
 
 def test_one_thread_callers_run_inline():
@@ -113,11 +113,12 @@ def test_one_thread_callers_run_inline():
 
 
 def _child_thread_count(queue):
-    queue.put(ONE_THREAD.thread_count())
+    queue.put(ONE_THREAD.on_worker(torch.get_num_threads))
 
 
 def test_a_forked_child_starts_its_own_worker(two_threads):
-    assert ONE_THREAD.thread_count() == 1  # started in the parent: the child inherits it without its thread
+    # Started in the parent: the child inherits it without its thread.
+    assert ONE_THREAD.on_worker(torch.get_num_threads) == 1
     context = multiprocessing.get_context("fork")
     queue = context.Queue()
     child = context.Process(target=_child_thread_count, args=(queue,))
