@@ -31,6 +31,12 @@ class Settings(BaseSettings):
         32 * 1024 * 1024, description="Largest accepted JSON request body (HTTP 413 above); uploads: max_upload_bytes"
     )
     max_rows: int = Field(2_000_000, description="Most rows in one dataset")
+    max_dataset_bytes: int = Field(
+        1024**3,
+        description="Most bytes a dataset's normalised rows may take once decoded and decompressed (uploads, "
+        "server-side files and batch-check files alike; HTTP 413 above): a small compressed Parquet file may "
+        "expand a thousandfold",
+    )
     max_text_chars: int = Field(20_000, description="Longest text field accepted in a row or query example")
     max_query_examples: int = Field(256, description="Most examples in one query")
     max_score_tensor_bytes: int = Field(
@@ -42,6 +48,25 @@ class Settings(BaseSettings):
         10_000, description="Most reference rows of an audit, layer report or batch check (HTTP 422 above)"
     )
     max_top_k: int = Field(1000, description="Largest top_k of a query")
+    max_model_blocks: int = Field(
+        512, description="Most transformer blocks (num_hidden_layers and the like) a registered model may have"
+    )
+    max_model_layer_units: int = Field(
+        20_000, description="Most layer units (weight tensors an index can select) a registered model may list"
+    )
+    max_model_width: int = Field(
+        65_536, description="Largest hidden / intermediate size in a registered model's config"
+    )
+    max_model_vocab: int = Field(1_048_576, description="Largest vocabulary in a registered model's config")
+    max_num_labels: int = Field(
+        10_000, description="Most classes of a classification model (num_labels) and of a dataset's labels"
+    )
+    umask: str = Field(
+        "077",
+        pattern=r"^0?[0-7]{3}$",
+        description="Octal umask of the API and worker processes: 077 makes the database, artifacts and logs "
+        "readable by the service's own user only (files 0600, folders 0700); 022 makes them world-readable",
+    )
     max_active_jobs_per_tenant: int = Field(
         4, description="Most jobs (index builds, compactions) one tenant may have queued or running (HTTP 429)"
     )
