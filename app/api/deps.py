@@ -1,4 +1,4 @@
-"""Request dependencies: settings, the unit-of-work session, the job queue and the readiness checks.
+"""Request dependencies: settings, the unit-of-work session, the tenant, the job queue and the readiness checks.
 
 Everything comes from `request.app.state`, filled by `create_app`, so tests (and the embedded runner) build an
 app with their own settings, queue and checks without touching globals.
@@ -14,6 +14,7 @@ from fastapi import Depends, Request
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy import text
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from app.config import Settings
@@ -62,6 +63,22 @@ def get_tenant(
     if tenant is None:
         raise Unauthorized("the API key is not valid (unknown, malformed or revoked)")
     return tenant
+
+
+def presents_valid_key(request: Request) -> bool:
+    """Whether the request carries a valid API key of any tenant, for the routes that stay open but say more
+    to a tenant (/readyz). Never raises: a missing, wrong or uncheckable key (the database down or not
+    migrated) is just no key."""
+    authorization = request.headers.get("authorization", "")
+    scheme, _, credentials = authorization.partition(" ")
+    token = credentials if scheme.lower() == "bearer" else request.headers.get("x-api-key", "")
+    if not token.strip():
+        return False
+    try:
+        with session_scope(request.app.state.session_factory) as session:
+            return tenancy.authenticate(session, token.strip()) is not None
+    except SQLAlchemyError:
+        return False
 
 
 def get_job_queue(request: Request) -> JobQueue:
@@ -119,3 +136,4 @@ SessionDep = Annotated[Session, Depends(get_session, scope="function")]
 TenantDep = Annotated[Tenant, Depends(get_tenant)]
 JobQueueDep = Annotated[JobQueue, Depends(get_job_queue)]
 ReadinessChecksDep = Annotated[list[ReadinessCheck], Depends(get_readiness_checks)]
+ValidKeyDep = Annotated[bool, Depends(presents_valid_key)]

@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
+import re
+import time
+
 import pytest
+import re2
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from influence.errors import UnknownLayerError
-from influence.layers import block_positions, block_range_groups, discover_layers, layer_groups, select_layers
+from influence.layers import (
+    Layer,
+    block_positions,
+    block_range_groups,
+    discover_layers,
+    layer_groups,
+    select_layers,
+)
 from influence.loading import load_model, packaged_minilm_path
 from tests.conftest import tiny_config
 
@@ -177,3 +188,139 @@ def test_selectors(minilm_lora_layers):
 def test_bad_selectors_are_refused_clearly(minilm_lora_layers, bad):
     with pytest.raises(UnknownLayerError):
         select_layers(minilm_lora_layers, bad)
+
+
+# --- selectors are bounded in time and size (RE2, limits) -------------------------------------------------------
+
+
+def _many_layers(count: int = 2000, width: int = 120) -> list[Layer]:
+    """Synthetic layer units with long names, a few of them under `block.0.mlp.down`."""
+    out = []
+    for i in range(count):
+        block = i % 50
+        stem = f"block.{block}.mlp.down.{i}" if i % 100 == 0 else f"block.{block}.attn.q.lora_{i}"
+        name = stem + "." + "a" * (width - len(stem) - 3) + f".{i % 7}"
+        out.append(Layer(name, name, "linear", "mlp", block, 4, 4, False, False, "middle", ("total",)))
+    return out
+
+
+@pytest.fixture(scope="module")
+def many_layers():
+    return _many_layers()
+
+
+def _timed(layers, selector):
+    started = time.perf_counter()
+    try:
+        result = select_layers(layers, selector)
+    except UnknownLayerError as exc:
+        result = exc
+    return result, time.perf_counter() - started
+
+
+def test_the_reported_catastrophic_regex_is_refused_at_once(many_layers):
+    # Python's re backtracks on this for minutes once a name passes the lookahead; RE2 has no lookarounds.
+    pattern = r"^(?=block\.0\.mlp\.down)(?:.*.*)*!"
+    for selector in (f"re:{pattern}", {"regex": pattern}, [f"re:{pattern}"]):
+        result, seconds = _timed(many_layers, selector)
+        assert isinstance(result, UnknownLayerError) and seconds < 0.5, (result, seconds)
+        assert "RE2" in str(result) and "lookarounds" in str(result)
+
+
+@pytest.mark.parametrize(
+    ("pattern", "expected"),
+    [
+        # Exponential for a backtracking engine on names without the final character; linear on RE2.
+        (r"(?:.*.*)*!", None),
+        (r"(?:a|aa)+$", None),
+        (r"(a|aa)+\.[0-6]$", "all"),
+        (r"(?:.*a){12}\.3$", r"\.3$"),
+        (r"^block\.0\.mlp\.down(?:.*.*)*\.0$", r"^block\.0\.mlp\.down.*\.0$"),
+    ],
+)
+def test_backtracking_regexes_run_in_linear_time(many_layers, pattern, expected):
+    result, seconds = _timed(many_layers, f"re:{pattern}")
+    assert seconds < 0.5, seconds
+    if expected is None:
+        assert isinstance(result, UnknownLayerError) and "matches no layer" in str(result)
+    else:
+        want = [x.name for x in many_layers if expected == "all" or re.search(expected, x.name)]
+        assert names(result) == want and want
+
+
+def test_backreferences_are_refused_with_the_reason(many_layers):
+    result, _ = _timed(many_layers, r"re:(block)\.\1")
+    assert isinstance(result, UnknownLayerError) and "backreferences" in str(result)
+
+
+@pytest.mark.parametrize(
+    "glob",
+    ["*a" * 250 + "*b", "*" + "?" * 400 + "!", "*" + "[a-z]" * 100 + "!", "*[ab]" * 100 + "*c", "block.*.*.*.*.!"],
+)
+def test_adversarial_globs_run_in_linear_time(many_layers, glob):
+    result, seconds = _timed(many_layers, glob)
+    assert seconds < 0.5, seconds
+    assert isinstance(result, UnknownLayerError) and "matches no layer" in str(result)
+
+
+def test_globs_match_exactly_what_fnmatch_matches():
+    import fnmatch
+    import random
+
+    from influence.layers import glob_to_re2
+
+    random.seed(13)
+    texts = ["", "a", "b", "-", "]", "!", "^", "[", "\\", "ab", "a-b", "b]a", "z!", "[a]", "a.b", "\n", "é", "aab-"]
+    alphabet = ["a", "b", "z", "-", "!", "]", "[", "^", "*", "?", "\\", ".", "é"]
+    checked = 0
+    for _ in range(4000):
+        glob = "".join(random.choice(alphabet) for _ in range(random.randint(1, 9)))
+        try:
+            expected = [fnmatch.fnmatchcase(text, glob) for text in texts]
+        except re.error:  # fnmatch turns a few classes into invalid regexes (a reversed range)
+            with pytest.raises(UnknownLayerError):
+                glob_to_re2(glob)
+            continue
+        pattern = re2.compile(glob_to_re2(glob))
+        assert [pattern.search(text) is not None for text in texts] == expected, glob
+        checked += 1
+    assert checked > 3500
+
+
+@pytest.mark.parametrize(
+    ("selector", "message"),
+    [
+        ("re:" + "a" * 600, "at most 512 characters"),
+        ({"regex": "a" * 513}, "at most 512 characters"),
+        (["total&total"] * 130, "at most 256 terms"),
+        ([f"block.{i}.attn.q" for i in range(300)], "at most 256 terms"),
+        ({"names": ["embed"] * 1000}, "at most 256 terms"),
+        ([f"re:attn.{i}" for i in range(17)], "at most 16 regex or glob terms"),
+        (["block.*"] * 17, "at most 16 regex or glob terms"),
+        ("re:\ud800", "not valid Unicode"),
+        (5, "a string, a list or an object"),
+    ],
+)
+def test_selector_limits_are_refused_clearly(many_layers, selector, message):
+    result, seconds = _timed(many_layers, selector)
+    assert isinstance(result, UnknownLayerError), result
+    assert message in str(result) and seconds < 0.5
+
+
+def test_a_deeply_nested_list_selector_is_refused_not_a_recursion_error(many_layers):
+    selector: list = ["embed"]
+    for _ in range(10_000):
+        selector = [selector]
+    result, seconds = _timed(many_layers, selector)
+    assert isinstance(result, UnknownLayerError) and "nested at most 8 deep" in str(result)
+    assert seconds < 0.5
+    shallow: list = ["block.0.mlp.down*"]
+    for _ in range(7):
+        shallow = [shallow]
+    assert len(select_layers(many_layers, shallow)) == 20
+
+
+def test_many_plain_terms_on_many_layers_stay_fast(many_layers):
+    chosen = [layer.name for layer in many_layers[::8]]  # 250 exact names, each found without a scan
+    result, seconds = _timed(many_layers, chosen)
+    assert names(result) == chosen and seconds < 0.5

@@ -157,7 +157,8 @@ def free_port() -> int:
 class ApiProcess:
     """`uvicorn --factory app.main:create_app` on 127.0.0.1 over the test's database and artifacts."""
 
-    def __init__(self, settings, log_path, **env):
+    def __init__(self, settings, log_path, factory: str = "app.main:create_app", **env):
+        self.factory = factory  # app.embedded:create_service_app: with the Celery job queue
         self.port = free_port()
         self.env = {
             **os.environ,
@@ -179,7 +180,7 @@ class ApiProcess:
     def start(self) -> ApiProcess:
         log = open(self.log_path, "ab")  # noqa: SIM115 - the server owns it until it exits
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "--factory", "app.main:create_app", "--port", str(self.port)],
+            [sys.executable, "-m", "uvicorn", "--factory", self.factory, "--port", str(self.port)],
             cwd=ROOT,
             env=self.env,
             stdout=log,

@@ -42,13 +42,15 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
-def _wait_ready(client: httpx.Client, timeout: float) -> dict:
+def _wait_ready(client: httpx.Client, timeout: float, key_file: Path) -> dict:
+    """The full readiness answer, asked with the local key (made at start) once it exists."""
     deadline = time.monotonic() + timeout
     last = None
     while time.monotonic() < deadline:
         try:
-            response = client.get("/readyz")
-            if response.status_code == 200:
+            key = key_file.read_text().strip() if key_file.exists() else ""
+            response = client.get("/readyz", headers={"X-API-Key": key} if key else {})
+            if response.status_code == 200 and key:
                 return response.json()
             last = response.text
         except httpx.TransportError as exc:
@@ -81,7 +83,7 @@ def test_serve_migrates_runs_a_worker_restarts_it_and_stops_it(tmp_path):
     )
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
-            checks = _wait_ready(client, timeout=120)["checks"]
+            checks = _wait_ready(client, timeout=120, key_file=data_dir / "local-api-key")["checks"]
             assert checks["database"]["detail"].startswith("sqlite")
             assert checks["broker"]["detail"] == f"filesystem broker at {data_dir / 'broker'}"
             assert checks["worker"]["detail"].startswith("worker embedded@")
@@ -101,7 +103,7 @@ def test_serve_migrates_runs_a_worker_restarts_it_and_stops_it(tmp_path):
             while time.monotonic() < deadline and not [p for p in _worker_children(runner.pid) if p != worker]:
                 time.sleep(0.2)
             (restarted,) = [p for p in _worker_children(runner.pid) if p != worker]
-            _wait_ready(client, timeout=120)
+            _wait_ready(client, timeout=120, key_file=data_dir / "local-api-key")
         runner.send_signal(signal.SIGINT)
         assert runner.wait(timeout=90) == 0
         assert not _alive(restarted)

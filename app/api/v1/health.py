@@ -1,16 +1,25 @@
-"""Liveness and readiness. /healthz: the process answers. /readyz: its dependencies answer too."""
+"""Liveness and readiness. /healthz: the process answers. /readyz: its dependencies answer too.
+
+/healthz runs on the event loop itself (no thread pool token, no database): it answers while every worker
+thread is busy with heavy requests, so a liveness probe never restarts a process that is merely loaded.
+/readyz tells anyone whether the process is ready; only a caller with a valid API key (of any tenant) gets the
+checks' details, which name server paths, versions and failures.
+"""
 
 from __future__ import annotations
 
+import logging
 import time
 
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
-from app.api.deps import ReadinessChecksDep
+from app.api.deps import ReadinessChecksDep, ValidKeyDep
 from app.errors import problem_response
 from app.schemas.common import problems
+
+log = logging.getLogger(__name__)
 
 router = APIRouter(tags=["health"])
 
@@ -42,15 +51,22 @@ class SmallBatches(BaseModel):
 
 class Readiness(BaseModel):
     status: str = Field(description="ready")
-    checks: dict[str, CheckOut]
-    compiled_scoring: ScoringKernel = Field(
-        description="The compiled query scoring kernel of this API process (informational: never fails readiness)"
+    checks: dict[str, CheckOut] | None = Field(
+        None, description="Each check's result; only with a valid API key"
     )
-    small_batches: SmallBatches = Field(description="How this API process runs query gradients (informational)")
+    compiled_scoring: ScoringKernel | None = Field(
+        None,
+        description="The compiled query scoring kernel of this API process (informational: never fails "
+        "readiness); only with a valid API key",
+    )
+    small_batches: SmallBatches | None = Field(
+        None,
+        description="How this API process runs query gradients (informational); only with a valid API key",
+    )
 
 
 @router.get("/healthz", response_model=Health, summary="Liveness: the process answers")
-def healthz() -> Health:
+async def healthz() -> Health:
     return Health()
 
 
@@ -59,9 +75,11 @@ def healthz() -> Health:
     response_model=Readiness,
     responses=problems(503),
     summary="Readiness: database (migrated), broker and a live worker",
-    description="503 (problem+json, with the same `checks` member) when any check fails.",
+    description="200 `{status: ready}` or 503 (problem+json) when any check fails. With a valid API key "
+    "(`Authorization: Bearer <key>` or `X-API-Key`, any tenant's) the answer also carries each check's "
+    "details (`checks`, in the 503 too) and this process' scoring setup; without one, the status only.",
 )
-def readyz(checks: ReadinessChecksDep):
+def readyz(checks: ReadinessChecksDep, with_details: ValidKeyDep):
     results: dict[str, CheckOut] = {}
     for check in checks:
         started = time.perf_counter()
@@ -72,14 +90,27 @@ def readyz(checks: ReadinessChecksDep):
         results[check.name] = CheckOut(ok=ok, detail=detail, seconds=round(time.perf_counter() - started, 4))
     failing = [name for name, result in results.items() if not result.ok]
     if failing:
+        reasons = "; ".join(f"{name}: {results[name].detail}" for name in failing)
+        if not with_details:
+            # The operator still learns why from the log; the anonymous caller learns only that.
+            log.warning("not ready: %s", reasons)
+            return problem_response(
+                503,
+                "not-ready",
+                "Not ready",
+                "a readiness check fails (send an API key for the checks' details)",
+                instance="/readyz",
+            )
         return problem_response(
             503,
             "not-ready",
             "Not ready",
-            "; ".join(f"{name}: {results[name].detail}" for name in failing),
+            reasons,
             instance="/readyz",
             checks={name: result.model_dump() for name, result in results.items()},
         )
+    if not with_details:
+        return JSONResponse({"status": "ready"})
     from influence.kernels import compiled_scoring_status
     from influence.threads import ONE_THREAD
 
