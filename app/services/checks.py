@@ -104,7 +104,8 @@ def create_check(
 ) -> Job:
     """Validate everything, record the check's job (queued) with its normalised batch, enqueue it after the
     commit. 404 for another tenant's index or reference dataset, 409 for an index that is not ready, 413 for a
-    file over max_upload_bytes, 422 naming the line and column of a bad row, 429 over the tenant's job limit."""
+    file over max_upload_bytes or rows over max_dataset_bytes, 422 naming the line and column of a bad row, 429
+    over the tenant's job limit."""
     from app.services.queries import select_query_layers
     from app.services.references import resolve_reference
 
@@ -130,7 +131,7 @@ def create_check(
             f"appending {len(rows):,} rows would give dataset {dataset.id!r} {dataset.row_count + len(rows):,} "
             f"rows, more than max_rows = {settings.max_rows:,}"
         )
-    data = b"".join((json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8") for row in rows)
+    data = b"".join(dataset_files.encode_row(row) for row in rows)
     reference_rows = _reference_size(spec)
     job = job_service.create_job(
         session,
@@ -229,9 +230,13 @@ def parse_batch(
             else "the index's dataset has no text_pair: leave text_pair_column out"
         )
     validator = dataset_files._Rows(spec, settings)
+    # The rows are held in memory until the batch is written: their size counts as a dataset's does.
+    held = dataset_files._Budget(settings.max_dataset_bytes, "the batch's rows")
     rows, places = [], []
-    for where, record in dataset_files._records(upload, fmt, columns, settings.max_rows):
-        rows.append(validator.normalise(where, record))
+    for where, record in dataset_files.read_records(upload, fmt, columns, settings):
+        row = validator.normalise(where, record)
+        held.charge(len(dataset_files.encode_row(row)), where)
+        rows.append(row)
         places.append(where)
     if not rows:
         raise Invalid("the file has no data rows")

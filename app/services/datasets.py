@@ -13,6 +13,13 @@ or label names (any other strings); names are numbered in sorted order (Python s
 `label_names[i]`. A file mixing the two is refused. causal-lm: the label column is optional and holds the
 completion (strings; numbers are turned into their text); without one the row is plain language modelling.
 
+Size. Every format is read as a stream and what it decodes to is counted against `max_dataset_bytes`: the
+normalised rows.jsonl bytes as they are written (so a refused file never writes more than the limit), every line
+of a text format (so no line is held whole beyond it), and for Parquet the decoded bytes of the mapped columns in
+a first pass that keeps string columns dictionary-encoded (a few KB of zstd and dictionary pages can decode to
+GBs: such a file is refused before a row is written), after a cheaper refusal from the row groups' declared
+sizes. Rows reach Python in slices of a few MB, never a whole batch of decoded text.
+
 Nothing half-made survives a failure: the artifact is written under <artifacts>/tmp/, renamed into place only
 after every row validated, and deleted again if the transaction that records the row rolls back. The request
 holds an fcntl lock on `.registering.lock` inside the folder until its transaction ends; if the process is
@@ -71,8 +78,14 @@ META_FILE = "meta.json"
 REGISTERING_LOCK = ".registering.lock"
 STAGING_PREFIX = "dataset-"
 _READ_BLOCK = 1 << 20
-MAX_CLASSES = 100_000  # as many as a model registration accepts (num_labels)
 _INTEGER = re.compile(r"^[+-]?\d+$")
+# More digits than any class index has; int() of a longer string is refused by Python (4300 digits) anyway.
+_MAX_LABEL_DIGITS = 18
+# A lone surrogate is valid in JSON text ("\ud800") and in a Python str, but has no UTF-8 form.
+_SURROGATE = re.compile("[\ud800-\udfff]")
+# Decoded Parquet bytes turned into Python objects at once, and the most rows Arrow decodes at once.
+_PARQUET_SLICE_BYTES = 4 << 20
+_PARQUET_MAX_BATCH_ROWS = 8192
 _TRUE = {"true", "t", "yes", "y", "1"}
 _FALSE = {"false", "f", "no", "n", "0"}
 
@@ -335,7 +348,7 @@ def _register(
     lock = open(staging / REGISTERING_LOCK, "a+")  # noqa: SIM115 - closed by the hooks below
     fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
     try:
-        records = _records(handle, fmt, spec.columns, settings.max_rows)
+        records = read_records(handle, fmt, spec.columns, settings)
         summary = _write_rows(staging, records, spec, settings)
         files = {}
         for file_name in (ROWS_FILE, OFFSETS_FILE):
@@ -398,19 +411,67 @@ def _register(
 # --- reading the formats: (where, record) pairs; `where` names the line (text formats) or row (Parquet) ---
 
 
-def _records(
-    handle: IO[bytes], fmt: str, columns: ColumnSpec, max_rows: int
+class _ManyDigits:
+    """A JSON integer with more digits than Python turns into an int: kept as its digits, so the row's
+    validation can name the column that holds it (and an unmapped field with one stays harmless)."""
+
+    def __init__(self, digits: str):
+        self.digits = digits
+
+    def __repr__(self) -> str:
+        return f"an integer of {len(self.digits.lstrip('-'))} digits"
+
+
+def _json_int(digits: str) -> int | _ManyDigits:
+    return int(digits) if len(digits) <= _MAX_LABEL_DIGITS else _ManyDigits(digits)
+
+
+class _Budget:
+    """Bytes counted against max_dataset_bytes; over it, 413 naming the limit and its setting."""
+
+    def __init__(self, limit: int, what: str = "the dataset's rows"):
+        self.limit = limit
+        self.what = what
+        self.used = 0
+
+    def charge(self, size: int, where: str) -> None:
+        self.used += size
+        if self.used > self.limit:
+            raise PayloadTooLarge(_too_large(self.what, self.limit, where))
+
+
+def _too_large(what: str, limit: int, where: str) -> str:
+    return (
+        f"{what} take more than max_dataset_bytes = {limit} bytes once decoded (at {where}); the limit is the "
+        "setting INFLUENCE_MAX_DATASET_BYTES"
+    )
+
+
+def read_records(
+    handle: IO[bytes], fmt: str, columns: ColumnSpec, settings: Settings
 ) -> Iterator[tuple[str, Mapping[str, Any]]]:
+    """The file's records as a stream of (where, {column: value}), each line or batch bounded in size."""
     if fmt == "jsonl":
-        return _jsonl_records(handle)
+        return _jsonl_records(handle, settings.max_dataset_bytes)
     if fmt in ("csv", "tsv"):
-        return _delimited_records(handle, fmt, columns)
-    return _parquet_records(handle, columns, max_rows)
+        return _delimited_records(handle, fmt, columns, settings.max_dataset_bytes)
+    return _parquet_records(handle, columns, settings)
 
 
-def _text_lines(handle: IO[bytes]) -> Iterator[tuple[int, str]]:
-    """(line number, decoded line with its ending), refusing what is not UTF-8 with the line's number."""
-    for number, raw in enumerate(handle, start=1):
+def _text_lines(handle: IO[bytes], max_line: int) -> Iterator[tuple[int, str]]:
+    """(line number, decoded line with its ending), refusing what is not UTF-8 with the line's number. A line is
+    read with a bound, so a file without line ends is never held whole."""
+    number = 0
+    while True:
+        raw = handle.readline(max_line + 1)
+        if not raw:
+            return
+        number += 1
+        if len(raw) > max_line:
+            raise PayloadTooLarge(
+                f"line {number} is longer than max_dataset_bytes = {max_line} bytes; the limit is the setting "
+                "INFLUENCE_MAX_DATASET_BYTES"
+            )
         try:
             line = raw.decode("utf-8")
         except UnicodeDecodeError as exc:
@@ -420,24 +481,28 @@ def _text_lines(handle: IO[bytes]) -> Iterator[tuple[int, str]]:
         yield number, line
 
 
-def _jsonl_records(handle: IO[bytes]) -> Iterator[tuple[str, Mapping[str, Any]]]:
-    for number, line in _text_lines(handle):
+def _jsonl_records(handle: IO[bytes], max_line: int) -> Iterator[tuple[str, Mapping[str, Any]]]:
+    for number, line in _text_lines(handle, max_line):
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
+            record = json.loads(line, parse_int=_json_int)
         except json.JSONDecodeError as exc:
             raise Invalid(f"line {number}: invalid JSON: {exc.msg} (column {exc.colno})") from None
+        except RecursionError:
+            raise Invalid(f"line {number}: invalid JSON: nested too deeply") from None
+        except ValueError as exc:
+            raise Invalid(f"line {number}: invalid JSON: {str(exc)[:200]}") from None
         if not isinstance(record, dict):
             raise Invalid(f"line {number}: expected a JSON object, got {_json_type(record)}")
         yield f"line {number}", record
 
 
 def _delimited_records(
-    handle: IO[bytes], fmt: str, columns: ColumnSpec
+    handle: IO[bytes], fmt: str, columns: ColumnSpec, max_line: int
 ) -> Iterator[tuple[str, Mapping[str, Any]]]:
     # CSV: RFC 4180 quoting. TSV: no quoting at all (fields hold no tabs or newlines), as GLUE writes it.
-    lines = (line for _, line in _text_lines(handle))
+    lines = (line for _, line in _text_lines(handle, max_line))
     if fmt == "csv":
         reader = csv.reader(lines, delimiter=",", strict=True)
     else:
@@ -471,8 +536,14 @@ def _delimited_records(
         raise Invalid(f"line {reader.line_num}: unreadable {fmt.upper()}: {exc}") from None
 
 
+def _is_text_type(kind: Any) -> bool:
+    import pyarrow as pa
+
+    return pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_string_view(kind)
+
+
 def _parquet_records(
-    handle: IO[bytes], columns: ColumnSpec, max_rows: int
+    handle: IO[bytes], columns: ColumnSpec, settings: Settings
 ) -> Iterator[tuple[str, Mapping[str, Any]]]:
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -480,42 +551,149 @@ def _parquet_records(
     try:
         parquet = pq.ParquetFile(handle)
         schema = parquet.schema_arrow
+        metadata = parquet.metadata
     except (pa.ArrowException, OSError, ValueError) as exc:
-        raise Invalid(f"not a readable Parquet file: {exc}") from None
+        raise Invalid(f"not a readable Parquet file: {str(exc)[:300]}") from None
     names = schema.names
-    if parquet.metadata.num_rows > max_rows:
-        raise PayloadTooLarge(f"the file has {parquet.metadata.num_rows} rows; the limit is {max_rows}")
+    if metadata.num_rows > settings.max_rows:
+        raise PayloadTooLarge(f"the file has {metadata.num_rows} rows; the limit is {settings.max_rows}")
     for role, column in columns.mapped():
         if column not in names:
             raise Invalid(
                 f"column {column!r} (the {role} column) is not in the file; columns: {', '.join(names)}"
             )
+        if names.count(column) > 1:
+            raise Invalid(f"column {column!r} appears {names.count(column)} times in the file")
         kind = schema.field(column).type
         if pa.types.is_dictionary(kind):
             kind = kind.value_type
-        if role in ("text", "text_pair") and not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+        if role in ("text", "text_pair") and not _is_text_type(kind):
             raise Invalid(f"column {column!r} (the {role} column) has type {kind}; expected strings")
         if role == "label" and not (
-            pa.types.is_integer(kind)
-            or pa.types.is_string(kind)
-            or pa.types.is_large_string(kind)
-            or pa.types.is_floating(kind)
+            pa.types.is_integer(kind) or _is_text_type(kind) or pa.types.is_floating(kind)
         ):
             raise Invalid(
                 f"column {column!r} (the label column) has type {kind}; expected integers or strings"
             )
         if role == "noisy" and not (pa.types.is_boolean(kind) or pa.types.is_integer(kind)):
             raise Invalid(f"column {column!r} (the noisy column) has type {kind}; expected booleans or 0/1")
-    wanted = sorted({column for _, column in columns.mapped()})
+    roles = {column: role for role, column in columns.mapped()}
+    wanted = sorted(roles)
+    texts = [c for c in wanted if _is_text_type(_value_type(schema.field(c).type))]
+    declared, batch_rows = _declared_sizes(metadata, wanted)
+    if declared > settings.max_dataset_bytes:
+        limit = settings.max_dataset_bytes
+        raise PayloadTooLarge(_too_large("the file's mapped columns", limit, "the sizes its row groups declare"))
+    try:
+        # Text columns stay dictionary-encoded in Arrow: repeated values are decoded once, not once per row.
+        parquet = pq.ParquetFile(handle, read_dictionary=texts, metadata=metadata)
+    except (pa.ArrowException, OSError, ValueError) as exc:
+        raise Invalid(f"not a readable Parquet file: {str(exc)[:300]}") from None
+    return _parquet_rows(parquet, wanted, texts, roles, batch_rows, settings)
+
+
+def _value_type(kind: Any) -> Any:
+    import pyarrow as pa
+
+    return kind.value_type if pa.types.is_dictionary(kind) else kind
+
+
+def _declared_sizes(metadata: Any, wanted: list[str]) -> tuple[int, int]:
+    """The uncompressed bytes the row groups declare for the wanted columns, and Arrow batch rows that keep a
+    batch of plain-encoded values near _PARQUET_SLICE_BYTES by that declaration (a hint only: metadata can lie,
+    the decoded bytes are counted as they are read)."""
+    leaves = [j for j in range(metadata.num_columns) if metadata.schema.column(j).path in wanted]
+    total, widest = 0, 1.0
+    for r in range(metadata.num_row_groups):
+        group = metadata.row_group(r)
+        size = sum(max(0, group.column(j).total_uncompressed_size) for j in leaves)
+        total += size
+        if group.num_rows > 0:
+            widest = max(widest, size / group.num_rows)
+    return total, int(min(_PARQUET_MAX_BATCH_ROWS, max(16, _PARQUET_SLICE_BYTES // widest)))
+
+
+def _byte_lengths(array: Any) -> Any:
+    """UTF-8 bytes of every value of a string column (0 for null), without decoding a dictionary's values."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if pa.types.is_dictionary(array.type):
+        lengths = pc.take(pc.binary_length(array.dictionary), array.indices)
+    else:
+        if pa.types.is_string_view(array.type):
+            array = array.cast(pa.large_string())
+        lengths = pc.binary_length(array)
+    return lengths.fill_null(0).to_numpy(zero_copy_only=False).astype("int64")
+
+
+def _parquet_rows(
+    parquet: Any,
+    wanted: list[str],
+    texts: list[str],
+    roles: dict[str, str],
+    batch_rows: int,
+    settings: Settings,
+) -> Iterator[tuple[str, Mapping[str, Any]]]:
+    import numpy as np
+    import pyarrow as pa
+
+    # A first pass counts the decoded bytes of the text columns from their lengths alone (cheap: dictionaries
+    # are never expanded), so a file that decodes past the limit is refused before any row is written.
+    budget = _Budget(settings.max_dataset_bytes, "the file's mapped columns")
     number = 0
     try:
-        for batch in parquet.iter_batches(batch_size=8192, columns=wanted):
-            values = {column: batch.column(column).to_pylist() for column in wanted}
-            for i in range(batch.num_rows):
-                number += 1
-                yield f"row {number}", {column: values[column][i] for column in wanted}
+        for batch in parquet.iter_batches(batch_size=batch_rows, columns=wanted):
+            sizes = sum((_byte_lengths(batch.column(c)) for c in texts), np.zeros(batch.num_rows, "int64"))
+            budget.charge(int(sizes.sum()), f"row {number + batch.num_rows}")
+            number += batch.num_rows
     except (pa.ArrowException, OSError) as exc:
-        raise Invalid(f"row {number + 1}: unreadable Parquet data: {exc}") from None
+        raise Invalid(f"row {number + 1}: unreadable Parquet data: {str(exc)[:300]}") from None
+
+    # Every mapped string is at most max_text_chars characters, so at most 4 bytes each: a longer value is
+    # refused before it is turned into a Python object.
+    longest = 4 * settings.max_text_chars
+    number = 0
+    try:
+        for batch in parquet.iter_batches(batch_size=batch_rows, columns=wanted):
+            lengths = {c: _byte_lengths(batch.column(c)) for c in texts}
+            stop, too_long = batch.num_rows, None
+            for column, sizes in lengths.items():
+                over = np.flatnonzero(sizes > longest)
+                if over.size and over[0] < stop:
+                    stop, too_long = int(over[0]), column
+            row_bytes = sum(lengths.values(), np.zeros(batch.num_rows, "int64"))
+            start = 0
+            while start < stop:
+                cumulative = np.cumsum(row_bytes[start:stop])
+                fit = int(np.searchsorted(cumulative, _PARQUET_SLICE_BYTES, side="right"))
+                end = start + max(1, fit)
+                piece = batch.slice(start, end - start)
+                values = {c: _python_values(piece.column(c), c, number) for c in wanted}
+                for i in range(end - start):
+                    number += 1
+                    yield f"row {number}", {c: values[c][i] for c in wanted}
+                start = end
+            if too_long is not None:
+                limit = settings.max_text_chars
+                raise Invalid(
+                    f"row {number + 1}: column {too_long!r} (the {roles[too_long]}) has more than "
+                    f"{limit} characters; the limit is {limit}"
+                )
+    except (pa.ArrowException, OSError) as exc:
+        raise Invalid(f"row {number + 1}: unreadable Parquet data: {str(exc)[:300]}") from None
+
+
+def _python_values(array: Any, column: str, before: int) -> list[Any]:
+    try:
+        return array.to_pylist()
+    except UnicodeDecodeError:
+        for i in range(len(array)):
+            try:
+                array[i].as_py()
+            except UnicodeDecodeError:
+                raise Invalid(f"row {before + i + 1}: column {column!r} is not UTF-8 text") from None
+        raise Invalid(f"rows {before + 1} to {before + len(array)}: column {column!r} is not UTF-8 text") from None
 
 
 def _json_type(value: Any) -> str:
@@ -523,7 +701,7 @@ def _json_type(value: Any) -> str:
         return "null"
     if isinstance(value, bool):
         return "a boolean"
-    if isinstance(value, (int, float)):
+    if isinstance(value, (int, float, _ManyDigits)):
         return "a number"
     if isinstance(value, str):
         return "a string"
@@ -550,6 +728,7 @@ class _Rows:
         self.task = spec.task
         self.max_chars = settings.max_text_chars
         self.max_rows = settings.max_rows
+        self.max_classes = settings.max_num_labels
         self.count = 0
         self.label_kind: tuple[str, str] | None = None  # ("integer" | "name", where first seen)
         self.integers: set[int] = set()
@@ -588,15 +767,26 @@ class _Rows:
             )
         if not value.strip():
             raise Invalid(f"{where}: column {column!r} (the {role}) is empty")
+        return self._checked_text(where, column, role, value)
+
+    def _checked_text(self, where: str, column: str, role: str, value: str) -> str:
         if len(value) > self.max_chars:
             raise Invalid(
                 f"{where}: column {column!r} (the {role}) has {len(value)} characters; "
                 f"the limit is {self.max_chars}"
             )
+        surrogate = _SURROGATE.search(value)
+        if surrogate is not None:
+            raise Invalid(
+                f"{where}: column {column!r} (the {role}) holds a lone surrogate (U+{ord(surrogate.group()):04X} "
+                f"at character {surrogate.start() + 1}), which is not text"
+            )
         return value
 
     def _class_label(self, where: str, record: Mapping[str, Any], column: str) -> int | str:
         value = self._value(where, record, column)
+        if isinstance(value, _ManyDigits):
+            value = value.digits
         if isinstance(value, str):
             value = value.strip()
         kind: str
@@ -610,13 +800,19 @@ class _Rows:
                 raise Invalid(f"{where}: column {column!r} (the label) {value!r} is not a whole number")
             value = int(value)
         if isinstance(value, int) or (isinstance(value, str) and _INTEGER.match(value)):
-            kind, label = "integer", int(value)
+            digits = str(value).lstrip("+-").lstrip("0")
+            if len(digits) > _MAX_LABEL_DIGITS and not str(value).startswith("-"):
+                raise Invalid(
+                    f"{where}: column {column!r} (the label) is an integer of {len(digits)} digits, not a class "
+                    f"index below {self.max_classes} (max_num_labels)"
+                )
+            kind, label = "integer", int(value) if len(digits) <= _MAX_LABEL_DIGITS else -1
             if label < 0:
                 raise Invalid(
-                    f"{where}: column {column!r} (the label) {label} is negative; classes count from 0"
+                    f"{where}: column {column!r} (the label) {str(value)[:40]} is negative; classes count from 0"
                 )
         elif isinstance(value, str):
-            kind, label = "name", value
+            kind, label = "name", self._checked_text(where, column, "label", value)
         else:
             raise Invalid(
                 f"{where}: column {column!r} (the label) must be a class index or a label name, "
@@ -632,17 +828,18 @@ class _Rows:
                 "all class indices or all names"
             )
         if kind == "integer":
-            if int(label) >= MAX_CLASSES:
+            if int(label) >= self.max_classes:
                 raise Invalid(
-                    f"{where}: column {column!r} (the label) {label} is not a class index below {MAX_CLASSES}"
+                    f"{where}: column {column!r} (the label) {label} is not a class index below "
+                    f"{self.max_classes} (max_num_labels)"
                 )
             self.integers.add(int(label))
         else:
             self.names.add(str(label))
-            if len(self.names) > MAX_CLASSES:
+            if len(self.names) > self.max_classes:
                 raise Invalid(
-                    f"{where}: column {column!r} has more than {MAX_CLASSES} distinct label names; "
-                    "is it the label column?"
+                    f"{where}: column {column!r} has more than {self.max_classes} distinct label names "
+                    "(max_num_labels); is it the label column?"
                 )
         return label
 
@@ -650,17 +847,14 @@ class _Rows:
         value = self._value(where, record, column)
         if value is None:
             return None
+        if isinstance(value, _ManyDigits):
+            value = value.digits
         if isinstance(value, bool) or not isinstance(value, (str, int, float)):
             raise Invalid(
                 f"{where}: column {column!r} (the completion) must be text, got {_json_type(value)}"
             )
         text = value if isinstance(value, str) else json.dumps(value)
-        if len(text) > self.max_chars:
-            raise Invalid(
-                f"{where}: column {column!r} (the completion) has {len(text)} characters; "
-                f"the limit is {self.max_chars}"
-            )
-        return text
+        return self._checked_text(where, column, "completion", text)
 
     def _noisy(self, where: str, record: Mapping[str, Any], column: str) -> bool:
         value = self._value(where, record, column)
@@ -685,12 +879,14 @@ def _write_rows(
     folder: Path, records: Iterator[tuple[str, Mapping[str, Any]]], spec: DatasetSpec, settings: Settings
 ) -> _Summary:
     rows = _Rows(spec, settings)
+    budget = _Budget(settings.max_dataset_bytes)
     offsets = array("q")
     path = folder / ROWS_FILE
     with open(path, "wb") as out:
         position = 0
         for where, record in records:
-            line = (json.dumps(rows.normalise(where, record), ensure_ascii=False) + "\n").encode("utf-8")
+            line = encode_row(rows.normalise(where, record))
+            budget.charge(len(line), where)
             offsets.append(position)
             out.write(line)
             position += len(line)
@@ -698,22 +894,28 @@ def _write_rows(
         raise Invalid("the file has no data rows")
     summary = rows.summary()
     if summary.label_names is not None:
-        offsets = _number_label_names(path, summary.label_names)
+        offsets = _number_label_names(path, summary.label_names, _Budget(settings.max_dataset_bytes))
     _write_offsets(folder / OFFSETS_FILE, offsets)
     return summary
 
 
-def _number_label_names(path: Path, names: list[str]) -> array:
+def encode_row(row: Mapping[str, Any]) -> bytes:
+    """A normalised row as its line of rows.jsonl (what a dataset stores and a batch check holds)."""
+    return (json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8")
+
+
+def _number_label_names(path: Path, names: list[str], budget: _Budget) -> array:
     """Rewrite the rows with class indices in place of label names (names sorted); the new offsets."""
     index = {name: i for i, name in enumerate(names)}
     offsets = array("q")
     numbered = path.with_suffix(".numbered")
     with open(path, "rb") as source, open(numbered, "wb") as out:
         position = 0
-        for raw in source:
+        for number, raw in enumerate(source, start=1):
             row = json.loads(raw)
             row["label"] = index[row["label"]]
-            line = (json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8")
+            line = encode_row(row)
+            budget.charge(len(line), f"row {number}")
             offsets.append(position)
             out.write(line)
             position += len(line)

@@ -288,7 +288,7 @@ BAD_UPLOADS = [
         422,
         ["row 2", "label"],
     ),
-    ("label-too-large", "d.tsv", b"text\tlabel\na\t1\nb\t100000\n", {}, 422, ["line 3", "below 100000"]),
+    ("label-too-large", "d.tsv", b"text\tlabel\na\t1\nb\t10000\n", {}, 422, ["line 3", "below 10000"]),
     (
         "duplicate-mapping",
         "d.csv",

@@ -24,7 +24,8 @@ Check a new batch of training rows before it joins an index (a CI hook). A **mul
 - `file`: the batch, in any format a dataset registration takes (JSONL, CSV, TSV, Parquet; `format`, else the
   file name's extension), mapped by `text_column` (default `text`), `text_pair_column` (exactly when the
   index's dataset has pairs) and `label_column` (default `label`). Labels are class indices or, when the
-  index's dataset names its classes, its label names. Every bad row is refused with 422 naming its line.
+  index's dataset names its classes, its label names. Every bad row is refused with 422 naming its line; a
+  batch whose rows take more than `max_dataset_bytes` once decoded is refused with 413.
 - `reference`: the reference set as JSON text: `{"dataset_id", "rows" | "limit"}` or `{"examples": [...]}`.
 - `layers` (a selector string, or JSON), `estimator`, `aggregation`, `vote_k`, `correct_only`: as for a query.
 - `threshold_percentile` (default 5): a new row is flagged when its percentile among the existing rows is

@@ -27,8 +27,10 @@ The column mapping is given by plain form fields: `text_column` (default `text`)
 and `noisy_column` (a true/false or 1/0 flag, e.g. known label noise). Other columns are ignored.
 
 Classification labels are class indices (integers) or label names; names are numbered in sorted order and
-returned as `label_names`. Every bad row is refused with 422 naming its line (row, for Parquet) and column;
-an upload over the limit gets 413. A failed request leaves nothing behind.
+returned as `label_names`, at most `max_num_labels` classes. Every bad row is refused with 422 naming its line
+(row, for Parquet) and column; an upload over `max_upload_bytes`, more than `max_rows` rows, or rows that take
+more than `max_dataset_bytes` once decoded and decompressed (counted as the file is read, whatever its
+compression) get 413. A failed request leaves nothing behind.
 """
 
 
