@@ -15,7 +15,7 @@ Task = Literal["classification", "causal-lm"]
 class CheckpointIn(BaseModel):
     """One training checkpoint (a PEFT adapter folder on the server) and the learning rate it was taken at."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     adapter: str = Field(min_length=1, max_length=1000, description="Absolute path of a PEFT adapter folder")
     learning_rate: float = Field(gt=0, description="TracIn-CP weight of this checkpoint")
@@ -31,10 +31,12 @@ class CheckpointIn(BaseModel):
 
 class ModelCreate(BaseModel):
     """Register a model. `source` is an absolute folder under an allowed root, or a hub id (`org/name`)
-    resolved from the local cache only. Layers are listed from the config, without loading weights."""
+    resolved from the local cache only. Layers are listed from the config, without loading weights. Strict:
+    numbers are JSON numbers (`"2"` or `true` is no count)."""
 
     model_config = ConfigDict(
         extra="forbid",
+        strict=True,
         json_schema_extra={
             "examples": [
                 {
@@ -55,7 +57,9 @@ class ModelCreate(BaseModel):
     )
     task: Task = "classification"
     num_labels: int | None = Field(
-        None, ge=1, le=100_000, description="Classes of the head (classification); default: the config's"
+        None,
+        ge=1,
+        description="Classes of the head (classification); default: the config's. At most max_num_labels",
     )
     adapter: str | None = Field(None, min_length=1, max_length=1000, description="PEFT adapter folder")
     checkpoints: list[CheckpointIn] = Field(

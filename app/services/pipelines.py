@@ -191,8 +191,10 @@ class ModelCache:
 
     @staticmethod
     def _load(spec: ModelSpec, device: str) -> CachedModel:
+        from app.services.models import check_before_load
         from influence import discover_layers, load_model
 
+        check_before_load(spec.source, spec.revision, [spec.adapter] if spec.adapter else [])
         started = time.perf_counter()
         loaded = load_model(
             spec.source,
@@ -214,6 +216,12 @@ class ModelCache:
     def clear(self) -> None:
         with self._lock:
             self._items.clear()
+
+    def drop(self, model_id: str) -> None:
+        """Forget every loaded copy of a model (it was deleted)."""
+        with self._lock:
+            for key in [key for key in self._items if key[0] == model_id]:
+                del self._items[key]
 
 
 # ------------------------------------------------------------------------------------------ paths, locks

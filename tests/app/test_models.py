@@ -204,6 +204,7 @@ def bad_folders(tmp_path_factory):
     unknown.mkdir()
     (unknown / "config.json").write_text(json.dumps({"model_type": "acme-unknown"}))
     (unknown / "model.safetensors").write_bytes(b"")
+    (unknown / "vocab.txt").write_text("[PAD]\n[UNK]\n")
     (root / "bad-json").mkdir()
     (root / "bad-json" / "config.json").write_text("{not json")
     return root
@@ -288,3 +289,104 @@ def test_checkpoints_with_another_layout_are_refused(api, adapters):
 def test_unknown_model_ids_are_404(any_api):
     assert_problem(any_api.client.get("/v1/models/nope"), 404, "'nope'")
     assert_problem(any_api.client.get("/v1/models/nope/layers"), 404, "'nope'")
+
+
+# --- deletion -----------------------------------------------------------------------------------------------
+
+
+def test_delete_a_model_keeps_its_folders(api, adapters):
+    base, made = adapters
+    body = register(api, source=str(base), adapter=str(made["ckpt-1"])).json()
+    response = api.client.delete(f"/v1/models/{body['id']}")
+    assert response.status_code == 204, response.text
+    assert_problem(api.client.get(f"/v1/models/{body['id']}"), 404)
+    assert api.client.get("/v1/models").json()["total"] == 0
+    assert_problem(api.client.delete(f"/v1/models/{body['id']}"), 404)
+    # The user's folders under the allowed roots are never touched.
+    assert (base / "model.safetensors").is_file() and (made["ckpt-1"] / "adapter_model.safetensors").is_file()
+
+
+def test_delete_an_unknown_or_another_tenants_model_is_404(any_api, tiny_model_dir):
+    body = register(any_api, source=str(tiny_model_dir("bert", "classification", num_labels=2))).json()
+    assert_problem(any_api.client.delete("/v1/models/nope"), 404, "'nope'")
+    assert_problem(any_api.other_client().delete(f"/v1/models/{body['id']}"), 404, "does not exist")
+    assert any_api.client.get(f"/v1/models/{body['id']}").status_code == 200
+
+
+def test_delete_while_an_index_uses_the_model_is_409(api, tiny_model_dir, sst2_rows):
+    from tests.worker.support import register_dataset
+
+    model = register(api, source=str(tiny_model_dir("bert", "classification", num_labels=2))).json()
+    dataset = register_dataset(api.client, sst2_rows[:20])
+    index = api.client.post(
+        "/v1/indexes", json={"model_id": model["id"], "dataset_id": dataset["id"], "layers": ["head"]}
+    ).json()
+    refused = assert_problem(api.client.delete(f"/v1/models/{model['id']}"), 409, index["id"], "delete them first")
+    assert refused["indexes"] == [index["id"]]
+    assert api.count(RegisteredModel) == 1
+    assert api.client.delete(f"/v1/indexes/{index['id']}").status_code == 204
+    assert api.client.delete(f"/v1/models/{model['id']}").status_code == 204
+
+
+def test_delete_while_an_experiment_uses_the_model_is_409(api, tiny_model_dir, sst2_rows):
+    from tests.worker.support import register_dataset
+
+    names = ("negative", "positive")
+    model = register(api, source=str(tiny_model_dir("bert", "classification", num_labels=2))).json()
+    train = register_dataset(api.client, [(t, names[y]) for t, y in sst2_rows[:20]], name="train")
+    reference = register_dataset(api.client, [(t, names[y]) for t, y in sst2_rows[100:120]], name="reference")
+    experiment = api.client.post(
+        "/v1/experiments",
+        json={
+            "name": "x",
+            "base_model_id": model["id"],
+            "dataset_id": train["id"],
+            "reference": {"dataset_id": reference["id"], "rows": list(range(10))},
+            "heldout": {"dataset_id": reference["id"], "rows": list(range(10, 20))},
+            "noise_rate": 0.2,
+            "max_length": 32,
+            "retraining": {"enabled": False},
+        },
+    )
+    assert experiment.status_code == 202, experiment.text
+    job_id = experiment.json()["id"]
+    refused = assert_problem(api.client.delete(f"/v1/models/{model['id']}"), 409, job_id, "experiment")
+    assert refused["experiments"] == [job_id]
+    assert api.client.post(f"/v1/jobs/{job_id}/cancel").json()["status"] == "cancelled"
+    assert api.client.delete(f"/v1/models/{model['id']}").status_code == 204
+
+
+def test_delete_removes_the_adapter_the_service_wrote_for_the_model(api, adapters):
+    from app.services.experiments import ADAPTERS_DIR
+
+    base, made = adapters
+    home = api.settings.resolved_artifacts_dir / ADAPTERS_DIR
+    shared, own = home / "experiment-a", home / "experiment-b"
+    shutil.copytree(made["ckpt-1"], shared)
+    shutil.copytree(made["ckpt-2"], own)
+    first = register(api, name="a", source=str(base), adapter=str(shared)).json()
+    second = register(
+        api, name="b", source=str(base), checkpoints=[{"adapter": str(shared), "learning_rate": 0.1}]
+    ).json()
+    third = register(api, name="c", source=str(base), adapter=str(own)).json()
+
+    assert api.client.delete(f"/v1/models/{third['id']}").status_code == 204
+    assert not own.exists()  # the service's copy, named by no other model
+    assert api.client.delete(f"/v1/models/{first['id']}").status_code == 204
+    assert shared.is_dir()  # still the adapter of a checkpoint of another model
+    assert api.client.delete(f"/v1/models/{second['id']}").status_code == 204
+    assert not shared.exists()
+    assert (base / "model.safetensors").is_file() and made["ckpt-1"].is_dir() and made["ckpt-2"].is_dir()
+
+
+def test_delete_drops_the_model_from_the_apis_model_cache(api, tiny_model_dir):
+    from app.services.pipelines import ModelSpec
+    from app.services.queries import QueryRuntime
+
+    body = register(api, source=str(tiny_model_dir("bert", "classification", num_labels=2))).json()
+    runtime = api.app.state.query_runtime = QueryRuntime()
+    with api.session_factory() as session:
+        runtime.models.get(ModelSpec.of(session.get(RegisteredModel, body["id"])), "cpu")
+    assert [key[0] for key in runtime.models._items] == [body["id"]]
+    assert api.client.delete(f"/v1/models/{body['id']}").status_code == 204
+    assert list(runtime.models._items) == []

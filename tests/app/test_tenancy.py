@@ -85,6 +85,7 @@ CROSS_TENANT = {
     ("GET", "/v1/models"): lambda b, a: ("list", b.get("/v1/models")),
     ("GET", "/v1/models/{model_id}"): lambda b, a: (404, b.get(f"/v1/models/{a['model']}")),
     ("GET", "/v1/models/{model_id}/layers"): lambda b, a: (404, b.get(f"/v1/models/{a['model']}/layers")),
+    ("DELETE", "/v1/models/{model_id}"): lambda b, a: (404, b.delete(f"/v1/models/{a['model']}")),
     ("GET", "/v1/datasets"): lambda b, a: ("list", b.get("/v1/datasets")),
     ("GET", "/v1/datasets/{dataset_id}"): lambda b, a: (404, b.get(f"/v1/datasets/{a['dataset']}")),
     ("GET", "/v1/datasets/{dataset_id}/rows"): lambda b, a: (404, b.get(f"/v1/datasets/{a['dataset']}/rows")),

@@ -1,10 +1,10 @@
-"""Model routes: register a model, list and read registrations, list a model's layer units."""
+"""Model routes: register a model, list and read registrations, list a model's layer units, delete a model."""
 
 from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Query, Request, Response
 
 from app.api.deps import SessionDep, SettingsDep, TenantDep
 from app.models import RegisteredModel
@@ -41,7 +41,10 @@ def _out(model: RegisteredModel) -> ModelOut:
     description=(
         "Validates the source (an absolute folder under an allowed root, or a hub id already in the local "
         "cache: the service never downloads), lists its layer units from the config without loading weights, "
-        "and records the sha256 of its safetensors. Remote code is never run."
+        "and records the sha256 of its safetensors. Remote code is never run. Every file of the folders (links "
+        "followed) must lie inside the allowed roots (a hub id's: inside the hub cache); tokenizer files are "
+        "required; the config's sizes are bounded by max_model_blocks, max_model_width, max_model_vocab and "
+        "max_num_labels, its layer units by max_model_layer_units."
     ),
 )
 def create_model(body: ModelCreate, session: SessionDep, settings: SettingsDep, tenant: TenantDep) -> ModelOut:
@@ -78,3 +81,24 @@ def get_layers(model_id: str, session: SessionDep, tenant: TenantDep) -> ModelLa
         layers=[LayerOut.model_validate(layer) for layer in model.layers],
         groups=model.groups,
     )
+
+
+@router.delete(
+    "/{model_id}",
+    status_code=204,
+    responses=problems(404, 409),
+    summary="Delete a model",
+    description="409 while an index or a queued or running experiment uses the model: delete those indexes, or "
+    "let the experiments finish, first. The model's folders on the server are never touched; an adapter the "
+    "service wrote for it (an experiment's fine-tune) is removed.",
+)
+def delete_model(
+    model_id: str, request: Request, session: SessionDep, settings: SettingsDep, tenant: TenantDep
+) -> Response:
+    def drop_loaded(deleted_id: str) -> None:
+        runtime = getattr(request.app.state, "query_runtime", None)
+        if runtime is not None:
+            runtime.models.drop(deleted_id)
+
+    service.delete_model(session, settings, model_id, tenant.id, on_deleted=drop_loaded)
+    return Response(status_code=204)
