@@ -141,6 +141,9 @@ def serve(settings: Settings, host: str, port: int, with_worker: bool = True) ->
 
     from app.migrate import upgrade
 
+    # Before the first file: the data dir, the SQLite database, the broker's folders and the worker child
+    # (which inherits it) are the service user's alone by default.
+    os.umask(int(settings.umask, 8))
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     os.environ.update(absolute_settings_env(settings))
     settings = settings.model_copy(update={"data_dir": settings.data_dir.resolve()})

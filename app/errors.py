@@ -25,6 +25,18 @@ log = logging.getLogger(__name__)
 
 PROBLEM_MEDIA_TYPE = "application/problem+json"
 PROBLEM_TYPE_PREFIX = "urn:influence:problem:"
+# Details and validation messages quote the request (a name, a value, a selector): each is cut at this many
+# characters, so a huge bad value never comes back whole.
+MAX_ECHO_CHARS = 500
+# Validation failures listed in a problem's `errors` (a list of a million bad items fails a million times).
+MAX_VALIDATION_ERRORS = 50
+
+
+def truncated(text: str, limit: int = MAX_ECHO_CHARS) -> str:
+    """`text`, or its first `limit` characters with an ellipsis and how many characters were dropped."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text) - limit} characters dropped)"
 
 
 class ServiceError(Exception):
@@ -124,7 +136,7 @@ def problem_response(
         "status": status,
     }
     if detail is not None:
-        body["detail"] = detail
+        body["detail"] = truncated(detail)
     if instance is not None:
         body["instance"] = instance
     body.update(jsonable_encoder(extensions))
@@ -142,17 +154,20 @@ def _location(loc: Any) -> str:
     return ".".join(str(part) for part in loc)
 
 
-def _validation_errors(exc: RequestValidationError) -> list[dict[str, Any]]:
+def _validation_errors(exc: RequestValidationError) -> tuple[list[dict[str, Any]], int]:
+    """The first MAX_VALIDATION_ERRORS failures ({loc, msg, type}, each part cut short) and how many there are."""
+    errors = exc.errors()
     out = []
-    for error in exc.errors():
+    for error in errors[:MAX_VALIDATION_ERRORS]:
         out.append(
             {
-                "loc": [str(p) for p in error.get("loc", ())],
-                "msg": error.get("msg", ""),
+                # A location names the body's keys: an unknown key is the caller's text.
+                "loc": [truncated(str(p)) for p in error.get("loc", ())],
+                "msg": truncated(str(error.get("msg", ""))),
                 "type": error.get("type", ""),
             }
         )
-    return out
+    return out, len(errors)
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -172,10 +187,12 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _request_invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = _validation_errors(exc)
-        detail = "; ".join(f"{_location(e['loc'])}: {e['msg']}" for e in errors[:5]) or "invalid request"
-        if len(errors) > 5:
-            detail += f"; ... {len(errors)} problems in all"
+        errors, total = _validation_errors(exc)
+        detail = "; ".join(f"{truncated(_location(e['loc']), 100)}: {truncated(e['msg'], 200)}" for e in errors[:5])
+        detail = detail or "invalid request"
+        if total > 5:
+            listed = f"the first {len(errors)} listed in `errors`" if total > len(errors) else "see `errors`"
+            detail = f"{total} problems in all ({listed}): {detail}"
         return problem_response(
             422, "invalid-request", "Invalid request", detail, instance=request.url.path, errors=errors
         )

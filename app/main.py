@@ -9,13 +9,16 @@ Run: `uvicorn --factory app.main:create_app` (or `app.main:app`, built on first 
 from __future__ import annotations
 
 import logging
+import os
 import re
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
+from urllib.parse import parse_qsl, unquote_plus
 
 from fastapi import Depends, FastAPI, HTTPException
 from fastapi.openapi.utils import get_openapi
+from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.api.deps import ReadinessCheck, get_tenant
@@ -95,6 +98,88 @@ class BodyLimitMiddleware:
         await self.app(scope, limited_receive, send)
 
 
+# Query parameters whose values are secrets by their name (api_key, token, client_secret, password, ...).
+SECRET_PARAMETER = re.compile(r"key|token|secret|passw|pwd|credential|auth", re.IGNORECASE)
+REDACTED = "[redacted]"
+# Every response that sets no policy of its own: nothing may be loaded by it, and nothing may frame it.
+DEFAULT_CSP = "default-src 'none'; frame-ancestors 'none'"
+
+
+def secret_parameters(query_string: str) -> list[str]:
+    """The names of the query string's parameters that look like they carry a secret, in order, once each."""
+    names = [name for name, _ in parse_qsl(query_string, keep_blank_values=True)]
+    return list(dict.fromkeys(name for name in names if SECRET_PARAMETER.search(name)))
+
+
+def redact_query(target: str) -> str:
+    """A request target (path?query) with the value of every secret-looking parameter replaced."""
+    path, mark, query = target.partition("?")
+    if not mark:
+        return target
+    parts = []
+    for part in query.split("&"):
+        name, equals, _ = part.partition("=")
+        parts.append(f"{name}={REDACTED}" if equals and SECRET_PARAMETER.search(unquote_plus(name)) else part)
+    return f"{path}?{'&'.join(parts)}"
+
+
+class AccessLogRedaction(logging.Filter):
+    """Rewrites uvicorn's access-log records, whose third argument is the full request target (with the query
+    string), so a secret sent in the query string never reaches a log line, whatever handler formats it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if isinstance(args, tuple) and len(args) >= 3 and isinstance(args[2], str) and "?" in args[2]:
+            record.args = (*args[:2], redact_query(args[2]), *args[3:])
+        return True
+
+
+def install_access_log_redaction() -> None:
+    """Puts AccessLogRedaction on the `uvicorn.access` logger, once (logging configuration keeps it)."""
+    logger = logging.getLogger("uvicorn.access")
+    if not any(isinstance(existing, AccessLogRedaction) for existing in logger.filters):
+        logger.addFilter(AccessLogRedaction())
+
+
+class SecurityHeadersMiddleware:
+    """Refuses API keys in the query string (400: they go in headers only, since URLs are logged and kept in
+    histories), and sends `X-Content-Type-Options: nosniff` on every response and DEFAULT_CSP on every response
+    that sets no Content-Security-Policy of its own, except the interactive docs pages (`open_paths`: Swagger
+    UI and ReDoc load their scripts and styles from a CDN)."""
+
+    def __init__(self, app: ASGIApp, open_paths: Sequence[str] = ()):
+        self.app = app
+        self.open_paths = frozenset(open_paths)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        csp = scope.get("path") not in self.open_paths
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = MutableHeaders(scope=message)
+                headers["X-Content-Type-Options"] = "nosniff"
+                if csp and "content-security-policy" not in headers:
+                    headers["Content-Security-Policy"] = DEFAULT_CSP
+            await send(message)
+
+        secrets = secret_parameters(scope.get("query_string", b"").decode("latin-1"))
+        if secrets:
+            names = ", ".join(repr(name) for name in secrets)
+            await problem_response(
+                400,
+                "bad-request",
+                "Bad request",
+                f"query parameter {names} looks like a secret: send API keys in a header only "
+                "(`Authorization: Bearer <key>` or `X-API-Key: <key>`), never in the URL, which is logged",
+                instance=scope.get("path"),
+            )(scope, receive, send_with_headers)
+            return
+        await self.app(scope, receive, send_with_headers)
+
+
 def create_app(
     settings: Settings | None = None,
     *,
@@ -108,6 +193,10 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(started: FastAPI) -> AsyncIterator[None]:
+        # Everything the API writes (datasets, job artifacts, a SQLite database) is its user's alone by default.
+        previous_umask = os.umask(int(settings.umask, 8))
+        # Again here: a server configures logging after building the app.
+        install_access_log_redaction()
         # What a killed process left (a half-registered dataset, a deleted index's files) goes at start.
         from app.services.artifacts import sweep_orphans
 
@@ -120,6 +209,7 @@ def create_app(
         configure_compute(settings, compile_now=True)  # the kernel compiles in the background; queries wait for it
         yield
         engine.dispose()
+        os.umask(previous_umask)
 
     app = FastAPI(
         title="Influence service",
@@ -144,6 +234,11 @@ def create_app(
         max_bytes=settings.max_request_bytes,
         max_upload_bytes=settings.max_upload_bytes + FORM_OVERHEAD_BYTES,
     )
+    app.add_middleware(
+        SecurityHeadersMiddleware,
+        open_paths=[url for url in (app.docs_url, app.redoc_url, app.swagger_ui_oauth2_redirect_url) if url],
+    )
+    install_access_log_redaction()
     app.include_router(health.router)
     for module in (models, datasets, indexes, jobs, audits, reports, checks, experiments):
         # Every /v1 route authenticates (its own TenantDep resolves to the same, cached, dependency).

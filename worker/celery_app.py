@@ -14,6 +14,7 @@ The embedded default needs no server: kombu's filesystem transport keeps message
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from celery import Celery
@@ -95,7 +96,11 @@ def get_app() -> Celery:
     """The process-wide app from the INFLUENCE_* environment (what `celery -A worker.celery_app` runs)."""
     global _app
     if _app is None:
-        _app = make_celery()
+        settings = get_settings()
+        # This is the worker process starting (`python -m worker`, `celery -A worker.celery_app`): before it
+        # creates a broker folder or an artifact, it takes the service's umask (its pool processes inherit it).
+        os.umask(int(settings.umask, 8))
+        _app = make_celery(settings)
     return _app
 
 

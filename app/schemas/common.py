@@ -1,4 +1,9 @@
-"""Shared API shapes: problem details (RFC 9457), pages, UTC timestamps."""
+"""Shared API shapes: problem details (RFC 9457), pages, UTC timestamps.
+
+Every JSON request body model is strict (`strict=True`): JSON's types are the API's types, so `true` is not a
+number and `"5"` is not an integer (a float field still takes an integer). Form fields and query parameters
+arrive as text and are converted as usual.
+"""
 
 from __future__ import annotations
 

@@ -35,7 +35,7 @@ def _finite(value: float) -> float:
 class LoraIn(BaseModel):
     """LoRA hyper-parameters (paper: r=4, alpha=4, dropout 0.05 on the attention query and value)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     r: int = Field(4, ge=1, le=1024, description="Rank of the LoRA matrices")
     alpha: int = Field(4, ge=1, le=65536, description="LoRA scaling numerator (scale = alpha / r)")
@@ -53,7 +53,7 @@ class ReportSettings(BaseModel):
     """The layer report the experiment makes (POST /v1/indexes/{id}/reports without reference and noisy: the
     experiment's reference set, and its injected noise as the noisy mask)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     layers: LayerSelector | None = Field(None, description="Among the index's layers; default all of them")
     estimators: list[EstimatorName] = Field(
@@ -77,7 +77,7 @@ class RetrainingIn(BaseModel):
     aggregated influence, fine-tune again with the same settings and seed, and compare the best held-out
     accuracy with removing the same number of rows at random and with the oracle (the flipped rows)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     enabled: bool = False
     remove_fraction: float = Field(0.3, gt=0, lt=1, description="Share of the training rows removed")
@@ -99,6 +99,7 @@ class ExperimentCreate(BaseModel):
 
     model_config = ConfigDict(
         extra="forbid",
+        strict=True,
         json_schema_extra={
             "examples": [
                 {

@@ -42,7 +42,7 @@ CONVENTIONS = (
 class ProjectionIn(BaseModel):
     """How per-sample gradients are projected before they are stored (influence.ProjectionSpec)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     kind: ProjectionKind = Field("factorized", description="factorized (LoGra) | gaussian | rademacher | identity")
     dim: int = Field(256, ge=1, le=65536, description="Target dimension per layer (factorized: about this)")
@@ -54,6 +54,7 @@ class IndexCreate(BaseModel):
 
     model_config = ConfigDict(
         extra="forbid",
+        strict=True,
         json_schema_extra={
             "examples": [
                 {
@@ -83,7 +84,9 @@ class IndexCreate(BaseModel):
 class RowsDelete(BaseModel):
     """Rows to delete from an index, by their row position in the dataset (as hits and dataset pages number them)."""
 
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"row_ids": [17, 403]}]})
+    model_config = ConfigDict(
+        extra="forbid", strict=True, json_schema_extra={"examples": [{"row_ids": [17, 403]}]}
+    )
 
     row_ids: list[Annotated[int, Field(ge=0, le=2**62)]] = Field(min_length=1, max_length=1_000_000)
 
@@ -129,7 +132,7 @@ class IndexOut(BaseModel):
 class QueryExample(BaseModel):
     """One input to explain: text (and text_pair) with the label whose prediction is explained."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     text: str = Field(min_length=1)
     text_pair: str | None = None
@@ -143,6 +146,7 @@ class QueryRequest(BaseModel):
 
     model_config = ConfigDict(
         extra="forbid",
+        strict=True,
         json_schema_extra={
             "examples": [
                 {

@@ -14,6 +14,7 @@ class ReferenceSet(BaseModel):
 
     model_config = ConfigDict(
         extra="forbid",
+        strict=True,
         json_schema_extra={
             "examples": [
                 {"dataset_id": "9a1b...", "limit": 500},

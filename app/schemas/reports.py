@@ -25,7 +25,7 @@ DEFAULT_AGGREGATIONS: list[str] = ["mean", "rank", "vote", "rank-c", "vote-c"]
 class NoisyRows(BaseModel):
     """The noisy rows by dataset row id (e.g. the record of injected noise)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     rows: list[Annotated[int, Field(ge=0, le=2**62)]] = Field(
         min_length=1,
@@ -40,6 +40,7 @@ class ReportCreate(BaseModel):
 
     model_config = ConfigDict(
         extra="forbid",
+        strict=True,
         json_schema_extra={
             "examples": [
                 {

@@ -608,25 +608,39 @@ def rows_page(
     }
 
 
+# The CSV columns that hold text (the dataset's texts and names, and a causal LM's completion in `label`): a
+# spreadsheet evaluates a cell that starts with one of FORMULA_PREFIXES, so such a cell is written with a
+# leading apostrophe (OWASP's CSV-injection rule). Every other column is a number, written as one: a negative
+# score stays a number. JSON pages and JSONL keep the raw values.
+CSV_TEXT_COLUMNS = ("text", "text_pair", "label", "label_name")
+CSV_COLUMNS = ("rank", "row", "score", "text", "text_pair", "label", "label_name", "noisy")
+FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
+
+
+def neutralize_cell(value: str) -> str:
+    """A text cell as a spreadsheet shows it literally: prefixed with `'` when it could start a formula."""
+    return "'" + value if value.startswith(FORMULA_PREFIXES) else value
+
+
 def _csv_header(layers: Sequence[str]) -> list[str]:
-    columns = ["rank", "row", "score", "text", "text_pair", "label", "label_name", "noisy"]
+    columns = list(CSV_COLUMNS)
     for name in layers:
         columns += [f"{name}:score", f"{name}:aggregate", f"{name}:rank"]
-    return columns
+    return [neutralize_cell(column) for column in columns]  # layer names come from the model's modules
 
 
 def _csv_cells(record: dict[str, Any]) -> list[Any]:
-    def cell(value: Any) -> Any:
+    def cell(key: str) -> Any:
+        value = record[key]
         if value is None:
             return ""
         if isinstance(value, bool):
             return "true" if value else "false"
+        if key in CSV_TEXT_COLUMNS and isinstance(value, str):
+            return neutralize_cell(value)
         return value  # floats print as their shortest round-trip repr
 
-    cells = [
-        cell(record[key])
-        for key in ("rank", "row", "score", "text", "text_pair", "label", "label_name", "noisy")
-    ]
+    cells = [cell(key) for key in CSV_COLUMNS]
     for layer in record["layers"]:
         cells += [layer["score"], layer["aggregate"], layer["rank"]]
     return cells
@@ -642,13 +656,16 @@ def export_rows(
     limit: int | None,
 ) -> tuple[Iterator[bytes], str, str]:
     """The ranking (every row, or the [offset, offset + limit) slice) as CSV or JSONL, streamed in blocks:
-    (chunks, media type, file name). Everything that can fail is checked before the first chunk."""
+    (chunks, media type, file name). Everything that can fail is checked before the first chunk. CSV text
+    cells are neutralized against formulas (neutralize_cell); JSONL carries the raw values."""
     ranked = open_ranking(session, settings, audit_id, tenant_id)
     stop = len(ranked) if limit is None else min(len(ranked), offset + limit)
 
     def csv_chunks() -> Iterator[bytes]:
         out = io.StringIO()
-        writer = csv.writer(out, lineterminator="\n")
+        # CRLF rows (RFC 4180): the writer then quotes every cell holding a CR or an LF, so a text with a bare
+        # carriage return cannot split its row.
+        writer = csv.writer(out, lineterminator="\r\n")
         writer.writerow(_csv_header(ranked.layers))
         for start in range(offset, max(offset, stop), EXPORT_BLOCK_ROWS):
             for record in ranked.records(start, min(stop, start + EXPORT_BLOCK_ROWS)):

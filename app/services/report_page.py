@@ -510,6 +510,9 @@ CONTENT_SECURITY_POLICY = (
     f"default-src 'none'; script-src 'sha256-{_SCRIPT_HASH}'; style-src 'unsafe-inline'; "
     "img-src data:; base-uri 'none'; form-action 'none'"
 )
+# The page as the API serves it: the same policy as a response header, where browsers also honour
+# frame-ancestors (a meta tag cannot forbid framing).
+CONTENT_SECURITY_POLICY_HEADER = f"{CONTENT_SECURITY_POLICY}; frame-ancestors 'none'"
 
 
 # ------------------------------------------------------------------------------------------- helpers

@@ -112,7 +112,12 @@ def delete_audit(audit_id: str, session: SessionDep, settings: SettingsDep, tena
         "its text, label and noisy flag and its per-layer contributions. format=json (default): a page, "
         "limit <= 1000 (default 50). format=csv or jsonl: a download of every row, or of the offset/limit "
         "slice when given (CSV: one column group `<layer>:score`, `<layer>:aggregate`, `<layer>:rank` per "
-        "layer). 409 while the audit is unfinished, when it failed, or when its files are corrupted."
+        "layer; rows end with CRLF). CSV text cells (text, text_pair, label_name, and label when it is a "
+        "completion) that a spreadsheet would evaluate as a formula, i.e. that start with `=`, `+`, `-`, `@`, a "
+        "tab or a carriage return, are written with a leading `'` (OWASP's rule against CSV injection); the "
+        "numeric columns are plain numbers (a negative score stays a number). JSON pages and JSONL carry the "
+        "raw values. Downloads come with `Content-Disposition: attachment`. 409 while the audit is unfinished, "
+        "when it failed, or when its files are corrupted."
     ),
 )
 def audit_rows(

@@ -14,6 +14,7 @@ from app.schemas.common import MAX_OFFSET, Page, problems
 from app.schemas.jobs import JobStatus
 from app.schemas.reports import ReportCreate, ReportOut
 from app.services import reports as service
+from app.services.report_page import CONTENT_SECURITY_POLICY_HEADER
 
 router = APIRouter(tags=["reports"])
 
@@ -99,12 +100,19 @@ def get_report(report_id: str, session: SessionDep, settings: SettingsDep, tenan
     responses=problems(404, 409),
     summary="A layer report as a self-contained HTML page",
     description="Inline SVG plots (NDR curves, per-layer bars, a layer x aggregation heat map, cancellation), "
-    "the warnings, the recommendation and the tables; no network access. 409 until the report has succeeded.",
+    "the warnings, the recommendation and the tables; no network access: its Content-Security-Policy (a header, "
+    "and a meta tag for saved copies) forbids every fetch and framing. 409 until the report has succeeded.",
 )
 def get_report_page(
     report_id: str, session: SessionDep, settings: SettingsDep, tenant: TenantDep
 ) -> HTMLResponse:
-    return HTMLResponse(service.report_page(session, settings, report_id, tenant.id))
+    return HTMLResponse(
+        service.report_page(session, settings, report_id, tenant.id),
+        headers={
+            "Content-Security-Policy": CONTENT_SECURITY_POLICY_HEADER,
+            "Content-Disposition": f'inline; filename="report-{report_id}.html"',
+        },
+    )
 
 
 @router.delete(
