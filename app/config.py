@@ -84,6 +84,12 @@ class Settings(BaseSettings):
         description="Intra-op threads for small featurization batches (a query's examples): auto measures on "
         "the first small batch whether one thread is faster than all (slow OpenMP wake-ups); one / all fix it",
     )
+    request_processes: int = Field(
+        1,
+        ge=0,
+        description="Processes beside the API that parse uploaded files and inspect model folders, the request "
+        "work that holds the GIL long enough to stall the API's other requests; 0: in the API process itself",
+    )
     worker_concurrency: int = Field(1, description="Processes of the embedded worker")
     broker_visibility_timeout: int = Field(
         900, description="Seconds before Redis hands an unacknowledged task (a dead worker's) to another worker"

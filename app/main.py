@@ -27,6 +27,7 @@ from app.config import Settings, get_settings
 from app.db import make_engine, make_session_factory
 from app.errors import PROBLEM_MEDIA_TYPE, install_error_handlers, problem_response
 from app.schemas.common import Problem, problems
+from app.services import isolation
 from app.services.jobs import JobQueue
 from influence import __version__
 
@@ -207,7 +208,9 @@ def create_app(
         from app.services.pipelines import configure_compute
 
         configure_compute(settings, compile_now=True)  # the kernel compiles in the background; queries wait for it
+        isolation.start(settings.request_processes)  # spawned from this thread, after the umask is set
         yield
+        isolation.stop()
         engine.dispose()
         os.umask(previous_umask)
 

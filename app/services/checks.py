@@ -37,6 +37,7 @@ import re
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
@@ -45,12 +46,12 @@ from sqlalchemy.orm import Session
 
 from app.config import Settings
 from app.db import after_commit, after_rollback
-from app.errors import Conflict, Invalid
+from app.errors import Conflict, Invalid, PayloadTooLarge
 from app.models import Dataset, Index, Job, RegisteredModel
 from app.schemas.references import ReferenceSet
 from app.services import datasets as dataset_files
+from app.services import isolation, runners
 from app.services import jobs as job_service
-from app.services import runners
 from app.services.indexes import get_index, require_ready
 from app.services.pipelines import index_sources
 from app.services.runners import JobCancelled, JobRun, job_runner
@@ -125,13 +126,20 @@ def create_check(
     except (TypeError, ValueError, re.error):  # a selector object of the wrong shape, e.g. {"blocks": 5}
         raise Invalid("layers: a malformed selector (see the layer selector syntax)") from None
     spec = resolve_reference(session, settings, reference, tenant_id=tenant_id, model=model, trained=dataset)
-    rows, source = parse_batch(settings, dataset, model, request, upload, filename)
-    if request.append and dataset.row_count + len(rows) > settings.max_rows:
+    data, source = parse_batch(settings, dataset, model, request, upload, filename)
+    rows = source["rows"]
+    if request.append and dataset.row_count + rows > settings.max_rows:
         raise Invalid(
-            f"appending {len(rows):,} rows would give dataset {dataset.id!r} {dataset.row_count + len(rows):,} "
+            f"appending {rows:,} rows would give dataset {dataset.id!r} {dataset.row_count + rows:,} "
             f"rows, more than max_rows = {settings.max_rows:,}"
         )
-    data = b"".join(dataset_files.encode_row(row) for row in rows)
+    if request.append:
+        grown = dataset_files.rows_path(settings, dataset).stat().st_size + len(data)
+        if grown > settings.max_dataset_bytes:
+            raise PayloadTooLarge(
+                f"appending this batch would give dataset {dataset.id!r} {grown:,} bytes of rows, more than "
+                f"max_dataset_bytes = {settings.max_dataset_bytes} (the setting INFLUENCE_MAX_DATASET_BYTES)"
+            )
     reference_rows = _reference_size(spec)
     job = job_service.create_job(
         session,
@@ -152,7 +160,7 @@ def create_check(
             "reference": spec,
             "batch": {**source, "file": BATCH_FILE, "sha256": hashlib.sha256(data).hexdigest()},
         },
-        total=_total_steps(len(rows), reference_rows, len(layers), request.append),
+        total=_total_steps(rows, reference_rows, len(layers), request.append),
     )
     _store_batch(session, settings, job.id, data)
     job_service.enqueue_after_commit(session, queue, job)
@@ -208,15 +216,11 @@ def parse_batch(
     request: CheckRequest,
     upload: IO[bytes],
     filename: str | None,
-) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """The batch as normalised dataset rows ({"text", "text_pair", "label", "noisy"}), labels in the index
-    dataset's numbering, and a description of the file. Parsed by the dataset registration's own readers."""
+) -> tuple[bytes, dict[str, Any]]:
+    """The batch as normalised dataset rows (rows.jsonl lines: {"text", "text_pair", "label", "noisy"}), labels in
+    the index dataset's numbering, and a description of the file. Parsed by the dataset registration's own
+    readers, in a request process (app/services/isolation.py)."""
     fmt = dataset_files._pick_format(request.format, filename, "the uploaded file")
-    upload.seek(0)
-    size, digest = dataset_files._size_and_hash(upload, limit=settings.max_upload_bytes)
-    upload.seek(0)
-    if size == 0:
-        raise Invalid("the file is empty")
     columns = request.columns
     if columns.label is None and dataset.task == "classification":
         columns = dataclasses.replace(columns, label="label")
@@ -229,33 +233,61 @@ def parse_batch(
             if pairs
             else "the index's dataset has no text_pair: leave text_pair_column out"
         )
-    validator = dataset_files._Rows(spec, settings)
-    # The rows are held in memory until the batch is written: their size counts as a dataset's does.
-    held = dataset_files._Budget(settings.max_dataset_bytes, "the batch's rows")
-    rows, places = [], []
-    for where, record in dataset_files.read_records(upload, fmt, columns, settings):
-        row = validator.normalise(where, record)
-        held.charge(len(dataset_files.encode_row(row)), where)
-        rows.append(row)
-        places.append(where)
-    if not rows:
-        raise Invalid("the file has no data rows")
-    if dataset.task == "classification":
-        _number_labels(rows, places, dataset, int(model.num_labels or 2))
+    classes = int(model.num_labels or 2) if dataset.task == "classification" else None
+    with dataset_files.staged_upload(settings, upload) as path:
+        batch = isolation.run(read_batch, settings, spec, path, fmt, dataset.label_names, classes)
     source = {
         "filename": (filename or "")[:200] or None,
         "format": fmt,
-        "size_bytes": size,
-        "upload_sha256": digest,
-        "rows": len(rows),
+        "size_bytes": batch.size,
+        "upload_sha256": batch.digest,
+        "rows": batch.rows,
         "columns": columns.as_dict(),
     }
-    return rows, source
+    return batch.data, source
 
 
-def _number_labels(rows: list[dict[str, Any]], places: list[str], dataset: Dataset, classes: int) -> None:
+@dataclass(frozen=True)
+class _Batch:
+    data: bytes  # the rows, as rows.jsonl lines
+    rows: int
+    size: int  # of the file
+    digest: str  # sha256 of the file
+
+
+def read_batch(
+    settings: Settings,
+    spec: dataset_files.DatasetSpec,
+    path: Path,
+    fmt: str,
+    label_names: list[str] | None,
+    classes: int | None,
+) -> _Batch:
+    """Read and validate a batch file; classification labels become the index dataset's class indices
+    (`label_names`: its names, or None when it numbers its classes; `classes`: the model's)."""
+    with open(path, "rb") as handle:
+        size, digest = dataset_files._size_and_hash(handle, limit=None)
+        if size == 0:
+            raise Invalid("the file is empty")
+        handle.seek(0)
+        validator = dataset_files._Rows(spec, settings)
+        # The rows are held in memory until the batch is written: their size counts as a dataset's does.
+        held = dataset_files._Budget(settings.max_dataset_bytes, "the batch's rows")
+        rows, places = [], []
+        for where, record in dataset_files.read_records(handle, fmt, spec.columns, settings):
+            row = validator.normalise(where, record)
+            held.charge(len(dataset_files.encode_row(row)), where)
+            rows.append(row)
+            places.append(where)
+    if not rows:
+        raise Invalid("the file has no data rows")
+    if classes is not None:
+        _number_labels(rows, places, label_names, classes)
+    return _Batch(b"".join(dataset_files.encode_row(row) for row in rows), len(rows), size, digest)
+
+
+def _number_labels(rows: list[dict[str, Any]], places: list[str], names: list[str] | None, classes: int) -> None:
     """Labels as the index dataset's class indices: names mapped by name, integers kept (in place)."""
-    names = dataset.label_names
     by_name = {name: i for i, name in enumerate(names or [])}
     for row, where in zip(rows, places, strict=True):
         label = row["label"]

@@ -43,7 +43,7 @@ import sys
 import threading
 import uuid
 from array import array
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -55,6 +55,7 @@ from app.config import Settings
 from app.db import after_commit, after_rollback
 from app.errors import Conflict, Invalid, PayloadTooLarge
 from app.models import Dataset, new_id
+from app.services import isolation
 from app.services.paths import resolve_allowed_path
 from app.services.tenancy import owned
 from influence.data import Example
@@ -75,6 +76,8 @@ SUFFIX_FORMATS = {
 ROWS_FILE = "rows.jsonl"
 OFFSETS_FILE = "rows.offsets"
 META_FILE = "meta.json"
+# An upload, copied into its staging folder for a request process to read; deleted once read.
+UPLOAD_FILE = "upload"
 REGISTERING_LOCK = ".registering.lock"
 STAGING_PREFIX = "dataset-"
 _READ_BLOCK = 1 << 20
@@ -261,13 +264,14 @@ def register_upload(
     filename: str | None,
     tenant_id: str,
 ) -> Dataset:
-    """Register an uploaded file (any seekable binary file object)."""
+    """Register an uploaded file (any binary file object): copied into the staging folder, read from there."""
     fmt = _pick_format(spec.format, filename, "the uploaded file")
-    upload.seek(0)
-    size, digest = _size_and_hash(upload, limit=settings.max_upload_bytes)
-    upload.seek(0)
     name = spec.name or (Path(filename).stem if filename else "") or "dataset"
-    return _register(session, settings, spec, upload, fmt, size, digest, name, filename or None, tenant_id)
+
+    def source(staging: Path) -> Path:
+        return copy_upload(upload, staging / UPLOAD_FILE, settings.max_upload_bytes)
+
+    return _register(session, settings, spec, source, "the uploaded file", fmt, name, filename or None, tenant_id)
 
 
 def register_path(
@@ -278,16 +282,35 @@ def register_path(
     if not path.is_file():
         raise Invalid(f"path {raw_path!r} is not an existing file")
     fmt = _pick_format(spec.format, path.name, f"path {raw_path!r}")
+    name = spec.name or path.stem
+    return _register(session, settings, spec, lambda _: path, f"path {raw_path!r}", fmt, name, str(path), tenant_id)
+
+
+def copy_upload(upload: IO[bytes], target: Path, limit: int) -> Path:
+    """Copy an upload to `target` (for a request process to read), refusing more than `limit` bytes."""
+    upload.seek(0)
+    copied = 0
+    with open(target, "wb") as out:
+        for block in iter(lambda: upload.read(_READ_BLOCK), b""):
+            copied += len(block)
+            if copied > limit:
+                raise PayloadTooLarge(f"the upload exceeds the limit of {limit} bytes")
+            out.write(block)
+    return target
+
+
+@contextlib.contextmanager
+def staged_upload(settings: Settings, upload: IO[bytes]) -> Iterator[Path]:
+    """The upload copied into a staging folder of its own, removed on exit. The folder is locked like a dataset
+    registration's, so if this process is killed meanwhile the next start sweeps it."""
+    staging = settings.resolved_artifacts_dir / "tmp" / f"{STAGING_PREFIX}upload-{uuid.uuid4().hex}"
+    staging.mkdir(parents=True)
     try:
-        handle = open(path, "rb")  # noqa: SIM115 - closed below, after two passes over one descriptor
-    except OSError as exc:
-        raise Invalid(f"path {raw_path!r} cannot be read: {exc.strerror}") from None
-    with handle:
-        size, digest = _size_and_hash(handle, limit=None)
-        handle.seek(0)
-        return _register(
-            session, settings, spec, handle, fmt, size, digest, spec.name or path.stem, str(path), tenant_id
-        )
+        with open(staging / REGISTERING_LOCK, "a+") as lock:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+            yield copy_upload(upload, staging / UPLOAD_FILE, settings.max_upload_bytes)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _pick_format(given: str | None, filename: str | None, what: str) -> str:
@@ -323,21 +346,51 @@ def _check_spec(spec: DatasetSpec) -> None:
         raise Invalid(f"column {duplicates[0]!r} is mapped to more than one role")
 
 
+@dataclass(frozen=True)
+class _Normalised:
+    """What reading a file gave: its size and sha256, the rows' summary, and the sha256 of the files written."""
+
+    size: int
+    digest: str
+    summary: _Summary
+    files: dict[str, str]
+
+
+def normalise_file(
+    settings: Settings, spec: DatasetSpec, source: Path, what: str, fmt: str, folder: Path
+) -> _Normalised:
+    """Read `source`, validate every row and write rows.jsonl and rows.offsets (fsynced) into `folder`. Runs in a
+    request process (app/services/isolation.py): this is the work that would stall the API's other requests."""
+    try:
+        handle = open(source, "rb")  # noqa: SIM115 - closed below, after two passes over one descriptor
+    except OSError as exc:
+        raise Invalid(f"{what} cannot be read: {exc.strerror}") from None
+    with handle:
+        size, digest = _size_and_hash(handle, limit=None)
+        if size == 0:
+            raise Invalid("the file is empty")
+        handle.seek(0)
+        summary = _write_rows(folder, read_records(handle, fmt, spec.columns, settings), spec, settings)
+    files = {}
+    for file_name in (ROWS_FILE, OFFSETS_FILE):
+        _fsync(folder / file_name)
+        files[file_name] = sha256_file(folder / file_name)
+    return _Normalised(size, digest, summary, files)
+
+
 def _register(
     session: Session,
     settings: Settings,
     spec: DatasetSpec,
-    handle: IO[bytes],
+    source: Callable[[Path], Path],
+    what: str,
     fmt: str,
-    size: int,
-    digest: str,
     name: str,
-    source: str | None,
+    origin: str | None,
     tenant_id: str,
 ) -> Dataset:
+    """Register the file that `source(staging folder)` gives (an upload is copied into the folder first)."""
     _check_spec(spec)
-    if size == 0:
-        raise Invalid("the file is empty")
     dataset_id = new_id()
     artifacts = settings.resolved_artifacts_dir
     staging = artifacts / "tmp" / f"{STAGING_PREFIX}{dataset_id}-{uuid.uuid4().hex[:8]}"
@@ -348,23 +401,20 @@ def _register(
     lock = open(staging / REGISTERING_LOCK, "a+")  # noqa: SIM115 - closed by the hooks below
     fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
     try:
-        records = read_records(handle, fmt, spec.columns, settings)
-        summary = _write_rows(staging, records, spec, settings)
-        files = {}
-        for file_name in (ROWS_FILE, OFFSETS_FILE):
-            _fsync(staging / file_name)
-            files[file_name] = sha256_file(staging / file_name)
+        read = isolation.run(normalise_file, settings, spec, source(staging), what, fmt, staging)
+        (staging / UPLOAD_FILE).unlink(missing_ok=True)
+        summary = read.summary
         meta = {
             "id": dataset_id,
             "name": name,
             "format": fmt,
             "task": spec.task,
             "columns": spec.columns.as_dict(),
-            "content_hash": digest,
+            "content_hash": read.digest,
             "row_count": summary.row_count,
             "labels": summary.labels,
             "label_names": summary.label_names,
-            "files": files,
+            "files": read.files,
         }
         (staging / META_FILE).write_text(json.dumps(meta, indent=1))
         _fsync(staging / META_FILE)
@@ -393,11 +443,11 @@ def _register(
         name=name[:200],
         format=fmt,
         task=spec.task,
-        source=source,
-        size_bytes=size,
+        source=origin,
+        size_bytes=read.size,
         columns=spec.columns.as_dict(),
         row_count=summary.row_count,
-        content_hash=digest,
+        content_hash=read.digest,
         path=str((final / ROWS_FILE).relative_to(artifacts)),
         labels=summary.labels,
         label_names=summary.label_names,

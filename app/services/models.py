@@ -36,6 +36,7 @@ from app.db import after_commit
 from app.errors import Conflict, Invalid
 from app.models import RegisteredModel
 from app.schemas.models import ModelCreate
+from app.services import isolation
 from app.services.paths import resolve_allowed_path
 from app.services.tenancy import owned
 from influence.errors import InfluenceError, UnsupportedModelError
@@ -401,7 +402,17 @@ def describe_layers(
 
 
 def register_model(session: Session, settings: Settings, spec: ModelCreate, tenant_id: str) -> RegisteredModel:
-    """Validate, describe and record a model; the row is flushed, the caller's unit of work commits it."""
+    """Validate, describe and record a model; the row is flushed, the caller's unit of work commits it. The
+    folders are inspected in a request process (app/services/isolation.py): tokenizer, config and meta-device
+    model builds and weight hashes are the work that would stall the API's other requests."""
+    model = RegisteredModel(tenant_id=tenant_id, **isolation.run(inspect_model, settings, spec))
+    session.add(model)
+    session.flush()
+    return model
+
+
+def inspect_model(settings: Settings, spec: ModelCreate) -> dict[str, Any]:
+    """Everything a model registration checks and records, as the RegisteredModel's fields (but its tenant)."""
     from influence import layer_groups, load_tokenizer
     from influence.loading import weights_hash
 
@@ -445,8 +456,7 @@ def register_model(session: Session, settings: Settings, spec: ModelCreate, tena
                 f"({len(other)} vs {len(names_listed)}); every checkpoint must share one adapter layout"
             )
 
-    model = RegisteredModel(
-        tenant_id=tenant_id,
+    return dict(
         name=spec.name,
         source=str(folder) if spec.source.startswith("/") else spec.source,
         revision=revision,
@@ -466,9 +476,6 @@ def register_model(session: Session, settings: Settings, spec: ModelCreate, tena
         layers=[layer.to_dict() for layer in layers],
         groups=layer_groups(layers),
     )
-    session.add(model)
-    session.flush()
-    return model
 
 
 # --- deletion ---------------------------------------------------------------------------------------------

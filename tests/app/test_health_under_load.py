@@ -80,19 +80,7 @@ def _assert_healthy(report, mix):
 
 
 def test_healthz_answers_within_100ms_while_heavy_requests_run(served_index):
-    mix = ("index_selector", "query_selector", "query", "layers")
-    _assert_healthy(_probe(served_index, mix), mix)
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="dataset registration parses and normalises the upload in the API process: under 8 concurrent "
-    "3 MB uploads, threads of that process hold the GIL for 20-60 ms at a time and gen-2 garbage collections "
-    "for 90-230 ms (measured with gc.callbacks), so /healthz p99 is 150-260 ms; fixed when that work leaves "
-    "the API process (a worker or a process pool)",
-)
-def test_healthz_answers_within_100ms_while_datasets_upload(served_index):
-    mix = ("upload", "layers")
+    mix = ("index_selector", "query_selector", "query", "upload", "layers")
     _assert_healthy(_probe(served_index, mix), mix)
 
 
