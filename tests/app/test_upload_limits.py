@@ -353,3 +353,23 @@ def test_check_batch_counts_decoded_bytes(check_env, sst2_rows):
     assert checks_left(check_env) == before
     small = submit_check(check_env, "small.tsv", tsv_bytes(sst2_rows[100:110], header=("text", "label")))
     assert small.status_code == 202, small.text
+
+
+def test_an_appended_batch_may_not_grow_its_dataset_past_max_dataset_bytes(check_env):
+    api, index_id, reference_id = check_env
+    index = api.client.get(f"/v1/indexes/{index_id}").json()
+    current = _rows_file_size(api, index["dataset_id"])
+    line = len(b'{"text": "", "text_pair": null, "label": 1, "noisy": null}\n') + 1000
+    rows = [(f"{i:05d} " + "w" * 994, 1) for i in range(-(-(CHECK_LIMIT - current + 2 * line) // line))]
+    batch = tsv_bytes(rows, header=("text", "label"))
+    assert current < 20_000 and len(rows) * line < CHECK_LIMIT  # the batch alone fits, the grown dataset does not
+    before = checks_left(check_env)
+    data = {"text_column": "text", "reference": json.dumps({"dataset_id": reference_id}), "append": "true"}
+    response = api.client.post(f"/v1/indexes/{index_id}/checks", files={"file": ("grow.tsv", batch)}, data=data)
+    assert_problem(response, 413, "appending this batch", f"max_dataset_bytes = {CHECK_LIMIT}", SETTING)
+    assert checks_left(check_env) == before
+    kept = api.client.post(
+        f"/v1/indexes/{index_id}/checks", files={"file": ("grow.tsv", tsv_bytes(rows[:20], header=("text", "label")))},
+        data=data,
+    )
+    assert kept.status_code == 202, kept.text
