@@ -22,8 +22,9 @@ crash between creating it and recording it never creates it twice. `stage` in st
 
 The sub-jobs (index build, report, audit) are created without the per-tenant limit of active jobs: the
 experiment was admitted under it, and its sub-jobs run inside its own worker slot. The fine-tuned adapter is
-copied to artifacts/adapters/<experiment id>/ before the model is registered: models cannot be deleted, so
-their weights must outlive the experiment's own folder (DELETE /v1/experiments/{id} removes that folder).
+copied to artifacts/adapters/<experiment id>/ before the model is registered: the registered model owns it (a
+DELETE of the model removes it), so it must outlive the experiment's own folder (DELETE /v1/experiments/{id}
+removes that folder).
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ from app.schemas.indexes import IndexCreate
 from app.schemas.models import ModelCreate
 from app.services import jobs as job_service
 from app.services.datasets import ColumnSpec, DatasetSpec, get_dataset, iter_rows, register_upload
-from app.services.models import get_model
+from app.services.models import check_before_load, get_model
 from app.services.references import load_reference, resolve_reference
 from app.services.reports import check_aggregations
 from app.services.runners import (
@@ -601,6 +602,7 @@ def _finetune(
     from influence import TrainSettings, finetune_lora
 
     params = ctx.params
+    check_before_load(base.source, base.revision, [])  # the base folder may have changed since registration
 
     def on_step(info: dict) -> None:
         report(info["step"] / max(1, info["total_steps"]))
