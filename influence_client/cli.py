@@ -313,7 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
         _common_options(sub)
         return sub.add_subparsers(dest="action", metavar="ACTION", required=True)
 
-    models = group("models", "register and inspect models")
+    models = group("models", "register, inspect and delete models")
     sub = command(
         models, "register", models_register, "register a model (a server folder or a cached hub id)"
     )
@@ -333,6 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
     _page_options(command(models, "list", models_list, "list models, newest first"))
     command(models, "show", models_show, "show a model").add_argument("model_id")
     command(models, "layers", models_layers, "list a model's layer units").add_argument("model_id")
+    command(models, "delete", models_delete, "delete a model (not its folders)").add_argument("model_id")
 
     datasets = group("datasets", "register, inspect and delete datasets")
     for name, handler, what in (
@@ -812,11 +813,18 @@ def datasets_rows(ctx: Context) -> int:
     return EXIT_OK
 
 
+def models_delete(ctx: Context) -> int:
+    ctx.client.delete_model(ctx.args.model_id)
+    return _deleted(ctx, ctx.args.model_id)
+
+
 def datasets_delete(ctx: Context) -> int:
     ctx.client.delete_dataset(ctx.args.dataset_id)
-    ctx.console.result(
-        {"deleted": ctx.args.dataset_id}, lambda: ctx.console.line(f"deleted {ctx.args.dataset_id}")
-    )
+    return _deleted(ctx, ctx.args.dataset_id)
+
+
+def _deleted(ctx: Context, resource_id: str) -> int:
+    ctx.console.result({"deleted": resource_id}, lambda: ctx.console.line(f"deleted {resource_id}"))
     return EXIT_OK
 
 
@@ -914,10 +922,7 @@ def indexes_show(ctx: Context) -> int:
 
 def indexes_delete(ctx: Context) -> int:
     ctx.client.delete_index(ctx.args.index_id)
-    ctx.console.result(
-        {"deleted": ctx.args.index_id}, lambda: ctx.console.line(f"deleted {ctx.args.index_id}")
-    )
-    return EXIT_OK
+    return _deleted(ctx, ctx.args.index_id)
 
 
 def indexes_delete_rows(ctx: Context) -> int:
@@ -1148,10 +1153,7 @@ def audit_list(ctx: Context) -> int:
 
 def audit_delete(ctx: Context) -> int:
     ctx.client.delete_audit(ctx.args.audit_id)
-    ctx.console.result(
-        {"deleted": ctx.args.audit_id}, lambda: ctx.console.line(f"deleted {ctx.args.audit_id}")
-    )
-    return EXIT_OK
+    return _deleted(ctx, ctx.args.audit_id)
 
 
 # -------------------------------------------------------------------------------------------- reports
@@ -1258,10 +1260,7 @@ def report_list(ctx: Context) -> int:
 
 def report_delete(ctx: Context) -> int:
     ctx.client.delete_report(ctx.args.report_id)
-    ctx.console.result(
-        {"deleted": ctx.args.report_id}, lambda: ctx.console.line(f"deleted {ctx.args.report_id}")
-    )
-    return EXIT_OK
+    return _deleted(ctx, ctx.args.report_id)
 
 
 # --------------------------------------------------------------------------------------------- checks
@@ -1350,10 +1349,7 @@ def check_list(ctx: Context) -> int:
 
 def check_delete(ctx: Context) -> int:
     ctx.client.delete_check(ctx.args.check_id)
-    ctx.console.result(
-        {"deleted": ctx.args.check_id}, lambda: ctx.console.line(f"deleted {ctx.args.check_id}")
-    )
-    return EXIT_OK
+    return _deleted(ctx, ctx.args.check_id)
 
 
 # ---------------------------------------------------------------------------------------- experiments
@@ -1463,10 +1459,7 @@ def experiment_list(ctx: Context) -> int:
 
 def experiment_delete(ctx: Context) -> int:
     ctx.client.delete_experiment(ctx.args.experiment_id)
-    ctx.console.result(
-        {"deleted": ctx.args.experiment_id}, lambda: ctx.console.line(f"deleted {ctx.args.experiment_id}")
-    )
-    return EXIT_OK
+    return _deleted(ctx, ctx.args.experiment_id)
 
 
 # ----------------------------------------------------------------------------------------------- jobs

@@ -592,6 +592,10 @@ class InfluenceClient:
     def get_model(self, model_id: str) -> Model:
         return cast(Model, self._json("GET", f"/v1/models/{model_id}"))
 
+    def delete_model(self, model_id: str) -> None:
+        """Delete a model (409 while an index or a running experiment uses it); its folders on the server stay."""
+        self._request("DELETE", f"/v1/models/{model_id}")
+
     def model_layers(self, model_id: str) -> ModelLayers:
         """The model's layer units (names, roles, blocks) and groups: what layer selectors choose from."""
         return cast(ModelLayers, self._json("GET", f"/v1/models/{model_id}/layers"))

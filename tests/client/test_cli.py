@@ -95,6 +95,15 @@ def test_models_commands(cli):
     assert code == 0 and ["id", model["id"]] in fields and ["weights_hash", model["weights_hash"]] in fields
 
 
+def test_models_delete(cli, index, tiny_model_dir):
+    spare = cli.json(f"models register {tiny_model_dir('bert', 'classification', num_labels=2)} --name spare")
+    assert cli.json(f"models delete {spare['id']}") == {"deleted": spare["id"]}
+    code, _, err = cli(f"models show {spare['id']}")
+    assert code == 2 and "404 Not found" in err
+    code, _, err = cli(f"models delete {cli.model['id']}")  # the index uses it
+    assert code == 2 and "409" in err and index["id"] in err
+
+
 def test_datasets_commands(cli, tmp_path, sst2_train):
     dataset = cli.dataset
     assert dataset["row_count"] == 40 and dataset["has_noisy_flag"] is True
