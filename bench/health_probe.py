@@ -23,11 +23,8 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
-import os
-import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections import Counter
@@ -36,7 +33,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SST2 = ROOT.parent / "shared" / "datasets" / "sst2"
 
 # Issue 13, finding 1: each held the whole API for seconds to minutes when layer regexes ran on Python's re.
 CATASTROPHIC_SELECTORS = (
@@ -84,17 +80,6 @@ class HealthReport:
         return rows
 
 
-def percentile(values: Sequence[float], q: float) -> float:
-    """The q-th percentile (0..100) by linear interpolation between closest ranks (numpy's default)."""
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    position = (len(ordered) - 1) * q / 100.0
-    low = int(position)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
-
-
 def probe_loop(port: int, max_probes: int, duration: float, interval: float) -> tuple[list[float], int]:
     """GET /healthz on a new connection every `interval` s, up to `max_probes` times or `duration` s."""
     latencies: list[float] = []
@@ -120,6 +105,8 @@ def probe_loop(port: int, max_probes: int, duration: float, interval: float) -> 
 
 
 def _stats(latencies: list[float], failures: int) -> ProbeStats:
+    from bench.common import percentile  # here, not at the top: the probe process runs this file as a script
+
     return ProbeStats(
         probes=len(latencies) + failures,
         failures=failures,
@@ -272,113 +259,32 @@ def run_probe(
 # ------------------------------------------------------------------------------------------- the full run
 
 
-def _wait(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.5)
-    raise SystemExit(f"timed out waiting for {what}")
-
-
 def _service_run(args) -> tuple[dict[str, HealthReport], dict]:
-    import httpx
+    from bench.common import machine, served_minilm_index
 
-    from bench.common import machine
-    from bench.load_query import _free_port, _read_tsv
-    from influence import packaged_minilm_path
-
-    minilm = packaged_minilm_path()
-    train = _read_tsv(SST2 / "train.tsv", args.rows)
-    port = _free_port()
-    with tempfile.TemporaryDirectory(prefix="influence-health-") as folder:
-        data_dir = Path(folder) / "var"
-        env = {
-            **os.environ,
-            "INFLUENCE_DATA_DIR": str(data_dir),
-            "INFLUENCE_ALLOWED_ROOTS": json.dumps([str(minilm.parent)]),
-            "INFLUENCE_DEVICE": "cpu",
-            "INFLUENCE_MAX_UPLOAD_BYTES": str(int((args.upload_mb + 1) * 1e6)),
-            "HF_HUB_OFFLINE": "1",
-            "TRANSFORMERS_OFFLINE": "1",
-            "TOKENIZERS_PARALLELISM": "false",
-        }
-        for variable in ("INFLUENCE_DATABASE_URL", "INFLUENCE_BROKER_URL", "INFLUENCE_ARTIFACTS_DIR"):
-            env.pop(variable, None)
-        log = open(Path(folder) / "service.log", "wb")  # noqa: SIM115 - the service writes to it until it stops
-        service = subprocess.Popen(
-            [sys.executable, "-m", "app.embedded", "serve", "--port", str(port)],
-            cwd=ROOT,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        base_url = f"http://127.0.0.1:{port}"
-        try:
-            with httpx.Client(base_url=base_url, timeout=300.0) as client:
-
-                def ready():
-                    try:
-                        return client.get("/readyz").status_code == 200
-                    except httpx.TransportError:
-                        return False
-
-                _wait(ready, 300, "the service")
-                token = (data_dir / "local-api-key").read_text().strip()
-                client.headers["Authorization"] = f"Bearer {token}"
-                model = client.post(
-                    "/v1/models",
-                    json={"name": "minilm", "source": str(minilm), "task": "classification", "num_labels": 2},
-                ).json()
-                lines = ["sentence\tlabel"] + [f"{text}\t{label}" for text, label in train]
-                dataset = client.post(
-                    "/v1/datasets",
-                    files={"file": ("sst2.tsv", ("\n".join(lines) + "\n").encode())},
-                    data={"text_column": "sentence", "label_column": "label"},
-                ).json()
-                index = client.post(
-                    "/v1/indexes",
-                    json={"model_id": model["id"], "dataset_id": dataset["id"], "layers": "middle"},
-                ).json()
-                job_id = index["job"]["id"]
-
-                def built():
-                    job = client.get(f"/v1/jobs/{job_id}").json()
-                    if job["status"] in ("failed", "cancelled"):
-                        raise SystemExit(f"the index build {job['status']}: {job['error']}")
-                    return job["status"] == "succeeded"
-
-                _wait(built, 1800, "the index build")
-                warm = {"examples": [{"text": "a warm-up", "label": 1}], "layers": "middle"}
-                client.post(f"/v1/indexes/{index['id']}/query", json=warm).raise_for_status()
-            before = machine()
-            reports = {}
-            for mix in args.mixes.split(";"):
-                reports[mix] = run_probe(
-                    base_url,
-                    token,
-                    model_id=model["id"],
-                    dataset_id=dataset["id"],
-                    index_id=index["id"],
-                    clients=args.clients,
-                    duration=args.duration,
-                    max_requests=args.max_requests,
-                    max_probes=args.probes,
-                    interval=args.interval,
-                    upload_mb=args.upload_mb,
-                    mix=mix.split(","),
-                )
-            after = machine()
-        finally:
-            service.send_signal(signal.SIGINT)
-            try:
-                service.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(service.pid, signal.SIGKILL)
-                service.wait()
-            log.close()
+    extra = {"INFLUENCE_MAX_UPLOAD_BYTES": str(int((args.upload_mb + 1) * 1e6))}
+    with served_minilm_index(args.rows, prefix="influence-health-", env=extra) as served:
+        with served.client() as client:
+            warm = {"examples": [{"text": "a warm-up", "label": 1}], "layers": "middle"}
+            client.post(f"/v1/indexes/{served.index['id']}/query", json=warm).raise_for_status()
+        before = machine()
+        reports = {}
+        for mix in args.mixes.split(";"):
+            reports[mix] = run_probe(
+                served.base_url,
+                served.token,
+                model_id=served.model["id"],
+                dataset_id=served.dataset["id"],
+                index_id=served.index["id"],
+                clients=args.clients,
+                duration=args.duration,
+                max_requests=args.max_requests,
+                max_probes=args.probes,
+                interval=args.interval,
+                upload_mb=args.upload_mb,
+                mix=mix.split(","),
+            )
+        after = machine()
     return reports, {"machine": before, "load_avg_after": after["load_avg"]}
 
 

@@ -23,11 +23,7 @@ import argparse
 import json
 import os
 import random
-import signal
-import socket
-import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Sequence
@@ -35,7 +31,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SST2 = ROOT.parent / "shared" / "datasets" / "sst2"
 
 
 @dataclass
@@ -63,17 +58,6 @@ class LoadReport:
         )
 
 
-def percentile(values: Sequence[float], q: float) -> float:
-    """The q-th percentile (0..100) by linear interpolation between closest ranks (numpy's default)."""
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    position = (len(ordered) - 1) * q / 100.0
-    low = int(position)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
-
-
 def run_load(
     base_url: str,
     token: str,
@@ -95,6 +79,8 @@ def run_load(
     `delete_rows` are deleted one by one, every `delete_every` seconds, while the clients run (0: never).
     """
     import httpx
+
+    from bench.common import percentile
 
     if not sentences:
         raise ValueError("no sentences to query with")
@@ -184,34 +170,6 @@ def run_load(
 # ------------------------------------------------------------------------------------------- the full run
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def _read_tsv(path: Path, limit: int) -> list[tuple[str, int]]:
-    rows = []
-    with open(path, encoding="utf-8") as handle:
-        next(handle)
-        for line in handle:
-            sentence, label = line.rstrip("\n").split("\t")
-            rows.append((sentence, int(label)))
-            if len(rows) == limit:
-                break
-    return rows
-
-
-def _wait(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.5)
-    raise SystemExit(f"timed out waiting for {what}")
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", default="1,8", help="client threads per phase, comma-separated")
@@ -229,123 +187,53 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="write the report as JSON here")
     args = parser.parse_args(argv)
 
-    import httpx
+    from bench.common import SST2, read_tsv, served_minilm_index
 
-    from influence import packaged_minilm_path
-
-    minilm = packaged_minilm_path()
-    train = _read_tsv(SST2 / "train.tsv", args.rows)
-    validation = _read_tsv(SST2 / "validation.tsv", 400)
-    port = _free_port()
-    with tempfile.TemporaryDirectory(prefix="influence-load-") as folder:
-        data_dir = Path(folder) / "var"
-        env = {
-            **os.environ,
-            "INFLUENCE_DATA_DIR": str(data_dir),
-            "INFLUENCE_ALLOWED_ROOTS": json.dumps([str(minilm.parent)]),
-            "INFLUENCE_DEVICE": "cpu",
-            "INFLUENCE_CHUNK_SIZE": "500",
-            "HF_HUB_OFFLINE": "1",
-            "TRANSFORMERS_OFFLINE": "1",
-            "TOKENIZERS_PARALLELISM": "false",
-        }
-        for variable in ("INFLUENCE_DATABASE_URL", "INFLUENCE_BROKER_URL", "INFLUENCE_ARTIFACTS_DIR"):
-            env.pop(variable, None)
-        log_path = Path(folder) / "service.log"
-        log = open(log_path, "wb")  # noqa: SIM115 - the service writes to it until it stops
-        service = subprocess.Popen(
-            [sys.executable, "-m", "app.embedded", "serve", "--port", str(port)],
-            cwd=ROOT,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
+    validation = read_tsv(SST2 / "validation.tsv", 400)
+    extra = {"INFLUENCE_CHUNK_SIZE": "500"}
+    with served_minilm_index(args.rows, prefix="influence-load-", env=extra) as served:
+        index = served.index
+        with served.client() as client:
+            warm = {
+                "examples": [{"text": validation[0][0], "label": validation[0][1]}],
+                "layers": "middle",
+            }
+            for approximate in (False, True):  # loads the model and the FAISS indexes in the API
+                body = {**warm, "approximate": approximate}
+                client.post(f"/v1/indexes/{index['id']}/query", json=body).raise_for_status()
+        phases = [int(value) for value in str(args.clients).split(",") if value.strip()]
+        print(
+            f"index {index['id']}: {args.rows} rows x {len(index['layers'])} layers built in "
+            f"{served.build_seconds:.1f}s; phases of {phases} clients, each up to {args.duration:.0f}s / "
+            f"{args.max_requests} requests",
+            flush=True,
         )
-        base_url = f"http://127.0.0.1:{port}"
-        try:
-            with httpx.Client(base_url=base_url, timeout=300.0) as client:
-
-                def ready():
-                    try:
-                        return client.get("/readyz").status_code == 200
-                    except httpx.TransportError:
-                        return False
-
-                _wait(ready, 300, "the service")
-                token = (data_dir / "local-api-key").read_text().strip()
-                client.headers["Authorization"] = f"Bearer {token}"
-                model = client.post(
-                    "/v1/models",
-                    json={"name": "minilm", "source": str(minilm), "task": "classification", "num_labels": 2},
-                ).json()
-                lines = ["sentence\tlabel"] + [f"{text}\t{label}" for text, label in train]
-                dataset = client.post(
-                    "/v1/datasets",
-                    files={"file": ("sst2.tsv", ("\n".join(lines) + "\n").encode())},
-                    data={"text_column": "sentence"},
-                ).json()
-                started = time.perf_counter()
-                index = client.post(
-                    "/v1/indexes",
-                    json={"model_id": model["id"], "dataset_id": dataset["id"], "layers": "middle"},
-                ).json()
-                job_id = index["job"]["id"]
-
-                def built():
-                    job = client.get(f"/v1/jobs/{job_id}").json()
-                    if job["status"] in ("failed", "cancelled"):
-                        raise SystemExit(f"the index build {job['status']}: {job['error']}")
-                    return job["status"] == "succeeded"
-
-                _wait(built, 1800, "the index build")
-                build_s = time.perf_counter() - started
-                warm = {
-                    "examples": [{"text": validation[0][0], "label": validation[0][1]}],
-                    "layers": "middle",
-                }
-                for approximate in (False, True):  # loads the model and the FAISS indexes in the API
-                    body = {**warm, "approximate": approximate}
-                    client.post(f"/v1/indexes/{index['id']}/query", json=body).raise_for_status()
-            phases = [int(value) for value in str(args.clients).split(",") if value.strip()]
-            print(
-                f"index {index['id']}: {args.rows} rows x {len(index['layers'])} layers built in {build_s:.1f}s; "
-                f"phases of {phases} clients, each up to {args.duration:.0f}s / {args.max_requests} requests",
-                flush=True,
-            )
-            reports = []
-            victims = iter(range(0, args.rows, 7))
-            for clients in phases:
-                reports.append(
-                    run_load(
-                        base_url,
-                        token,
-                        index["id"],
-                        validation,
-                        clients=clients,
-                        duration=args.duration,
-                        max_requests=args.max_requests,
-                        approximate_share=args.approximate_share,
-                        delete_rows=[
-                            next(victims) for _ in range(int(args.duration // max(args.delete_every, 1)))
-                        ]
-                        if args.delete_every > 0
-                        else [],
-                        delete_every=args.delete_every,
-                    )
+        reports = []
+        victims = iter(range(0, args.rows, 7))
+        for clients in phases:
+            reports.append(
+                run_load(
+                    served.base_url,
+                    served.token,
+                    index["id"],
+                    validation,
+                    clients=clients,
+                    duration=args.duration,
+                    max_requests=args.max_requests,
+                    approximate_share=args.approximate_share,
+                    delete_rows=[
+                        next(victims) for _ in range(int(args.duration // max(args.delete_every, 1)))
+                    ]
+                    if args.delete_every > 0
+                    else [],
+                    delete_every=args.delete_every,
                 )
-        finally:
-            service.send_signal(signal.SIGINT)
-            try:
-                service.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(service.pid, signal.SIGKILL)
-                service.wait()
-            log.close()
+            )
     result = {
         "phases": [asdict(report) for report in reports],
         "rows": args.rows,
         "layers": len(index["layers"]),
-        "build_seconds": round(build_s, 1),
+        "build_seconds": round(served.build_seconds, 1),
         "approximate_share": args.approximate_share,
         "cpu_count": os.cpu_count(),
     }
@@ -360,4 +248,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    # run as a file (`python bench/load_query.py`): the repository's packages importable
+    if __package__ in (None, ""):
+        sys.path.insert(0, str(ROOT))
     sys.exit(main())
