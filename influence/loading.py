@@ -7,6 +7,7 @@ caller allows network), loaded as a sequence classifier or a causal LM, optional
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,13 +55,35 @@ def _resolve_folder(source: str, revision: str | None) -> Path:
 
 
 def check_safetensors_only(folder: Path) -> list[Path]:
-    """The folder's weight files, refusing folders whose weights exist only in pickle formats."""
+    """The folder's weight files, refusing folders whose weights exist only in pickle formats, and shard indexes
+    that name a weight file outside the folder (transformers joins each name onto the folder, so an absolute
+    path or `..` would load weights from anywhere, unhashed)."""
     weights = sorted(folder.glob("*.safetensors"))
     if not weights:
         pickled = [p.name for p in folder.iterdir() if p.suffix in _PICKLE_SUFFIXES]
         detail = f" (found only {', '.join(pickled)}: pickle formats are refused)" if pickled else ""
         raise UnsupportedModelError(f"no .safetensors weights in {folder}{detail}")
+    names = {path.name for path in weights}
+    for index in sorted(folder.glob("*.index.json")):
+        for shard in _index_shards(index):
+            if shard not in names:
+                raise UnsupportedModelError(
+                    f"{index.name} in {folder} names the weight file {shard[:200]!r}, which is not a .safetensors "
+                    "file of the folder itself"
+                )
     return weights
+
+
+def _index_shards(index: Path) -> set[str]:
+    """The weight files a shard index (`weight_map`: tensor name -> file) names."""
+    try:
+        content = json.loads(index.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+        raise UnsupportedModelError(f"{index.name} in {index.parent} is not readable JSON") from None
+    weight_map = content.get("weight_map", {}) if isinstance(content, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise UnsupportedModelError(f"{index.name} in {index.parent} has no weight_map of tensor -> file names")
+    return set(weight_map.values())
 
 
 def weights_hash(*folders: Path) -> str:

@@ -88,6 +88,28 @@ def test_weights_linked_outside_the_roots_are_refused(narrow, tiny_bert):
     assert api.count(RegisteredModel) == 0
 
 
+@pytest.mark.parametrize("shard", ["absolute", "../outside.safetensors", "sub/x.safetensors"])
+def test_a_shard_index_naming_weights_outside_the_folder_is_refused(narrow, tiny_bert, shard):
+    """transformers joins each weight_map file name onto the folder: an absolute path or `..` loaded weights from
+    outside the roots while only a dummy file in the folder was checked and hashed."""
+    from safetensors.torch import load_file, save_file
+
+    from influence import load_model
+
+    api, root, outside = narrow
+    folder = copy_model(tiny_bert, root / "m")
+    tensors = load_file(folder / "model.safetensors")
+    os.replace(folder / "model.safetensors", outside / "real.safetensors")
+    save_file({"dummy": tensors[next(iter(tensors))][:1].clone()}, folder / "dummy.safetensors")
+    target = str(outside / "real.safetensors") if shard == "absolute" else shard
+    index = {"metadata": {}, "weight_map": dict.fromkeys(tensors, target)}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    assert_problem(register(api, folder), 422, "model.safetensors.index.json", "not a .safetensors file")
+    assert api.count(RegisteredModel) == 0
+    with pytest.raises(Exception, match="not a .safetensors file of the folder"):
+        load_model(folder, num_labels=2)  # the worker's load refuses it too
+
+
 def test_a_nested_link_or_a_linked_subfolder_outside_the_roots_is_refused(narrow, tiny_bert):
     api, root, outside = narrow
     folder = copy_model(tiny_bert, root / "m")
