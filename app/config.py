@@ -85,10 +85,11 @@ class Settings(BaseSettings):
         "the first small batch whether one thread is faster than all (slow OpenMP wake-ups); one / all fix it",
     )
     request_processes: int = Field(
-        1,
+        2,
         ge=0,
         description="Processes beside the API that parse uploaded files and inspect model folders, the request "
-        "work that holds the GIL long enough to stall the API's other requests; 0: in the API process itself",
+        "work that holds the GIL long enough to stall the API's other requests; each holds 4 requests at most "
+        "(one running, three waiting; more: 503); 0: in the API process itself",
     )
     worker_concurrency: int = Field(1, description="Processes of the embedded worker")
     broker_visibility_timeout: int = Field(

@@ -71,7 +71,7 @@ SUPERSEDED_GRACE_S = 6 * 3600
 
 
 class AppendRefused(Exception):
-    """The rows cannot join (the dataset would exceed max_rows); nothing was changed."""
+    """The rows cannot join (the dataset would exceed max_rows or max_dataset_bytes); nothing was changed."""
 
 
 class IndexDeleted(Exception):
@@ -203,6 +203,14 @@ def grow_dataset(ctx: Any, dataset_id: str, job_id: str, rows: Sequence[dict[str
     if stop > settings.max_rows:
         raise AppendRefused(
             f"the dataset would have {stop:,} rows, more than max_rows = {settings.max_rows:,}; nothing was appended"
+        )
+    grown = dataset_files.rows_path(settings, dataset).stat().st_size + sum(
+        len(dataset_files.encode_row(row)) for row in rows
+    )
+    if grown > settings.max_dataset_bytes:  # checks queued together each passed the check at their creation
+        raise AppendRefused(
+            f"the dataset would take {grown:,} bytes of rows, more than max_dataset_bytes = "
+            f"{settings.max_dataset_bytes:,}; nothing was appended"
         )
     folder = dataset_files.dataset_dir(settings, dataset_id) / APPENDS_DIR / job_id
     labels = _write_version(settings, dataset, rows, job_id, folder)

@@ -33,6 +33,7 @@ import fcntl
 import hashlib
 import json
 import math
+import os
 import re
 import time
 from collections.abc import Mapping, Sequence
@@ -126,45 +127,49 @@ def create_check(
     except (TypeError, ValueError, re.error):  # a selector object of the wrong shape, e.g. {"blocks": 5}
         raise Invalid("layers: a malformed selector (see the layer selector syntax)") from None
     spec = resolve_reference(session, settings, reference, tenant_id=tenant_id, model=model, trained=dataset)
-    data, source = parse_batch(settings, dataset, model, request, upload, filename)
-    rows = source["rows"]
-    if request.append and dataset.row_count + rows > settings.max_rows:
-        raise Invalid(
-            f"appending {rows:,} rows would give dataset {dataset.id!r} {dataset.row_count + rows:,} "
-            f"rows, more than max_rows = {settings.max_rows:,}"
+    with dataset_files.staged_upload(settings, upload) as staged:
+        batch, source = parse_batch(settings, dataset, model, request, staged, filename)
+        if request.append:
+            _check_append(settings, dataset, batch)
+        job = job_service.create_job(
+            session,
+            CHECK,
+            tenant_id=tenant_id,
+            target_id=index.id,
+            max_active=settings.max_active_jobs_per_tenant,
+            params={
+                "index_id": index.id,
+                "layers": layers,
+                "estimator": request.estimator,
+                "aggregation": request.aggregation,
+                "vote_k": request.vote_k,
+                "correct_only": request.correct_only,
+                "threshold_percentile": request.threshold_percentile,
+                "max_flagged": request.max_flagged,
+                "append": request.append,
+                "reference": spec,
+                "batch": {**source, "file": BATCH_FILE, "sha256": batch.sha256},
+            },
+            total=_total_steps(batch.rows, _reference_size(spec), len(layers), request.append),
         )
-    if request.append:
-        grown = dataset_files.rows_path(settings, dataset).stat().st_size + len(data)
-        if grown > settings.max_dataset_bytes:
-            raise PayloadTooLarge(
-                f"appending this batch would give dataset {dataset.id!r} {grown:,} bytes of rows, more than "
-                f"max_dataset_bytes = {settings.max_dataset_bytes} (the setting INFLUENCE_MAX_DATASET_BYTES)"
-            )
-    reference_rows = _reference_size(spec)
-    job = job_service.create_job(
-        session,
-        CHECK,
-        tenant_id=tenant_id,
-        target_id=index.id,
-        max_active=settings.max_active_jobs_per_tenant,
-        params={
-            "index_id": index.id,
-            "layers": layers,
-            "estimator": request.estimator,
-            "aggregation": request.aggregation,
-            "vote_k": request.vote_k,
-            "correct_only": request.correct_only,
-            "threshold_percentile": request.threshold_percentile,
-            "max_flagged": request.max_flagged,
-            "append": request.append,
-            "reference": spec,
-            "batch": {**source, "file": BATCH_FILE, "sha256": hashlib.sha256(data).hexdigest()},
-        },
-        total=_total_steps(rows, reference_rows, len(layers), request.append),
-    )
-    _store_batch(session, settings, job.id, data)
+        _store_batch(session, settings, job.id, batch.path)
     job_service.enqueue_after_commit(session, queue, job)
     return job
+
+
+def _check_append(settings: Settings, dataset: Dataset, batch: _Batch) -> None:
+    """The dataset a passing batch would be appended to stays within max_rows and max_dataset_bytes."""
+    if dataset.row_count + batch.rows > settings.max_rows:
+        raise Invalid(
+            f"appending {batch.rows:,} rows would give dataset {dataset.id!r} {dataset.row_count + batch.rows:,} "
+            f"rows, more than max_rows = {settings.max_rows:,}"
+        )
+    grown = dataset_files.rows_path(settings, dataset).stat().st_size + batch.bytes
+    if grown > settings.max_dataset_bytes:
+        raise PayloadTooLarge(
+            f"appending this batch would give dataset {dataset.id!r} {grown:,} bytes of rows, more than "
+            f"max_dataset_bytes = {settings.max_dataset_bytes} (the setting INFLUENCE_MAX_DATASET_BYTES)"
+        )
 
 
 def _parse_reference(text: str) -> ReferenceSet:
@@ -214,12 +219,13 @@ def parse_batch(
     dataset: Dataset,
     model: RegisteredModel,
     request: CheckRequest,
-    upload: IO[bytes],
+    staged: Path,
     filename: str | None,
-) -> tuple[bytes, dict[str, Any]]:
-    """The batch as normalised dataset rows (rows.jsonl lines: {"text", "text_pair", "label", "noisy"}), labels in
-    the index dataset's numbering, and a description of the file. Parsed by the dataset registration's own
-    readers, in a request process (app/services/isolation.py)."""
+) -> tuple[_Batch, dict[str, Any]]:
+    """The batch file `staged` (an upload copied into its staging folder) read and validated by the dataset
+    registration's own readers, in a request process (app/services/isolation.py), and written beside it as
+    normalised rows (rows.jsonl lines: {"text", "text_pair", "label", "noisy"}, labels in the index dataset's
+    numbering); and a description of the file."""
     fmt = dataset_files._pick_format(request.format, filename, "the uploaded file")
     columns = request.columns
     if columns.label is None and dataset.task == "classification":
@@ -234,84 +240,88 @@ def parse_batch(
             else "the index's dataset has no text_pair: leave text_pair_column out"
         )
     classes = int(model.num_labels or 2) if dataset.task == "classification" else None
-    with dataset_files.staged_upload(settings, upload) as path:
-        batch = isolation.run(read_batch, settings, spec, path, fmt, dataset.label_names, classes)
+    target = staged.with_name(BATCH_FILE)
+    batch = isolation.run(read_batch, settings, spec, staged, fmt, dataset.label_names, classes, target)
     source = {
         "filename": (filename or "")[:200] or None,
         "format": fmt,
-        "size_bytes": batch.size,
-        "upload_sha256": batch.digest,
+        "size_bytes": batch.file_size,
+        "upload_sha256": batch.file_sha256,
         "rows": batch.rows,
         "columns": columns.as_dict(),
     }
-    return batch.data, source
+    return batch, source
 
 
 @dataclass(frozen=True)
 class _Batch:
-    data: bytes  # the rows, as rows.jsonl lines
+    path: Path  # the normalised rows, as rows.jsonl lines
     rows: int
-    size: int  # of the file
-    digest: str  # sha256 of the file
+    bytes: int  # of `path`
+    sha256: str  # of `path`
+    file_size: int  # of the file sent
+    file_sha256: str
 
 
 def read_batch(
     settings: Settings,
     spec: dataset_files.DatasetSpec,
-    path: Path,
+    source: Path,
     fmt: str,
     label_names: list[str] | None,
     classes: int | None,
+    target: Path,
 ) -> _Batch:
-    """Read and validate a batch file; classification labels become the index dataset's class indices
-    (`label_names`: its names, or None when it numbers its classes; `classes`: the model's)."""
-    with open(path, "rb") as handle:
-        size, digest = dataset_files._size_and_hash(handle, limit=None)
+    """Read and validate a batch file and write its normalised rows to `target`, counted against
+    max_dataset_bytes; classification labels become the index dataset's class indices (`label_names`: its
+    names, or None when it numbers its classes; `classes`: the model's)."""
+    by_name = {name: i for i, name in enumerate(label_names or [])}
+    validator = dataset_files._Rows(spec, settings)
+    written = dataset_files._Budget(settings.max_dataset_bytes, "the batch's rows")
+    digest = hashlib.sha256()
+    with open(source, "rb") as handle, open(target, "wb") as out:
+        size, file_digest = dataset_files._size_and_hash(handle, limit=None)
         if size == 0:
             raise Invalid("the file is empty")
         handle.seek(0)
-        validator = dataset_files._Rows(spec, settings)
-        # The rows are held in memory until the batch is written: their size counts as a dataset's does.
-        held = dataset_files._Budget(settings.max_dataset_bytes, "the batch's rows")
-        rows, places = [], []
         for where, record in dataset_files.read_records(handle, fmt, spec.columns, settings):
             row = validator.normalise(where, record)
-            held.charge(len(dataset_files.encode_row(row)), where)
-            rows.append(row)
-            places.append(where)
-    if not rows:
+            if classes is not None:
+                row["label"] = _class_index(row["label"], where, label_names, by_name, classes)
+            line = dataset_files.encode_row(row)
+            written.charge(len(line), where)
+            digest.update(line)
+            out.write(line)
+        dataset_files._fsync_handle(out)
+    if validator.count == 0:
         raise Invalid("the file has no data rows")
-    if classes is not None:
-        _number_labels(rows, places, label_names, classes)
-    return _Batch(b"".join(dataset_files.encode_row(row) for row in rows), len(rows), size, digest)
+    return _Batch(target, validator.count, written.used, digest.hexdigest(), size, file_digest)
 
 
-def _number_labels(rows: list[dict[str, Any]], places: list[str], names: list[str] | None, classes: int) -> None:
-    """Labels as the index dataset's class indices: names mapped by name, integers kept (in place)."""
-    by_name = {name: i for i, name in enumerate(names or [])}
-    for row, where in zip(rows, places, strict=True):
-        label = row["label"]
-        if names is not None:
-            if not isinstance(label, str):
-                raise Invalid(
-                    f"{where}: label {label!r} is a class index, but the index's dataset names its classes "
-                    f"({', '.join(names[:10])}); give label names"
-                )
-            if label not in by_name:
-                raise Invalid(
-                    f"{where}: label {label!r} is not a label of the index's dataset ({', '.join(names[:10])})"
-                )
-            row["label"] = by_name[label]
-        elif isinstance(label, str):
+def _class_index(label: Any, where: str, names: list[str] | None, by_name: dict[str, int], classes: int) -> int:
+    """A batch row's label as the index dataset's class index: a name mapped by name, an integer kept."""
+    if names is not None:
+        if not isinstance(label, str):
             raise Invalid(
-                f"{where}: label {label!r} is a name, but the index's dataset numbers its classes; give class indices"
+                f"{where}: label {label!r} is a class index, but the index's dataset names its classes "
+                f"({', '.join(names[:10])}); give label names"
             )
-        if not 0 <= row["label"] < classes:
-            raise Invalid(f"{where}: label {row['label']} is not a class of the model [0, {classes})")
+        if label not in by_name:
+            raise Invalid(
+                f"{where}: label {label!r} is not a label of the index's dataset ({', '.join(names[:10])})"
+            )
+        label = by_name[label]
+    elif isinstance(label, str):
+        raise Invalid(
+            f"{where}: label {label!r} is a name, but the index's dataset numbers its classes; give class indices"
+        )
+    if not 0 <= label < classes:
+        raise Invalid(f"{where}: label {label} is not a class of the model [0, {classes})")
+    return label
 
 
-def _store_batch(session: Session, settings: Settings, job_id: str, data: bytes) -> None:
-    """Write the normalised batch into the job's folder now; the folder goes if the transaction rolls back.
+def _store_batch(session: Session, settings: Settings, job_id: str, batch: Path) -> None:
+    """Move the normalised batch into the job's folder now; the folder goes if the transaction rolls back.
 
     Like a dataset registration, the request holds an fcntl lock on `.registering.lock` in the folder until its
     transaction ends, so a sweep can tell a folder left by a killed request from one still being made."""
@@ -322,8 +332,7 @@ def _store_batch(session: Session, settings: Settings, job_id: str, data: bytes)
     lock = open(directory / dataset_files.REGISTERING_LOCK, "a+")  # noqa: SIM115 - closed by the hooks below
     fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
     try:
-        with runners.atomic_path(directory / BATCH_FILE) as tmp:
-            tmp.write_bytes(data)
+        os.replace(batch, directory / BATCH_FILE)  # both under the artifacts folder: a rename
     except BaseException:
         lock.close()
         remove_tree(directory)

@@ -975,7 +975,12 @@ def _number_label_names(path: Path, names: list[str], budget: _Budget) -> array:
 
 def _fsync(path: Path) -> None:
     with open(path, "rb") as handle:
-        os.fsync(handle.fileno())
+        _fsync_handle(handle)
+
+
+def _fsync_handle(handle: IO) -> None:
+    handle.flush()
+    os.fsync(handle.fileno())
 
 
 def _write_offsets(path: Path, offsets: array) -> None:

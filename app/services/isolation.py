@@ -5,8 +5,9 @@ for tens of milliseconds at a time, and the objects it allocates set off full ga
 whole heap (torch, transformers, the query model cache), during which every other request of the process waits,
 /healthz included. A thread pool does not help; a process does. So the API's lifespan starts a small pool of
 spawned processes (`request_processes`) and the services hand such work to `run`; its exceptions (the service's
-4xx errors) come back as they were raised. A process that dies (the kernel's OOM killer, on a hostile file) is a
-503 for the requests it held, and the pool is replaced. Where no pool was started (Celery workers, scripts, an
+4xx errors) come back as they were raised. At most WAITING_PER_PROCESS requests per process wait for the pool;
+more are told 503 at once. A process that dies (the kernel's OOM killer, on a hostile file) breaks the pool:
+every request it held is a 503, and the pool is replaced. Where no pool was started (Celery workers, scripts, an
 app whose lifespan did not run) `run` calls the function in place: same code, same errors.
 
 Spawned, not forked: the API process has threads (torch's, the scoring kernel's compiler), and a fork copies
@@ -35,27 +36,33 @@ PARENT_POLL_SECONDS = 0.2
 # Imported by every child as it starts, so the first request it serves does not pay for the imports.
 PRELOAD = ("app.services.datasets", "app.services.checks", "app.services.models")
 
+# Requests a pool process may have running or queued: more would each hold a server thread and a database
+# connection while they wait.
+WAITING_PER_PROCESS = 4
+
 _lock = threading.Lock()
 _pool: concurrent.futures.ProcessPoolExecutor | None = None
+_slots: threading.BoundedSemaphore | None = None
 _processes = 0
 
 
 def start(processes: int) -> None:
     """Start the pool (idempotent; 0 processes: work stays in this process). Call from the thread that lives as
     long as the server (the lifespan's): the children are spawned here, not by request threads."""
-    global _pool, _processes
+    global _pool, _processes, _slots
     with _lock:
         if processes <= 0 or _pool is not None:
             return
         _processes = processes
+        _slots = threading.BoundedSemaphore(processes * WAITING_PER_PROCESS)
         _pool = _new_pool(processes)
 
 
 def stop() -> None:
     """Stop the pool; later work runs in this process."""
-    global _pool
+    global _pool, _slots
     with _lock:
-        pool, _pool = _pool, None
+        pool, _pool, _slots = _pool, None, None
     if pool is not None:
         pool.shutdown(wait=False, cancel_futures=True)
 
@@ -65,31 +72,34 @@ def started() -> bool:
 
 
 def run(function: Callable[..., T], *args: Any) -> T:
-    """`function(*args)` in a pool process (in this process when no pool runs). Its exception is raised here;
-    a pool process that died answers 503 (Unavailable) and the pool is replaced for the next request."""
-    pool = _pool
-    if pool is None:
+    """`function(*args)` in a pool process (in this process when no pool runs). Its exception is raised here.
+    503 (Unavailable) when WAITING_PER_PROCESS requests per process are in the pool already (each waiting
+    request holds a server thread and a database connection), and when a pool process died: every request the
+    pool held then gets it, and the pool is replaced."""
+    pool, slots = _pool, _slots
+    if pool is None or slots is None:
         return function(*args)
-    try:
-        future = pool.submit(function, *args)
-    except (RuntimeError, concurrent.futures.BrokenExecutor):  # broken, or shut down by a concurrent stop()
-        return _run_after_failure(pool, function, *args)
-    try:
-        return future.result()
-    except concurrent.futures.BrokenExecutor:
-        _replace(pool)
+    if not slots.acquire(blocking=False):
         raise Unavailable(
-            "the process that read this request's data died (out of memory?); nothing of it was kept: try "
-            "again, or send less"
-        ) from None
-
-
-def _run_after_failure(pool: concurrent.futures.ProcessPoolExecutor, function: Callable[..., T], *args: Any) -> T:
-    _replace(pool)
-    current = _pool
-    if current is None or current is pool:
-        return function(*args)
-    return current.submit(function, *args).result()
+            f"the service is busy reading other requests' files ({_processes} request processes, "
+            f"{_processes * WAITING_PER_PROCESS} requests at most); try again shortly"
+        )
+    try:
+        try:
+            future = pool.submit(function, *args)
+        except (RuntimeError, concurrent.futures.BrokenExecutor):  # broken, or stopped: shutting down
+            _replace(pool)
+            raise Unavailable("the request processes are restarting; try again shortly") from None
+        try:
+            return future.result()
+        except concurrent.futures.BrokenExecutor:
+            _replace(pool)
+            raise Unavailable(
+                "a process that read requests' data died (out of memory?), and with it the requests it held, "
+                "this one included; nothing of them was kept: try again, or send less"
+            ) from None
+    finally:
+        slots.release()
 
 
 def _replace(broken: concurrent.futures.ProcessPoolExecutor) -> None:

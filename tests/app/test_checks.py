@@ -419,6 +419,32 @@ def test_a_passing_batch_joins_the_index_without_a_rebuild(grow):
     assert sorted(p.name for p in versions.iterdir()) == sorted([check["id"], second["id"]])
 
 
+def test_appends_queued_together_are_held_to_max_dataset_bytes_when_they_run(grow):
+    """Each check passed the size check when it was created; the second to run would take the dataset past
+    max_dataset_bytes, so it is refused then and changes nothing."""
+    env = grow
+    queued = []
+    for rows in (env.rows[200:210], env.rows[210:220]):
+        response = _submit(
+            env.client, env.index["id"], rows, reference={"dataset_id": env.reference["id"]}, append="true",
+            max_flagged="10",
+        )
+        assert response.status_code == 202, response.text
+        queued.append(response.json())
+    from app.models import Dataset
+    from app.services.datasets import rows_path
+
+    with env.api.session_factory() as session:
+        size = rows_path(env.api.settings, session.get(Dataset, env.dataset["id"])).stat().st_size
+    narrow = env.api.settings.model_copy(update={"max_dataset_bytes": size + 2_000})  # one batch of ~1 KB fits
+    first, second = (_run(env, check, settings=narrow) for check in queued)
+    assert first["append"]["status"] == "appended" and first["appended"] == 10
+    assert second["append"]["status"] == "refused" and second["appended"] == 0
+    assert "max_dataset_bytes" in second["append"]["reason"]
+    assert env.client.get(f"/v1/datasets/{env.dataset['id']}").json()["row_count"] == GROW_ROWS + 10
+    assert env.client.get(f"/v1/indexes/{env.index['id']}").json()["num_rows"] == GROW_ROWS + 10
+
+
 def test_a_failing_batch_never_joins(grow):
     env = grow
     store = _store(env)

@@ -16,8 +16,10 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
+from app.models import Dataset
 from app.services import isolation
 from tests.app.conftest import build_api, make_settings, tsv_bytes
+from tests.app.test_upload_limits import MALFORMED
 
 ROOT = Path(__file__).resolve().parents[2]
 FORM = {"text_column": "sentence"}
@@ -44,24 +46,26 @@ def _pool_pids() -> set[int]:
     return set(pool._processes)  # the pool's own record of its live processes
 
 
-def test_work_runs_in_a_pool_process_and_errors_come_back_unchanged(pooled, sst2_rows, tmp_path, sqlite_url,
-                                                                   default_roots):
+def test_work_runs_in_a_pool_process_and_errors_come_back_unchanged(pooled, sst2_rows):
     assert isolation.run(os.getpid) in _pool_pids()
     assert isolation.run(os.getpid) != os.getpid()
 
     good = pooled.client.post("/v1/datasets", files={"file": ("d.tsv", tsv_bytes(sst2_rows[:50]))}, data=FORM)
     assert good.status_code == 201, good.text
     assert good.json()["row_count"] == 50
-    bad_file = b"sentence\tlabel\na fine line\t1\nan odd line\t" + b"9" * 5000 + b"\n"
-    pooled_answer = pooled.client.post("/v1/datasets", files={"file": ("bad.tsv", bad_file)}, data=FORM)
+    cases = [("d.tsv", b"text\tlabel\na fine line\t1\n"), *((name, content) for _, name, content, _ in MALFORMED)]
+    from_pool = [_answer(pooled, name, content) for name, content in cases]
+    isolation.stop()  # the same requests again, read in this process
+    in_place = [_answer(pooled, name, content) for name, content in cases]
+    assert from_pool == in_place
+    assert from_pool[0][0] == 201 and all(status == 422 for status, _ in from_pool[1:])
+    assert pooled.count(Dataset) == 3
+    assert not list((pooled.settings.resolved_artifacts_dir / "tmp").iterdir())
 
-    inline = build_api(make_settings(tmp_path / "inline", sqlite_url, default_roots))
-    inline_answer = inline.client.post("/v1/datasets", files={"file": ("bad.tsv", bad_file)}, data=FORM)
-    assert pooled_answer.status_code == inline_answer.status_code == 422
-    assert pooled_answer.json()["detail"] == inline_answer.json()["detail"]
-    assert "line 3" in pooled_answer.json()["detail"]
-    inline.client.close()
-    inline.app.state.engine.dispose()
+
+def _answer(api, name: str, content: bytes) -> tuple[int, str]:
+    response = api.client.post("/v1/datasets", files={"file": (name, content)})
+    return response.status_code, response.json().get("detail", "") if response.status_code != 201 else ""
 
 
 def test_a_pool_process_killed_mid_upload_is_a_503_that_leaves_nothing(pooled, sst2_rows):
@@ -108,6 +112,7 @@ def test_model_folders_are_inspected_in_the_pool(pooled, tiny_model_dir):
 
 CHILD = """
 import os, sys
+from app.models import Dataset
 from app.services import isolation
 isolation.start(1)
 print(isolation.run(os.getpid), flush=True)
@@ -137,3 +142,27 @@ def _state(pid: int) -> str:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     except (FileNotFoundError, IndexError):
         return "gone"
+
+
+def test_more_requests_than_the_pool_holds_are_a_503_at_once():
+    from app.errors import Unavailable
+
+    isolation.start(1)
+    try:
+        isolation.run(os.getpid)  # the process is up
+        holders = [
+            threading.Thread(target=isolation.run, args=(time.sleep, 1.5))
+            for _ in range(isolation.WAITING_PER_PROCESS)
+        ]
+        for holder in holders:
+            holder.start()
+        time.sleep(0.3)
+        started = time.monotonic()
+        with pytest.raises(Unavailable, match="busy"):
+            isolation.run(os.getpid)
+        assert time.monotonic() - started < 0.5  # refused, not queued
+        for holder in holders:
+            holder.join(30)
+        assert isolation.run(os.getpid) != os.getpid()  # served again once the others are done
+    finally:
+        isolation.stop()

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from app.models import Job, RegisteredModel
+from influence.errors import UnsupportedModelError
 from tests.app.conftest import build_api, make_settings
 from tests.app.test_datasets import assert_problem
 from tests.worker.support import register_dataset
@@ -106,7 +107,7 @@ def test_a_shard_index_naming_weights_outside_the_folder_is_refused(narrow, tiny
     (folder / "model.safetensors.index.json").write_text(json.dumps(index))
     assert_problem(register(api, folder), 422, "model.safetensors.index.json", "not a .safetensors file")
     assert api.count(RegisteredModel) == 0
-    with pytest.raises(Exception, match="not a .safetensors file of the folder"):
+    with pytest.raises(UnsupportedModelError, match=r"not a \.safetensors file of the folder"):
         load_model(folder, num_labels=2)  # the worker's load refuses it too
 
 
