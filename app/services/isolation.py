@@ -18,6 +18,7 @@ request started keeps writing after the API restarted and swept its folders.
 from __future__ import annotations
 
 import concurrent.futures
+import importlib
 import logging
 import multiprocessing
 import os
@@ -130,8 +131,6 @@ def _ready() -> int:
 
 
 def _child_started(parent: int) -> None:
-    import importlib
-
     def watch() -> None:
         while os.getppid() == parent:
             threading.Event().wait(PARENT_POLL_SECONDS)
