@@ -558,7 +558,8 @@ class InfluenceClient:
 
     def ready(self) -> Readiness:
         """Readiness: database, broker and a live worker. Not ready raises InfluenceAPIError (503) whose
-        `body["checks"]` says which dependency failed."""
+        `body["checks"]` says which dependency failed (the details need a valid API key; without one, the
+        status only)."""
         return cast(Readiness, self._json("GET", "/readyz"))
 
     # ------------------------------------------------------------------------------------------- models

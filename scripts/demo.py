@@ -191,16 +191,21 @@ def stop_service(process: subprocess.Popen) -> None:
 
 
 def wait_ready(client, process: subprocess.Popen, timeout: float = 180.0) -> dict:
+    """/readyz's full answer. The embedded runner makes an API key of the `local` tenant as it starts; it is sent
+    from then on (every call needs it, and /readyz shows its checks' details only to a key)."""
     import httpx
 
     deadline = time.monotonic() + timeout
     last = "no answer"
+    key_file = DATA_DIR / "local-api-key"
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise SystemExit(f"the service exited ({process.returncode}); see {DEMO_DIR / 'service.log'}")
+        if "Authorization" not in client.headers and key_file.exists():
+            client.headers["Authorization"] = f"Bearer {key_file.read_text(encoding='utf-8').strip()}"
         try:
             response = client.get("/readyz")
-            if response.status_code == 200:
+            if response.status_code == 200 and "checks" in response.json():
                 return response.json()
             last = response.json().get("detail", response.text)
         except httpx.TransportError as exc:
@@ -346,10 +351,7 @@ def main() -> None:
             ready = wait_ready(client, service)
             say(f"[{elapsed()}] Service ready: " + "; ".join(
                 f"{name} ({check['detail']})" for name, check in ready["checks"].items()))
-            # The embedded runner made (on its first start) an API key of the `local` tenant: send it.
-            key_file = DATA_DIR / "local-api-key"
-            client.headers["Authorization"] = f"Bearer {key_file.read_text(encoding='utf-8').strip()}"
-            say(f"[{elapsed()}] Authenticating with the local API key in {key_file}")
+            say(f"[{elapsed()}] Authenticating with the local API key in {DATA_DIR / 'local-api-key'}")
             model = register_model(client, result.best_adapter.resolve())
             dataset = register_dataset(client, dataset_file)
             say(f"[{elapsed()}] Registered model {model['id']} ({model['num_layers']} layer units) and dataset "
