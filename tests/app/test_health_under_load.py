@@ -15,10 +15,9 @@ import time
 
 import pytest
 
-from app.services.pipelines import run_build_inline
 from bench.health_probe import CATASTROPHIC_SELECTORS, run_probe
 from tests.app.conftest import build_api, make_settings
-from tests.worker.support import ApiProcess, assert_problem, register_dataset, register_model
+from tests.worker.support import ApiProcess, assert_problem, built_index, register_dataset, register_model
 
 ISSUE_SELECTOR = r"re:^(?=block\.0\.mlp\.down)(?:.*.*)*!"
 
@@ -31,13 +30,8 @@ def served_index(tmp_path, sqlite_url, default_roots, tiny_model_dir, sst2_rows)
 
     settings = make_settings(tmp_path, sqlite_url, default_roots, max_upload_bytes=8 * 1024 * 1024)
     api = build_api(settings)
-    model = register_model(api.client, tiny_model_dir("bert", "classification", num_labels=2))
-    dataset = register_dataset(api.client, sst2_rows[:100])
-    index = api.client.post(
-        "/v1/indexes",
-        json={"model_id": model["id"], "dataset_id": dataset["id"], "layers": "middle", "chunk_size": 50},
-    ).json()
-    run_build_inline(settings, api.session_factory, index["job"]["id"])
+    folder = tiny_model_dir("bert", "classification", num_labels=2)
+    model, dataset, index = built_index(api, folder, sst2_rows[:100], layers="middle", chunk_size=50)
     factory = "app.embedded:create_service_app"
     server = ApiProcess(settings, tmp_path / "api.log", factory=factory, INFLUENCE_DEVICE="cpu").start()
     try:

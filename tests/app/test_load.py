@@ -9,9 +9,8 @@ import sys
 
 import httpx
 
-from app.services.pipelines import run_build_inline
 from tests.app.conftest import ROOT_DIR, build_api, make_settings
-from tests.worker.support import ApiProcess, register_dataset, register_model
+from tests.worker.support import ApiProcess, built_index
 
 
 def _load_module():
@@ -28,13 +27,8 @@ def test_concurrent_queries_under_row_deletions_make_no_errors(
     load = _load_module()
     settings = make_settings(tmp_path, sqlite_url, default_roots)
     api = build_api(settings)
-    model = register_model(api.client, tiny_model_dir("bert", "classification", num_labels=2))
-    dataset = register_dataset(api.client, sst2_rows[:100])
-    index = api.client.post(
-        "/v1/indexes",
-        json={"model_id": model["id"], "dataset_id": dataset["id"], "layers": "middle", "chunk_size": 50},
-    ).json()
-    run_build_inline(settings, api.session_factory, index["job"]["id"])
+    folder = tiny_model_dir("bert", "classification", num_labels=2)
+    _, _, index = built_index(api, folder, sst2_rows[:100], layers="middle", chunk_size=50)
 
     server = ApiProcess(settings, tmp_path / "api.log", INFLUENCE_DEVICE="cpu").start()
     base_url = server.url

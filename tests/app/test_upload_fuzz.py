@@ -19,9 +19,9 @@ from hypothesis import strategies as st
 from sqlalchemy import func, select
 
 from app.models import Job
-from app.services.pipelines import ModelCache, run_build_inline
+from app.services.pipelines import ModelCache
 from tests.app.conftest import fresh_api
-from tests.worker.support import register_dataset, register_model
+from tests.worker.support import built_index, register_dataset
 
 FORMATS = ("jsonl", "csv", "tsv", "parquet")
 PROBLEM = "application/problem+json"
@@ -318,12 +318,9 @@ MODELS = ModelCache()
 def check_target(tmp_path_factory, sqlite_template, tiny_model_dir, sst2_rows):
     """A ready tiny-BERT index over 20 SST-2 rows and a reference dataset, under the same small limits."""
     api = fresh_api(tmp_path_factory, sqlite_template, "upload-fuzz-checks", **LIMITS)
-    model = register_model(api.client, tiny_model_dir("bert", "classification", num_labels=2))
-    dataset = register_dataset(api.client, sst2_rows[:20], name="train")
+    folder = tiny_model_dir("bert", "classification", num_labels=2)
+    _, _, index = built_index(api, folder, sst2_rows[:20], models=MODELS)
     reference = register_dataset(api.client, sst2_rows[250:255], name="reference")
-    index = api.client.post("/v1/indexes", json={"model_id": model["id"], "dataset_id": dataset["id"]}).json()
-    run_build_inline(api.settings, api.session_factory, index["job"]["id"], models=MODELS)
-    assert api.client.get(f"/v1/indexes/{index['id']}").json()["status"] == "ready"
     yield api, index["id"], json.dumps({"dataset_id": reference["id"]})
     api.client.close()
     api.app.state.engine.dispose()

@@ -19,7 +19,7 @@ import pytest
 from sqlalchemy import func, select
 
 from app.models import Job
-from app.services.pipelines import ModelCache, run_build_inline
+from app.services.pipelines import ModelCache
 from tests.app.conftest import (
     ROOT_DIR,
     build_api,
@@ -30,7 +30,7 @@ from tests.app.conftest import (
     parquet_bytes,
     tsv_bytes,
 )
-from tests.worker.support import assert_problem, register_dataset, register_model
+from tests.worker.support import assert_problem, built_index, register_dataset
 
 MODELS = ModelCache()
 MIB = 1024 * 1024
@@ -298,12 +298,9 @@ CHECK_LIMIT = 256 * 1024
 def check_env(tmp_path_factory, sqlite_template, tiny_model_dir, sst2_rows):
     """A ready tiny-BERT index over 40 SST-2 rows and a reference dataset, under max_dataset_bytes = 256 KiB."""
     api = fresh_api(tmp_path_factory, sqlite_template, "upload-limits-checks", max_dataset_bytes=CHECK_LIMIT)
-    model = register_model(api.client, tiny_model_dir("bert", "classification", num_labels=2))
-    dataset = register_dataset(api.client, sst2_rows[:40], name="train")
+    folder = tiny_model_dir("bert", "classification", num_labels=2)
+    _, _, index = built_index(api, folder, sst2_rows[:40], models=MODELS)
     reference = register_dataset(api.client, sst2_rows[250:260], name="reference")
-    index = api.client.post("/v1/indexes", json={"model_id": model["id"], "dataset_id": dataset["id"]}).json()
-    run_build_inline(api.settings, api.session_factory, index["job"]["id"], models=MODELS)
-    assert api.client.get(f"/v1/indexes/{index['id']}").json()["status"] == "ready"
     yield api, index["id"], reference["id"]
     api.client.close()
     api.app.state.engine.dispose()

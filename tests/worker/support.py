@@ -45,6 +45,22 @@ def register_dataset(client, rows, *, name="sst2", noisy=None) -> dict:
     return response.json()
 
 
+def built_index(api, model_folder, rows, *, models=None, **index_fields) -> tuple[dict, dict, dict]:
+    """(model, dataset, index): `model_folder` and the SST-2 `rows` registered through `api` (a tests.app Api) and
+    an index over them built in this process, ready."""
+    from app.services.pipelines import run_build_inline
+
+    model = register_model(api.client, model_folder)
+    dataset = register_dataset(api.client, rows, name="train")
+    body = {"model_id": model["id"], "dataset_id": dataset["id"], **index_fields}
+    created = api.client.post("/v1/indexes", json=body)
+    assert created.status_code == 202, created.text
+    run_build_inline(api.settings, api.session_factory, created.json()["job"]["id"], models=models)
+    index = api.client.get(f"/v1/indexes/{created.json()['id']}").json()
+    assert index["status"] == "ready", index
+    return model, dataset, index
+
+
 def wait_for_job(client, job_id: str, timeout: float = 120.0, until=("succeeded", "failed", "cancelled")) -> dict:
     deadline = time.monotonic() + timeout
     while True:
