@@ -33,6 +33,9 @@ class Estimator(ABC):
     name: ClassVar[str]
     #: True when row_scale uses the train feature norms: score() then computes them when none are given.
     needs_norms: ClassVar[bool] = False
+    #: None when the query transform is a per-query factor (query_scale) and so applies to token rows (the
+    #: exact embedding, influence.tokens); otherwise why it cannot.
+    token_rows_refusal: ClassVar[str | None] = None
 
     def fit(self, train_chunks: TrainChunks, num_params: int) -> None:  # noqa: B027 (optional hook)
         """Fit layer statistics from the train features: train_chunks() yields (c, k) blocks, may be called
@@ -44,6 +47,10 @@ class Estimator(ABC):
 
     def row_scale(self, norms: torch.Tensor) -> torch.Tensor | None:
         """Per-train-row factor (n,) from the train feature norms (n,); None means 1."""
+        return None
+
+    def query_scale(self, norms: torch.Tensor) -> torch.Tensor | None:
+        """Per-query factor (m,) from the query norms, for estimators whose transform is one (token rows)."""
         return None
 
     def score_transformed(
@@ -156,7 +163,10 @@ class Cosine(Estimator):
 
     def transform_query(self, queries: torch.Tensor) -> torch.Tensor:
         _check_queries(queries)
-        return queries * _safe_reciprocal(torch.linalg.vector_norm(queries, dim=1)).unsqueeze(1)
+        return queries * self.query_scale(torch.linalg.vector_norm(queries, dim=1)).unsqueeze(1)
+
+    def query_scale(self, norms: torch.Tensor) -> torch.Tensor:
+        return _safe_reciprocal(norms)
 
     def row_scale(self, norms: torch.Tensor) -> torch.Tensor:
         return _safe_reciprocal(norms)
@@ -169,6 +179,11 @@ class DataInf(Estimator):
     lambda = damping_ratio * mean_i ||g_i||^2 / p_u unless `damping` is given (the paper: ratio 0.1).
     Fitted in float64 in two streaming passes (the damping needs the mean norm first).
     """
+
+    token_rows_refusal = (
+        "DataInf's M_u is a (k, k) matrix over the unit's features, and an exact embedding unit has "
+        "vocabulary x width of them; score it with grad-dot or cosine, or give it a dense projection"
+    )
 
     def __init__(self, damping: float | None = None, damping_ratio: float = 0.1):
         if damping is not None and not (math.isfinite(damping) and damping > 0):
@@ -262,6 +277,8 @@ class TracInCP(Estimator):
     Features are the concatenation of per-checkpoint blocks of widths `checkpoint_dims`; the query's block c
     is multiplied by `learning_rates[c]`.
     """
+
+    token_rows_refusal = "TracIn-CP weights dense per-checkpoint blocks; token rows have none"
 
     def __init__(self, checkpoint_dims: Sequence[int], learning_rates: Sequence[float]):
         dims = [int(d) for d in checkpoint_dims]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -16,6 +17,7 @@ from influence.data import Example, encode_examples, iter_batches, pad_token_id
 from influence.errors import InvalidInputError
 from influence.gradients import FeatureBatch, Featurizer
 from influence.store import CheckpointSpec, FeatureStore, LayerSpec, StoreManifest
+from influence.tokens import TokenRows
 
 ProgressCallback = Callable[[int, int], None]  # (rows done, rows total)
 
@@ -32,6 +34,12 @@ class CheckpointFeaturizer:
         names = [[layer.name for layer in f.layers] for f in featurizers]
         if any(n != names[0] for n in names):
             raise InvalidInputError("every checkpoint must expose the same layers")
+        tokens = [name for name, p in featurizers[0].projectors.items() if p.kind == "tokens"]
+        if tokens:
+            raise InvalidInputError(
+                f"units {tokens} are projected as `tokens` (exact token rows), which TracIn-CP cannot "
+                "concatenate across checkpoints; give them a dense projection (e.g. factorized)"
+            )
         self.featurizers = list(featurizers)
         self.layers = featurizers[0].layers
 
@@ -55,7 +63,8 @@ AnyFeaturizer = Featurizer | CheckpointFeaturizer
 
 @dataclass
 class FeatureSet:
-    """Features of an example set in input order: features[unit] is (n, dim) float32."""
+    """Features of an example set in input order: features[unit] is (n, dim) float32, or TokenRows (float32
+    values) for a `tokens` unit."""
 
     features: dict[str, np.ndarray]
     losses: np.ndarray
@@ -80,7 +89,11 @@ def featurize_examples(
         raise InvalidInputError("no examples to featurize")
     encoded = encode_examples(tokenizer, examples, task, max_length)
     n = len(encoded)
-    features = {name: np.zeros((n, dim), dtype=np.float32) for name, dim in featurizer.dims.items()}
+    token_units = set(token_unit_names(featurizer))
+    features: dict[str, Any] = {
+        name: np.zeros((n, dim), dtype=np.float32) for name, dim in featurizer.dims.items() if name not in token_units
+    }
+    token_parts: dict[str, list[tuple[TokenRows, np.ndarray]]] = {name: [] for name in token_units}
     losses = np.zeros(n, dtype=np.float64)
     predictions = np.full(n, -1, dtype=np.int64)
     done = 0
@@ -88,14 +101,31 @@ def featurize_examples(
         result = featurizer.featurize(batch)
         rows = batch.row_ids.numpy()
         for name, value in result.features.items():
-            features[name][rows] = value.detach().to(torch.float32).cpu().numpy()
+            if name in token_units:
+                token_parts[name].append((value, rows))
+            else:
+                features[name][rows] = value.detach().to(torch.float32).cpu().numpy()
         losses[rows] = result.losses.double().cpu().numpy()
         if task == "classification":
             predictions[rows] = result.predictions.cpu().numpy()
         done += len(batch)
         if progress is not None:
             progress(done, n)
+    for name, parts in token_parts.items():
+        in_order = TokenRows.gather(parts, n)
+        features[name] = TokenRows(
+            in_order.offsets,
+            np.asarray(in_order.tokens, dtype=np.int32),
+            np.asarray(in_order.values, dtype=np.float32),
+            check=False,
+        )
     return FeatureSet(features, losses, predictions)
+
+
+def token_unit_names(featurizer: AnyFeaturizer) -> list[str]:
+    """Units the featurizer gives as TokenRows (projection `tokens`: the exact embedding)."""
+    first = featurizer.featurizers[0] if isinstance(featurizer, CheckpointFeaturizer) else featurizer
+    return [name for name, projector in first.projectors.items() if projector.kind == "tokens"]
 
 
 def store_manifest(
@@ -116,7 +146,13 @@ def store_manifest(
 ) -> StoreManifest:
     """The manifest of a store built by `featurizer`: layers with their feature dims, projection, identity."""
     first = featurizer.featurizers[0] if isinstance(featurizer, CheckpointFeaturizer) else featurizer
-    layers = [LayerSpec(layer.name, featurizer.dims[layer.name], layer.num_params) for layer in first.layers]
+    tokens = set(token_unit_names(featurizer))
+    layers = [
+        LayerSpec(
+            layer.name, featurizer.dims[layer.name], layer.num_params, "tokens" if layer.name in tokens else "dense"
+        )
+        for layer in first.layers
+    ]
     return StoreManifest(
         model_id=model_id,
         revision=revision or "",

@@ -33,6 +33,7 @@ from influence.projection import (
     make_projector,
 )
 from influence.threads import ONE_THREAD, is_small_batch
+from influence.tokens import TokenRows
 
 
 def per_sample_losses(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -153,7 +154,8 @@ def _padding_idx(model: nn.Module, layer: Layer) -> int | None:
 
 @dataclass
 class FeatureBatch:
-    """Projected per-sample gradients of one batch: features[unit] is (B, dim_unit)."""
+    """Projected per-sample gradients of one batch: features[unit] is (B, dim_unit), or TokenRows of B rows
+    for a unit projected as `tokens` (the exact embedding)."""
 
     features: dict[str, torch.Tensor]
     losses: torch.Tensor
@@ -176,9 +178,10 @@ class Featurizer:
             raise InvalidInputError("no layers selected")
         self.model = model.eval()
         self.layers = list(layers)
-        self.projection = projection
+        # The resolved spec (every unit's projection named) is what a store's manifest records.
+        self.projection = projection.resolved(self.layers)
         self.projectors = {
-            layer.name: make_projector(projection, layer, _padding_idx(model, layer)) for layer in self.layers
+            layer.name: make_projector(self.projection, layer, _padding_idx(model, layer)) for layer in self.layers
         }
 
     @property
@@ -203,7 +206,9 @@ class Featurizer:
         features = {}
         for name, projector in self.projectors.items():
             value = results.get(name)
-            if value is None:
+            if value is None and projector.kind == "tokens":
+                value = TokenRows.empty(len(batch), projector.dim, logits.dtype)
+            elif value is None:
                 value = torch.zeros(len(batch), projector.dim, dtype=logits.dtype, device=device)
             features[name] = value
         return FeatureBatch(features, losses, logits)

@@ -4,7 +4,8 @@ Every unit's per-sample gradient is a sum of outer products over tokens t:
     Linear / Conv1D:  G = sum_t d_t a_t^T        (d_t: output gradient, a_t: input activation [, 1 for the bias])
     Embedding:        G = sum_t e_{id_t} d_t^T    (row-sparse: only the rows of tokens present)
 A projector turns (inputs captured in the forward pass, output gradients captured in the backward pass)
-into a (B, k) feature per sample:
+into a (B, k) feature per sample; the choice is per unit (ProjectionSpec.for_layer; the default `auto` keeps
+small units exact, as the paper's code does, and projects the rest):
     identity     vec(G) in the parameter layout [weight.flatten(), bias] (exact; small units)
     gaussian     P vec(G), P of k x p with N(0, 1/k) entries       } dense: E[P^T P] = I, so inner products
     rademacher   P vec(G), P of k x p with +-1/sqrt(k) entries     } are preserved in expectation (JL)
@@ -21,7 +22,8 @@ from __future__ import annotations
 import hashlib
 import math
 from abc import ABC, abstractmethod
-from dataclasses import asdict, dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
 import torch
@@ -38,16 +40,132 @@ MAX_IDENTITY_DIM = 1 << 20
 _DENSE_CACHE_ENTRIES = 1 << 24
 
 
+# `auto` stores a unit exactly (identity) when its gradient has at most this many numbers: LoRA matrices of
+# rank <= 16 on models up to 1,024 wide (rank <= 4 up to 4,096), a classification head of up to 21 classes on a
+# 768-wide model. Exact, a unit costs 2 bytes per number per row in float16, so the largest such unit takes
+# 32 KiB per row; the rest of the model's units are projected to `dim` (factorized).
+AUTO_EXACT_MAX_PARAMS = 16384
+PROJECTION_KINDS = ("auto", "identity", "gaussian", "rademacher", "factorized")
+
+
+@dataclass(frozen=True)
+class UnitProjection:
+    """How one layer unit is projected: a concrete kind (never auto) and its target dimension."""
+
+    kind: str
+    dim: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "dim": self.dim}
+
+
 @dataclass(frozen=True)
 class ProjectionSpec:
-    """What a feature store records about its projection: kind, target dimension per layer, seed."""
+    """What a feature store records about its projection: kind, target dimension per layer, seed, and the
+    per-unit choices.
 
-    kind: str = "factorized"
+    kind `auto` resolves per unit (`for_layer`): identity for units with at most `exact_max_params` numbers,
+    factorized at `dim` for the others. `units` names per-unit choices that override the spec's kind; a
+    Featurizer records the resolved choice of every unit of an `auto` spec there, so a store's manifest
+    says how each unit was projected and later code reproduces it whatever the rule becomes.
+    """
+
+    kind: str = "auto"
     dim: int = DEFAULT_DIM
     seed: int = 0
+    units: Mapping[str, UnitProjection] = field(default_factory=dict, hash=False)
+    exact_max_params: int = AUTO_EXACT_MAX_PARAMS
+
+    def __post_init__(self) -> None:
+        if self.kind not in PROJECTION_KINDS:
+            raise InvalidInputError(
+                f"unknown projection {self.kind!r}; expected one of {', '.join(PROJECTION_KINDS)}"
+            )
+        _check_positive(self.dim, "projection dim")
+        _check_positive(self.exact_max_params, "projection exact_max_params")
+        units = {}
+        for name, unit in dict(self.units).items():
+            if isinstance(unit, Mapping):
+                unknown = sorted(set(unit) - {"kind", "dim"})
+                if unknown:
+                    raise InvalidInputError(f"projection of unit {name!r}: unknown fields {unknown}")
+                unit = UnitProjection(unit.get("kind", ""), unit.get("dim", self.dim))
+            if not isinstance(unit, UnitProjection):
+                raise InvalidInputError(f"projection of unit {name!r} must be a mapping {{kind, dim}}")
+            if unit.kind not in PROJECTORS:
+                raise InvalidInputError(
+                    f"projection of unit {name!r}: unknown kind {unit.kind!r}; expected one of "
+                    f"{', '.join(PROJECTORS)}"
+                )
+            _check_positive(unit.dim, f"projection dim of unit {name!r}")
+            units[str(name)] = UnitProjection(unit.kind, int(unit.dim))
+        object.__setattr__(self, "units", dict(sorted(units.items())))
+
+    def for_layer(self, layer: Layer) -> UnitProjection:
+        """The projection of one unit: its override, else the spec's kind (auto: by the unit's size)."""
+        if layer.name in self.units:
+            return self.units[layer.name]
+        if self.kind != "auto":
+            return UnitProjection(self.kind, self.dim)
+        if layer.kind != "embedding" and layer.num_params <= self.exact_max_params:
+            return UnitProjection("identity", layer.num_params)
+        return UnitProjection("factorized", self.dim)
+
+    def resolved(self, layers: Sequence[Layer]) -> ProjectionSpec:
+        """This spec with every unit of `layers` recorded in `units` (auto specs; others are returned as
+        they are, so manifests of stores built before per-unit projections keep their form)."""
+        if self.kind != "auto":
+            return self
+        units = dict(self.units)
+        for layer in layers:
+            units.setdefault(layer.name, self.for_layer(layer))
+        return replace(self, units=units)
+
+    def check_units(self, names: Sequence[str]) -> None:
+        """Refuse overrides naming units that are not among `names` (the selected layers)."""
+        unknown = sorted(set(self.units) - set(names))
+        if unknown:
+            raise InvalidInputError(
+                f"projection.units names units that are not selected: {unknown[:5]}"
+                + (f" (and {len(unknown) - 5} more)" if len(unknown) > 5 else "")
+            )
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "format": PROJECTION_FORMAT}
+        out: dict[str, Any] = {"kind": self.kind, "dim": self.dim, "seed": self.seed, "format": PROJECTION_FORMAT}
+        if self.kind == "auto":
+            out["exact_max_params"] = self.exact_max_params
+        if self.units:
+            out["units"] = {name: unit.to_dict() for name, unit in self.units.items()}
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ProjectionSpec:
+        """The spec a manifest's (or a request's) projection mapping describes."""
+        if not isinstance(data, Mapping):
+            raise InvalidInputError("a projection must be a mapping {kind, dim, seed, ...}")
+        unknown = sorted(set(data) - {"kind", "dim", "seed", "format", "units", "exact_max_params"})
+        if unknown:
+            raise InvalidInputError(f"projection: unknown fields {unknown}")
+        if data.get("format", PROJECTION_FORMAT) != PROJECTION_FORMAT:
+            raise InvalidInputError(
+                f"projection format {data.get('format')!r} is not this library's ({PROJECTION_FORMAT}): "
+                "rebuild the index with this version"
+            )
+        units = data.get("units") or {}
+        if not isinstance(units, Mapping):
+            raise InvalidInputError("projection.units must be a mapping {unit name: {kind, dim}}")
+        return cls(
+            kind=data.get("kind", "auto"),
+            dim=data.get("dim", DEFAULT_DIM),
+            seed=data.get("seed", 0),
+            units=units,
+            exact_max_params=data.get("exact_max_params", AUTO_EXACT_MAX_PARAMS),
+        )
+
+
+def _check_positive(value: Any, what: str) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise InvalidInputError(f"{what} must be a positive integer, got {value!r}")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -359,7 +477,47 @@ class FactorizedProjector(Projector):
         return torch.einsum("bto,bti->boi", right, left).reshape(grad_out.shape[0], -1)
 
 
+class TokensProjector(Projector):
+    """The embedding's exact row-sparse gradient as token rows (influence.tokens): per row, its distinct
+    tokens with the summed output gradient of each. dim >= the embedding width keeps the vectors exact;
+    a smaller dim sketches every token's vector with one seeded Gaussian (dim x width) matrix."""
+
+    kind = "tokens"
+
+    def __init__(self, layer: Layer, dim: int, seed: int, padding_idx: int | None = None):
+        if layer.kind != "embedding":
+            raise InvalidInputError(f"projection `tokens` is for embeddings; {layer.name} is a {layer.kind}")
+        super().__init__(layer, dim, seed)
+        self.padding_idx = padding_idx
+        self.sketch = dim < layer.out_features
+        self.key = stream_key(seed, layer.name, "tokens")
+        self._matrices: dict[tuple, torch.Tensor] = {}
+
+    @property
+    def dim(self) -> int:
+        return self.target_dim if self.sketch else self.layer.out_features
+
+    def prepare(self, inputs):
+        return inputs
+
+    def combine(self, prepared, grad_out):
+        from influence.tokens import TokenRows
+
+        mask = _padding_mask(prepared, self.padding_idx)
+        if mask is not None:
+            grad_out = grad_out * mask[..., None].to(grad_out.dtype)
+        if self.sketch:
+            key = (grad_out.dtype, str(grad_out.device))
+            if key not in self._matrices:
+                self._matrices[key] = random_matrix(
+                    self.key, self.target_dim, self.layer.out_features, "gaussian", grad_out.dtype, grad_out.device
+                )
+            grad_out = grad_out @ self._matrices[key].T
+        return TokenRows.from_positions(prepared, grad_out)
+
+
 PROJECTORS: dict[str, type[Projector]] = {
+    "tokens": TokensProjector,
     "identity": IdentityProjector,
     "gaussian": DenseProjector,
     "rademacher": DenseProjector,
@@ -368,17 +526,14 @@ PROJECTORS: dict[str, type[Projector]] = {
 
 
 def make_projector(spec: ProjectionSpec, layer: Layer, padding_idx: int | None = None) -> Projector:
-    """The projector of one layer unit; deterministic from (spec.seed, layer.name)."""
-    if spec.kind not in PROJECTORS:
-        raise InvalidInputError(f"unknown projection {spec.kind!r}; expected one of {', '.join(PROJECTORS)}")
-    if spec.dim < 1:
-        raise InvalidInputError("projection dim must be positive")
-    cls = PROJECTORS[spec.kind]
+    """The projector of one layer unit; deterministic from (spec.seed, layer.name) and the unit's choice."""
+    unit = spec.for_layer(layer)
+    cls = PROJECTORS[unit.kind]
     if cls is DenseProjector:
-        projector: Projector = DenseProjector(layer, spec.dim, spec.seed, padding_idx, kind=spec.kind)
+        projector: Projector = DenseProjector(layer, unit.dim, spec.seed, padding_idx, kind=unit.kind)
     else:
-        projector = cls(layer, spec.dim, spec.seed, padding_idx)  # type: ignore[call-arg]
-    if spec.kind == "identity" and projector.dim > MAX_IDENTITY_DIM:
+        projector = cls(layer, unit.dim, spec.seed, padding_idx)  # type: ignore[call-arg]
+    if unit.kind == "identity" and projector.dim > MAX_IDENTITY_DIM:
         raise InvalidInputError(
             f"identity projection of {layer.name} would store {projector.dim} numbers per row "
             f"(limit {MAX_IDENTITY_DIM}); use a factorized or dense projection"

@@ -19,6 +19,7 @@ import torch
 from influence.errors import InvalidInputError
 from influence.estimators import Estimator
 from influence.kernels import COMPILED_DOTS
+from influence.tokens import TokenRows
 
 DEFAULT_CHUNK_ROWS = 65536
 # On CPU, rows are converted to float32 and scored in blocks of about this many features (4 MiB of float32),
@@ -120,7 +121,9 @@ def _element_dtype(features: Any) -> torch.dtype | None:
         return None
 
 
-def _as_queries(queries: Any) -> torch.Tensor:
+def _as_queries(queries: Any) -> Any:
+    if isinstance(queries, TokenRows):
+        return queries
     tensor = queries if isinstance(queries, torch.Tensor) else torch.as_tensor(np.asarray(queries))
     return tensor.detach()
 
@@ -153,6 +156,8 @@ def score_layer(
     queries (m, k). norms: optional (n,) train feature norms, used when the estimator needs them (computed per
     chunk when none are given), e.g. a store's read-only memmap. Returns (n, m) float32 on the queries' device.
     """
+    if isinstance(train, TokenRows) or isinstance(queries, TokenRows):
+        return score_token_rows(train, queries, estimator, norms)
     n, k = _feature_shape(train)
     query_tensor = _as_queries(queries)
     if query_tensor.ndim != 2 or query_tensor.shape[1] != k:
@@ -187,6 +192,21 @@ def score_layer(
         chunk_norms = None if norm_tensor is None else norm_tensor[i0:i1]
         out[i0:i1] = estimator.score_transformed(rows, transformed, chunk_norms)
     return out
+
+
+def score_token_rows(train: Any, queries: Any, estimator: Estimator, norms: Any = None) -> torch.Tensor:
+    """Exact scores (n, m) float32 of a token-row unit (influence.tokens): the queries scaled by the
+    estimator's per-query factor, joined with the train rows on token id, then the per-row factor."""
+    if not (isinstance(train, TokenRows) and isinstance(queries, TokenRows)):
+        raise InvalidInputError("a token-row unit's train rows and queries must both be TokenRows")
+    if estimator.token_rows_refusal is not None:
+        raise InvalidInputError(f"estimator {estimator.name!r} cannot score this unit: {estimator.token_rows_refusal}")
+    scale = estimator.query_scale(queries.norms())
+    scores = train.dot(queries if scale is None else queries.scaled(scale))
+    norm_tensor = None
+    if estimator.needs_norms:
+        norm_tensor = _norms_as_tensor(norms, len(train)) if norms is not None else train.norms()
+    return estimator.scale_rows(scores, norm_tensor)
 
 
 class LazyScores:

@@ -13,12 +13,18 @@ On-disk layout of a store directory::
     store.lock                    fcntl lock taken by finalize / append / statistics writers (not readers)
     tmp/                          temporary files and directories; never read
     chunks/chunk-000007.npz       build phase: one uncompressed .npz per finished chunk (row_ids,
-                                  features__<stem>, norms__<stem>); zip CRC-32 guards each member; removed
+                                  features__<stem>, norms__<stem>; tokens__<stem>, offsets__<stem> for a
+                                  tokens layer); zip CRC-32 guards each member; removed
                                   by finalize
     segments/seg-000000/          after finalize (seg-000000) and each append (seg-000001, ...):
         row_ids.npy               (r,) int64 dataset row ids
         <stem>.npy                (r, dim) float16/float32 features of one layer
         <stem>.norms.npy          (r,) float32 L2 norms, taken from the float32 values before any float16 cast
+                                  a `tokens` layer (token rows, influence.tokens) instead of (r, dim):
+        <stem>.npy                (e, dim) one vector per (row, token) entry, rows in order
+        <stem>.tokens.npy         (e,) int32 token ids, ascending within a row
+        <stem>.offsets.npy        (r + 1,) int64: row i's entries are offsets[i]:offsets[i + 1]
+        <stem>.order.npy          (e,) int64 the entries in token order (the join's inverted index)
     segments.json                 the list of segments with the sha256 of every file and of manifest.json,
                                   and the list of tombstone files; its presence is what makes the store
                                   complete (readable). Every change of the readable state (finalize, append,
@@ -63,6 +69,7 @@ from influence.errors import (
     StoreIncompleteError,
     UnknownLayerError,
 )
+from influence.tokens import TokenRows
 
 STORE_FORMAT = "influence-feature-store"
 STORE_FORMAT_VERSION = 1
@@ -82,6 +89,7 @@ _ROW_IDS_FILE = "row_ids.npy"
 # Entries a crashed create() may leave before manifest.json exists; such a directory counts as empty.
 _STORE_ENTRIES = {_TMP_DIR, _CHUNKS_DIR, _SEGMENTS_DIR, _STATISTICS_DIR, _LOCK_FILE}
 _HASH_BLOCK = 1 << 20
+LAYOUTS = ("dense", "tokens")
 
 
 def layer_file_stem(name: str) -> str:
@@ -102,11 +110,21 @@ def _library_version() -> str:
 
 @dataclass(frozen=True)
 class LayerSpec:
-    """One layer unit in the store: its name, feature dimension (after projection) and parameter count."""
+    """One layer unit in the store: its name, feature dimension (after projection), parameter count, and
+    layout: "dense" (one (dim,) vector per row) or "tokens" (token rows, influence.tokens: per row, its
+    distinct tokens with a (dim,) vector each; the exact embedding)."""
 
     name: str
     dim: int
     num_params: int
+    layout: str = "dense"
+
+    def to_dict(self) -> dict[str, Any]:
+        # "dense" is left out: manifests written before layouts existed keep their fingerprint.
+        out = asdict(self)
+        if self.layout == "dense":
+            del out["layout"]
+        return out
 
 
 @dataclass(frozen=True)
@@ -122,7 +140,12 @@ def _layer_spec(value: Any) -> LayerSpec:
         spec = value
     elif isinstance(value, Mapping):
         try:
-            spec = LayerSpec(name=value["name"], dim=value["dim"], num_params=value["num_params"])
+            spec = LayerSpec(
+                name=value["name"],
+                dim=value["dim"],
+                num_params=value["num_params"],
+                layout=value.get("layout", "dense"),
+            )
         except KeyError as exc:
             raise InvalidInputError(f"layer spec {dict(value)!r} lacks {exc}") from None
     else:
@@ -133,7 +156,9 @@ def _layer_spec(value: Any) -> LayerSpec:
         raise InvalidInputError(f"layer {spec.name!r}: dim must be a positive integer, got {spec.dim!r}")
     if not _is_int(spec.num_params) or spec.num_params < 0:
         raise InvalidInputError(f"layer {spec.name!r}: num_params must be >= 0, got {spec.num_params!r}")
-    return LayerSpec(name=spec.name, dim=int(spec.dim), num_params=int(spec.num_params))
+    if spec.layout not in LAYOUTS:
+        raise InvalidInputError(f"layer {spec.name!r}: layout must be one of {LAYOUTS}, got {spec.layout!r}")
+    return LayerSpec(name=spec.name, dim=int(spec.dim), num_params=int(spec.num_params), layout=spec.layout)
 
 
 def _checkpoint_spec(value: Any) -> CheckpointSpec:
@@ -246,7 +271,9 @@ class StoreManifest:
 
     def to_dict(self) -> dict[str, Any]:
         """The manifest as plain JSON types."""
-        return _json_value(asdict(self), "manifest")
+        data = asdict(self)
+        data["layers"] = [layer.to_dict() for layer in self.layers]
+        return _json_value(data, "manifest")
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> StoreManifest:
@@ -309,7 +336,7 @@ class StoreManifest:
             theirs = {}
             for name, value in other.items():
                 if name == "layers":
-                    value = [asdict(_layer_spec(v)) for v in value]
+                    value = [_layer_spec(v).to_dict() for v in value]
                 elif name == "checkpoints":
                     value = [asdict(_checkpoint_spec(v)) for v in value]
                 theirs[name] = _json_value(value, f"field {name}")
@@ -597,7 +624,12 @@ class FeatureStore:
         arrays = {"row_ids": ids}
         for name in self.layers:
             stem = layer_file_stem(name)
-            arrays[f"features__{stem}"] = feats[name]
+            feature = feats[name]
+            if isinstance(feature, TokenRows):
+                arrays[f"tokens__{stem}"] = feature.tokens
+                arrays[f"offsets__{stem}"] = feature.offsets
+                feature = feature.values
+            arrays[f"features__{stem}"] = feature
             arrays[f"norms__{stem}"] = norms[name]
         final = self._chunk_path(index)
         tmp = self._path / _TMP_DIR / f"{final.stem}.{os.getpid()}.{uuid.uuid4().hex}.partial"
@@ -642,6 +674,9 @@ class FeatureStore:
         out_features: dict[str, np.ndarray] = {}
         out_norms: dict[str, np.ndarray] = {}
         for name in self.layers:
+            if self._specs[name].layout == "tokens":
+                out_features[name], out_norms[name] = self._prepare_tokens(name, features[name], len(ids))
+                continue
             values = _as_numpy(features[name], f"features[{name!r}]")
             dim = self._specs[name].dim
             if values.shape != (len(ids), dim):
@@ -651,20 +686,42 @@ class FeatureStore:
             if values.dtype.kind != "f" or values.dtype.itemsize > 8:
                 raise InvalidInputError(f"features[{name!r}] must be float16/32/64, got {values.dtype}")
             values32 = np.ascontiguousarray(values, dtype=np.float32)
-            if not np.isfinite(values32).all():
-                raise InvalidInputError(f"features[{name!r}] holds NaN or infinite values")
             # Norms come from the float32 values (float64 accumulation), never from the float16 copy.
             norms = np.sqrt(np.einsum("ij,ij->i", values32, values32, dtype=np.float64)).astype(np.float32)
-            with np.errstate(over="ignore"):  # overflow is detected and reported just below
-                stored = values32.astype(self._dtype, copy=False)
-            if self._dtype != np.float32 and not np.isfinite(stored).all():
-                raise InvalidInputError(
-                    f"features[{name!r}] overflow {self._dtype.name} (|x| > {np.finfo(self._dtype).max}); "
-                    "use a float32 store or rescale the projection"
-                )
-            out_features[name] = stored
+            out_features[name] = self._stored(name, values32)
             out_norms[name] = norms
         return ids, out_features, out_norms
+
+    def _stored(self, name: str, values32: np.ndarray) -> np.ndarray:
+        """float32 values in the store's dtype; InvalidInputError for non-finite values or an overflow."""
+        if not np.isfinite(values32).all():
+            raise InvalidInputError(f"features[{name!r}] holds NaN or infinite values")
+        with np.errstate(over="ignore"):  # overflow is detected and reported just below
+            stored = values32.astype(self._dtype, copy=False)
+        if self._dtype != np.float32 and not np.isfinite(stored).all():
+            raise InvalidInputError(
+                f"features[{name!r}] overflow {self._dtype.name} (|x| > {np.finfo(self._dtype).max}); "
+                "use a float32 store or rescale the projection"
+            )
+        return stored
+
+    def _prepare_tokens(self, name: str, value: Any, rows: int) -> tuple[TokenRows, np.ndarray]:
+        """A tokens layer's TokenRows of `rows` rows: (token rows in storage form, norms (rows,) float32)."""
+        dim = self._specs[name].dim
+        if not isinstance(value, TokenRows):
+            raise InvalidInputError(f"features[{name!r}] must be TokenRows (layer layout `tokens`)")
+        if value.shape != (rows, dim):
+            raise InvalidInputError(f"features[{name!r}] has shape {value.shape}, expected ({rows}, {dim})")
+        value._check()
+        values32 = np.ascontiguousarray(_as_numpy(value.values, f"features[{name!r}]"), dtype=np.float32)
+        tokens = np.asarray(_as_numpy(value.tokens, f"tokens of {name!r}"), dtype=np.int64)
+        if tokens.size and tokens.max() > np.iinfo(np.int32).max:
+            raise InvalidInputError(f"features[{name!r}]: token ids beyond int32")
+        norms = value.norms().numpy().astype(np.float32)
+        stored = TokenRows(
+            np.asarray(value.offsets, dtype=np.int64), tokens.astype(np.int32), self._stored(name, values32), check=False
+        )
+        return stored, norms
 
     # -- consolidation
 
@@ -718,7 +775,11 @@ class FeatureStore:
                         stem = layer_file_stem(name)
                         feats[name] = archive[f"features__{stem}"]
                         norms[name] = archive[f"norms__{stem}"]
-            except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
+                        if self._specs[name].layout == "tokens":
+                            feats[name] = TokenRows(
+                                archive[f"offsets__{stem}"], archive[f"tokens__{stem}"], feats[name]
+                            )
+            except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, InvalidInputError) as exc:
                 # BadZipFile is how a flipped byte shows: the zip CRC-32 of the member no longer matches.
                 raise StoreCorruptedError(
                     f"chunk file {path} is unreadable ({exc}); rewrite chunk {index}"
@@ -729,7 +790,8 @@ class FeatureStore:
                 )
             for name in self.layers:
                 dim = self._specs[name].dim
-                if feats[name].shape != (rows, dim) or feats[name].dtype != self._dtype:
+                values = feats[name].values if isinstance(feats[name], TokenRows) else feats[name]
+                if feats[name].shape != (rows, dim) or values.dtype != self._dtype:
                     raise StoreCorruptedError(
                         f"chunk file {path}: layer {name!r} has the wrong shape or dtype"
                     )
@@ -758,17 +820,15 @@ class FeatureStore:
         """Write a segment's files from `parts` into a fresh tmp/ folder and fsync them; (folder, record)."""
         work = self._path / _TMP_DIR / f"{name}.{uuid.uuid4().hex}.partial"
         work.mkdir()
-        layer_files = {
-            layer: {
-                "features": f"{layer_file_stem(layer)}.npy",
-                "norms": f"{layer_file_stem(layer)}.norms.npy",
-            }
-            for layer in self.layers
-        }
+        layer_files = {layer: self._layer_files(layer) for layer in self.layers}
         try:
             row_out = _open_output(work / _ROW_IDS_FILE, np.dtype(np.int64), (total,))
-            feat_out = {
-                layer: _open_output(work / files["features"], self._dtype, (total, self._specs[layer].dim))
+            feat_out: dict[str, Any] = {
+                layer: (
+                    _TokenRowsWriter(work, files, total, self._specs[layer].dim, self._dtype)
+                    if self._specs[layer].layout == "tokens"
+                    else _open_output(work / files["features"], self._dtype, (total, self._specs[layer].dim))
+                )
                 for layer, files in layer_files.items()
             }
             norm_out = {
@@ -782,13 +842,18 @@ class FeatureStore:
                     raise StoreCorruptedError(f"segment {name} receives more than its {total} rows")
                 row_out[position:stop] = ids
                 for layer in self.layers:
-                    feat_out[layer][position:stop] = feats[layer]
+                    if isinstance(feat_out[layer], _TokenRowsWriter):
+                        feat_out[layer].add(feats[layer])
+                    else:
+                        feat_out[layer][position:stop] = feats[layer]
                     norm_out[layer][position:stop] = norms[layer]
                 position = stop
             if position != total:
                 raise StoreCorruptedError(f"segment {name} received {position} of its {total} rows")
             for array in (row_out, *feat_out.values(), *norm_out.values()):
-                if isinstance(array, np.memmap):
+                if isinstance(array, _TokenRowsWriter):
+                    array.finish()
+                elif isinstance(array, np.memmap):
                     array.flush()
             del row_out, feat_out, norm_out
             checksums = {}
@@ -800,6 +865,13 @@ class FeatureStore:
             _remove_tree(work)
             raise
         return work, {"num_rows": total, "files": checksums, "layers": layer_files}
+
+    def _layer_files(self, layer: str) -> dict[str, str]:
+        stem = layer_file_stem(layer)
+        files = {"features": f"{stem}.npy", "norms": f"{stem}.norms.npy"}
+        if self._specs[layer].layout == "tokens":
+            files.update(tokens=f"{stem}.tokens.npy", offsets=f"{stem}.offsets.npy", order=f"{stem}.order.npy")
+        return files
 
     def _place_segment(self, work: Path, record: dict[str, Any], number: int) -> dict[str, Any]:
         """Rename a written segment folder into segments/ as seg-<number>; its full record."""
@@ -941,11 +1013,25 @@ class FeatureStore:
         """
         spec = self.layer_spec(name)
         segments = self._require_complete()
-        return self._gather([self._segment_layer(s, spec) for s in segments])
+        parts = [self._segment_layer(s, spec) for s in segments]
+        if spec.layout == "tokens":
+            return parts[0] if len(parts) == 1 else TokenRows.concat(parts)
+        return self._gather(parts)
 
-    def _segment_layer(self, segment: dict[str, Any], spec: LayerSpec) -> np.ndarray:
+    def _segment_layer(self, segment: dict[str, Any], spec: LayerSpec) -> Any:
         files = segment["layers"][spec.name]
-        return self._segment_array(segment, files["features"], (segment["num_rows"], spec.dim), self._dtype)
+        rows = segment["num_rows"]
+        if spec.layout != "tokens":
+            return self._segment_array(segment, files["features"], (rows, spec.dim), self._dtype)
+        offsets = self._segment_array(segment, files["offsets"], (rows + 1,), np.dtype(np.int64))
+        entries = int(offsets[-1])
+        return TokenRows(
+            offsets,
+            self._segment_array(segment, files["tokens"], (entries,), np.dtype(np.int32)),
+            self._segment_array(segment, files["features"], (entries, spec.dim), self._dtype),
+            self._segment_array(segment, files["order"], (entries,), np.dtype(np.int64)),
+            check=False,
+        )
 
     def layer_checksums(self, name: str) -> list[str]:
         """sha256 of each segment's features file of one layer, in segment order (identifies the content)."""
@@ -976,7 +1062,7 @@ class FeatureStore:
         segments = self._require_complete()
         offset = 0
         for segment in segments:
-            array = self._segment_layer(segment, spec)
+            array = self._segment_layer(segment, spec)  # a TokenRows slice is a copy of its rows' entries
             for start in range(0, len(array), rows):
                 yield offset + start, array[start : start + rows]
             offset += len(array)
@@ -1173,7 +1259,8 @@ class FeatureStore:
                 feats, norms = {}, {}
                 for name in self.layers:
                     spec = self._specs[name]
-                    feats[name] = np.asarray(self._segment_layer(segment, spec)[keep])
+                    layer = self._segment_layer(segment, spec)
+                    feats[name] = layer.select(keep) if isinstance(layer, TokenRows) else np.asarray(layer[keep])
                     norms[name] = np.asarray(
                         self._segment_array(
                             segment,
@@ -1317,6 +1404,46 @@ def _signature(path: Path) -> tuple[int, int, int] | None:
 def _next_segment_number(segments: list[dict[str, Any]]) -> int:
     """One more than the highest segment number: names are never reused, even after a compaction."""
     return max((int(s["name"].rsplit("-", 1)[1]) for s in segments), default=-1) + 1
+
+
+class _TokenRowsWriter:
+    """Writes a tokens layer's segment files from TokenRows parts streamed in row order: entries go to raw
+    files as they come (their count is known only at the end), then into .npy files with the offsets and
+    the token order. Memory: the segment's token ids (4 bytes per entry) for the argsort."""
+
+    def __init__(self, folder: Path, files: dict[str, str], rows: int, dim: int, dtype: np.dtype):
+        self.folder, self.files, self.rows, self.dim, self.dtype = folder, files, rows, dim, dtype
+        self.raw_values = open(folder / (files["features"] + ".raw"), "wb")
+        self.tokens: list[np.ndarray] = []
+        self.counts: list[np.ndarray] = []
+
+    def add(self, part: TokenRows) -> None:
+        self.raw_values.write(np.ascontiguousarray(part.values, dtype=self.dtype).tobytes())
+        self.tokens.append(np.asarray(part.tokens, dtype=np.int32))
+        self.counts.append(np.diff(np.asarray(part.offsets, dtype=np.int64)))
+
+    def finish(self) -> None:
+        self.raw_values.close()
+        tokens = np.concatenate(self.tokens) if self.tokens else np.zeros(0, dtype=np.int32)
+        counts = np.concatenate(self.counts) if self.counts else np.zeros(0, dtype=np.int64)
+        if len(counts) != self.rows:
+            raise StoreCorruptedError(f"token rows: {len(counts)} rows written, {self.rows} expected")
+        offsets = np.zeros(self.rows + 1, dtype=np.int64)
+        np.cumsum(counts, out=offsets[1:])
+        raw = self.folder / (self.files["features"] + ".raw")
+        values = _open_output(self.folder / self.files["features"], self.dtype, (len(tokens), self.dim))
+        if len(tokens):
+            source = np.memmap(raw, dtype=self.dtype, mode="r", shape=(len(tokens), self.dim))
+            for start in range(0, len(tokens), 1 << 16):
+                values[start : start + (1 << 16)] = source[start : start + (1 << 16)]
+            del source
+            values.flush()
+        del values
+        raw.unlink()
+        np.save(self.folder / self.files["tokens"], tokens, allow_pickle=False)
+        np.save(self.folder / self.files["offsets"], offsets, allow_pickle=False)
+        order = np.argsort(tokens, kind="stable").astype(np.int64)
+        np.save(self.folder / self.files["order"], order, allow_pickle=False)
 
 
 def _open_output(path: Path, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
