@@ -20,11 +20,15 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, ClassVar, TypeVar
 
+import numpy as np
 import torch
 
 from influence.errors import InvalidInputError
+from influence.tokens import TokenRows
 
 TrainChunks = Callable[[], Iterable[torch.Tensor]]
+# DataInf on token rows: float64 numbers of its token-keyed table held at once (512 MiB).
+_TABLE_NUMBERS = 1 << 26
 
 
 class Estimator(ABC):
@@ -33,8 +37,7 @@ class Estimator(ABC):
     name: ClassVar[str]
     #: True when row_scale uses the train feature norms: score() then computes them when none are given.
     needs_norms: ClassVar[bool] = False
-    #: None when the query transform is a per-query factor (query_scale) and so applies to token rows (the
-    #: exact embedding, influence.tokens); otherwise why it cannot.
+    #: Why the estimator cannot score token rows (the exact embedding, influence.tokens); None when it can.
     token_rows_refusal: ClassVar[str | None] = None
 
     def fit(self, train_chunks: TrainChunks, num_params: int) -> None:  # noqa: B027 (optional hook)
@@ -52,6 +55,24 @@ class Estimator(ABC):
     def query_scale(self, norms: torch.Tensor) -> torch.Tensor | None:
         """Per-query factor (m,) from the query norms, for estimators whose transform is one (token rows)."""
         return None
+
+    def fit_token_rows(self, rows: TokenRows, num_params: int) -> None:  # noqa: B027 (optional hook)
+        """fit() for a token-row unit (its rows at once). Default: nothing to fit."""
+
+    def score_token_rows(
+        self, train: TokenRows, queries: TokenRows, norms: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Scores (n, m) of token rows (influence.tokens): queries times their per-query factor, joined with
+        the train rows on token id, times the per-row factor. norms: the train rows' (n,), or None."""
+        if self.token_rows_refusal is not None:
+            raise InvalidInputError(
+                f"estimator {self.name!r} cannot score this unit: {self.token_rows_refusal}"
+            )
+        scale = self.query_scale(queries.norms())
+        scores = train.dot(queries if scale is None else queries.scaled(scale))
+        if norms is None and self.needs_norms:
+            norms = train.norms()
+        return self.scale_rows(scores, norms)
 
     def score_transformed(
         self, train: torch.Tensor, transformed: torch.Tensor, norms: torch.Tensor | None = None
@@ -178,12 +199,14 @@ class DataInf(Estimator):
 
     lambda = damping_ratio * mean_i ||g_i||^2 / p_u unless `damping` is given (the paper: ratio 0.1).
     Fitted in float64 in two streaming passes (the damping needs the mean norm first).
-    """
 
-    token_rows_refusal = (
-        "DataInf's M_u is a (k, k) matrix over the unit's features, and an exact embedding unit has "
-        "vocabulary x width of them; score it with grad-dot or cosine, or give it a dense projection"
-    )
+    On token rows (the exact embedding, whose p_u = vocabulary x width features no matrix can hold) the same
+    M_u is applied without forming it: g_k . M_u q = (g_k . q - sum_i c_i (g_k . g_i)) / lambda with
+    c_i = (g_i . q) / (n (lambda + ||g_i||^2)) over the n rows it was fitted on (`token_rows`; the rows scored
+    when none are attached), i.e. two joins per query: the fitted rows' scores, then the rows scored against
+    the token-keyed table sum_i c_i g_i (influence.tokens). Its state is the damping and the row count; the
+    rows themselves stay in the store (attach them after load_state_dict).
+    """
 
     def __init__(self, damping: float | None = None, damping_ratio: float = 0.1):
         if damping is not None and not (math.isfinite(damping) and damping > 0):
@@ -193,13 +216,12 @@ class DataInf(Estimator):
         self.damping_option = damping
         self.damping_ratio = float(damping_ratio)
         self.matrix: torch.Tensor | None = None  # M_u, (k, k) float64
+        self.token_rows: TokenRows | None = None  # the rows M_u sums over, for a token-row unit
         self.damping: float | None = None
         self.num_samples = 0
 
     def fit(self, train_chunks: TrainChunks, num_params: int) -> None:
         """Fit M_u: train_chunks() yields (c, k) train features; num_params = p_u (raw parameters of u)."""
-        if int(num_params) < 1:
-            raise InvalidInputError(f"num_params must be a positive parameter count, got {num_params!r}")
         damping = self.damping_option
         if damping is None:
             n, squared = 0, 0.0
@@ -207,19 +229,7 @@ class DataInf(Estimator):
                 chunk = _as_chunk(chunk)
                 n += chunk.shape[0]
                 squared += float(chunk.square().sum())
-            if n == 0:
-                raise InvalidInputError("DataInf needs at least one train feature row")
-            damping = self.damping_ratio * squared / n / int(num_params)
-            if squared == 0.0:
-                # Every train gradient is zero (a LoRA A tensor while B is still zero, or features that
-                # underflowed in float16): every score q^T M g_k is 0 whatever M is, so any positive damping
-                # gives the same (zero) scores. 1.0 keeps M = I finite instead of failing the whole index.
-                damping = 1.0
-            elif not (math.isfinite(damping) and damping > 0):
-                raise InvalidInputError(
-                    f"DataInf's damping came out as {damping!r} (mean squared norm {squared / n!r} over "
-                    f"{num_params} parameters); pass damping= explicitly"
-                )
+            damping = self._damping(n, squared, num_params)
         weighted: torch.Tensor | None = None
         n = 0
         for chunk in train_chunks():
@@ -235,6 +245,55 @@ class DataInf(Estimator):
         self.damping = float(damping)
         self.num_samples = n
 
+    def _damping(self, n: int, squared: float, num_params: int) -> float:
+        """lambda from the rows' count and summed squared norms."""
+        if int(num_params) < 1:
+            raise InvalidInputError(f"num_params must be a positive parameter count, got {num_params!r}")
+        if n == 0:
+            raise InvalidInputError("DataInf needs at least one train feature row")
+        if squared == 0.0:
+            # Every train gradient is zero (a LoRA A tensor while B is still zero, or features that
+            # underflowed in float16): every score q^T M g_k is 0 whatever M is, so any positive damping
+            # gives the same (zero) scores. 1.0 keeps M = I finite instead of failing the whole index.
+            return 1.0
+        damping = self.damping_ratio * squared / n / int(num_params)
+        if not (math.isfinite(damping) and damping > 0):
+            raise InvalidInputError(
+                f"DataInf's damping came out as {damping!r} (mean squared norm {squared / n!r} over "
+                f"{num_params} parameters); pass damping= explicitly"
+            )
+        return damping
+
+    def fit_token_rows(self, rows: TokenRows, num_params: int) -> None:
+        squared = float(rows.norms().double().square().sum())
+        damping = self.damping_option
+        if damping is None:
+            damping = self._damping(len(rows), squared, num_params)
+        self.matrix = None
+        self.damping = float(damping)
+        self.num_samples = len(rows)
+        self.token_rows = rows
+
+    def score_token_rows(
+        self, train: TokenRows, queries: TokenRows, norms: torch.Tensor | None
+    ) -> torch.Tensor:
+        if self.damping is None:
+            raise InvalidInputError("DataInf is not fitted: call fit_token_rows() or load_state_dict() first")
+        basis = train if self.token_rows is None else self.token_rows
+        scores = train.dot(queries, torch.float64)  # g_k . q_j
+        fitted = scores if basis is train else basis.dot(queries, torch.float64)  # g_i . q_j
+        # From the values as stored, as the dense fit reads them (not the norms taken before a float16 cast).
+        squared = basis.norms().double().square()
+        weights = fitted / (self.damping + squared).unsqueeze(1) / max(1, len(basis))
+        # The table holds (distinct tokens, queries, width) numbers: queries in groups that keep it bounded.
+        distinct = max(1, len(np.unique(np.asarray(basis.tokens))))
+        group = max(1, _TABLE_NUMBERS // (distinct * max(1, basis.width)))
+        second = torch.empty_like(scores)
+        for j0 in range(0, scores.shape[1], group):
+            tokens, table = basis.token_sums(weights[:, j0 : j0 + group])  # sum_i c_ij g_i, per token
+            second[:, j0 : j0 + group] = train.dot_table(tokens, table)
+        return ((scores - second) / self.damping).float()
+
     def transform_query(self, queries: torch.Tensor) -> torch.Tensor:
         if self.matrix is None:
             raise InvalidInputError("DataInf is not fitted: call fit() or load_state_dict() first")
@@ -244,21 +303,25 @@ class DataInf(Estimator):
         return (queries.to(torch.float64) @ matrix).to(queries.dtype)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        if self.matrix is None:
+        if self.damping is None:
             raise InvalidInputError("DataInf is not fitted: nothing to save")
-        return {
-            "matrix": self.matrix.cpu(),
+        state = {
             "damping": torch.tensor(self.damping, dtype=torch.float64),
             "num_samples": torch.tensor(self.num_samples, dtype=torch.int64),
         }
+        return (
+            state if self.matrix is None else {"matrix": self.matrix.cpu(), **state}
+        )  # token rows: no matrix
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        if set(state) != {"matrix", "damping", "num_samples"}:
-            raise InvalidInputError(f"DataInf state needs matrix, damping, num_samples; got {sorted(state)}")
-        matrix = state["matrix"]
-        if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
+        if set(state) - {"matrix"} != {"damping", "num_samples"}:
+            raise InvalidInputError(
+                f"DataInf state needs damping, num_samples (and matrix but for token rows); got {sorted(state)}"
+            )
+        matrix = state.get("matrix")
+        if matrix is not None and (matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]):
             raise InvalidInputError(f"DataInf matrix must be square, got {tuple(matrix.shape)}")
-        self.matrix = matrix.to(torch.float64)
+        self.matrix = None if matrix is None else matrix.to(torch.float64)
         self.damping = float(state["damping"])
         self.num_samples = int(state["num_samples"])
 

@@ -6,7 +6,7 @@ bucketing, restoring input order, several checkpoints for TracIn-CP, and chunked
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -91,7 +91,9 @@ def featurize_examples(
     n = len(encoded)
     token_units = set(token_unit_names(featurizer))
     features: dict[str, Any] = {
-        name: np.zeros((n, dim), dtype=np.float32) for name, dim in featurizer.dims.items() if name not in token_units
+        name: np.zeros((n, dim), dtype=np.float32)
+        for name, dim in featurizer.dims.items()
+        if name not in token_units
     }
     token_parts: dict[str, list[tuple[TokenRows, np.ndarray]]] = {name: [] for name in token_units}
     losses = np.zeros(n, dtype=np.float64)
@@ -122,6 +124,32 @@ def featurize_examples(
     return FeatureSet(features, losses, predictions)
 
 
+def feature_arrays(features: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """{unit: features} as plain arrays for np.savez: a matrix as it is, token rows as their three arrays
+    `<unit>__offsets`, `<unit>__tokens`, `<unit>__values` (features_from_arrays reads them back)."""
+    arrays = {}
+    for name, value in features.items():
+        if isinstance(value, TokenRows):
+            for part in _TOKEN_PARTS:
+                arrays[f"{name}__{part}"] = np.asarray(getattr(value, part))
+        else:
+            arrays[name] = np.asarray(value)
+    return arrays
+
+
+def features_from_arrays(arrays: Mapping[str, np.ndarray], names: Sequence[str]) -> dict[str, Any]:
+    """The inverse of feature_arrays for `names` (KeyError for a unit the arrays lack)."""
+    return {
+        name: arrays[name]
+        if name in arrays
+        else TokenRows(*(np.asarray(arrays[f"{name}__{part}"]) for part in _TOKEN_PARTS))
+        for name in names
+    }
+
+
+_TOKEN_PARTS = ("offsets", "tokens", "values")
+
+
 def token_unit_names(featurizer: AnyFeaturizer) -> list[str]:
     """Units the featurizer gives as TokenRows (projection `tokens`: the exact embedding)."""
     first = featurizer.featurizers[0] if isinstance(featurizer, CheckpointFeaturizer) else featurizer
@@ -149,7 +177,10 @@ def store_manifest(
     tokens = set(token_unit_names(featurizer))
     layers = [
         LayerSpec(
-            layer.name, featurizer.dims[layer.name], layer.num_params, "tokens" if layer.name in tokens else "dense"
+            layer.name,
+            featurizer.dims[layer.name],
+            layer.num_params,
+            "tokens" if layer.name in tokens else "dense",
         )
         for layer in first.layers
     ]

@@ -33,7 +33,7 @@ from torch import nn
 
 from influence.data import Example, encode_examples, iter_batches, pad_token_id
 from influence.errors import InvalidInputError
-from influence.gradients import HookedModel, _as_tokens, _padding_idx
+from influence.gradients import HookedModel, _padding_idx
 from influence.layers import Layer
 from influence.projection import ProjectionSpec, make_projector
 from influence.tokens import TokenRows
@@ -156,8 +156,11 @@ def _pass(model: nn.Module, layers: Sequence[Layer], handlers: dict[str, _Captur
 def _empty(layer: Layer) -> _Tokens:
     width = 0 if layer.kind == "embedding" else layer.in_features + int(layer.has_bias)
     shape = (0,) if layer.kind == "embedding" else (0, width)
-    return _Tokens(torch.zeros(shape, dtype=torch.float64), torch.zeros(0, layer.out_features, dtype=torch.float64),
-                   torch.zeros(0, dtype=torch.int64))
+    return _Tokens(
+        torch.zeros(shape, dtype=torch.float64),
+        torch.zeros(0, layer.out_features, dtype=torch.float64),
+        torch.zeros(0, dtype=torch.int64),
+    )
 
 
 def measure_fidelity(
@@ -182,7 +185,9 @@ def measure_fidelity(
     spec = projection.resolved(layers)
     device = next(model.parameters()).device
     handlers = {
-        layer.name: _Capture(layer, make_projector(spec, layer, _padding_idx(model, layer)), _padding_idx(model, layer))
+        layer.name: _Capture(
+            layer, make_projector(spec, layer, _padding_idx(model, layer)), _padding_idx(model, layer)
+        )
         for layer in layers
     }
     pad = pad_token_id(tokenizer)
@@ -201,7 +206,9 @@ def measure_fidelity(
         for layer in layers:
             tokens = kept[layer.name] or _empty(layer)
             query_tokens[layer.name].append(_Tokens(tokens.inputs, tokens.grads, tokens.rows + offset))
-            query_features[layer.name].append(_stored(features.get(layer.name), len(batch), handlers[layer.name], store_dtype))
+            query_features[layer.name].append(
+                _stored(features.get(layer.name), len(batch), handlers[layer.name], store_dtype)
+            )
         offset += len(batch)
     right = {
         name: _Tokens(*(torch.cat([getattr(t, part) for t in parts]) for part in ("inputs", "grads", "rows")))
@@ -220,7 +227,9 @@ def measure_fidelity(
         rows = slice(offset, offset + len(batch))
         for layer in layers:
             tokens = kept[layer.name] or _empty(layer)
-            exact[layer.name][rows] = exact_scores(layer, tokens, right[layer.name], len(batch), len(queries)).numpy()
+            exact[layer.name][rows] = exact_scores(
+                layer, tokens, right[layer.name], len(batch), len(queries)
+            ).numpy()
             mine = _stored(features.get(layer.name), len(batch), handlers[layer.name], store_dtype)
             if isinstance(mine, TokenRows):
                 projected[layer.name][rows] = mine.dot(right_features[layer.name], torch.float64).numpy()
@@ -233,7 +242,9 @@ def measure_fidelity(
 def _stored(features: Any, rows: int, handler: _Capture, dtype: np.dtype) -> Any:
     """Features as the store keeps them (float32, then the store's dtype), as float64."""
     if isinstance(features, TokenRows):
-        return TokenRows(features.offsets, features.tokens, _stored(features.values, 0, handler, dtype), check=False)
+        return TokenRows(
+            features.offsets, features.tokens, _stored(features.values, 0, handler, dtype), check=False
+        )
     if features is None:
         return np.zeros((rows, handler.projector.dim))
     return features.detach().to(torch.float32).cpu().numpy().astype(dtype).astype(np.float64)

@@ -13,7 +13,9 @@ On-disk layout under a store directory::
     faiss/<stem>.<kind>.<sha16>.faiss     one index per layer, content-addressed (faiss.write_index format)
     faiss/indexes.lock, faiss/tmp/        writers' lock and temporary files
 
-Positions returned by search are row positions in the store (FeatureStore.row_ids() maps them to dataset ids).
+Token-row layers (the exact embedding, influence.tokens) have no index: they are scored exactly by a join
+on token id. Positions returned by search are row positions in the store (FeatureStore.row_ids() maps them
+to dataset ids).
 Rows deleted from the store (tombstones) stay in its indexes until a compaction; searches leave them out with
 `exclude=store.deleted_positions()`. A compaction rewrites the segments, so indexes built before it no longer
 match the store (ManifestMismatchError on load): rebuild them with build_store_indexes.
@@ -430,7 +432,9 @@ def _save_pending(
     folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / f"{uuid.uuid4().hex}.faiss"
     layer_index.save(tmp)
-    return _SavedIndex(tmp, _sha256_file(tmp), layer_index.kind, layer_index.ntotal, layer_index.params, segments)
+    return _SavedIndex(
+        tmp, _sha256_file(tmp), layer_index.kind, layer_index.ntotal, layer_index.params, segments
+    )
 
 
 def _commit(store: FeatureStore, built: dict[str, _SavedIndex]) -> None:
@@ -484,13 +488,22 @@ def _prepare_directory(store: FeatureStore) -> None:
     _remove_stale_pending(store)
 
 
+def indexable_layers(store: FeatureStore) -> list[str]:
+    """The store's layers that have FAISS indexes: all but token-row layers (the exact embedding), which
+    are scored exactly by a join on token id (influence.tokens) and need no candidate search."""
+    return [name for name in store.layers if store.layer_spec(name).layout == "dense"]
+
+
 def _select_layers(store: FeatureStore, layers: Sequence[str] | None) -> list[str]:
     if layers is None:
-        return store.layers
+        return indexable_layers(store)
     if isinstance(layers, str):
         raise InvalidInputError("layers must be a sequence of layer names, not one string")
     for name in layers:
-        store.layer_spec(name)  # UnknownLayerError for names the store lacks
+        if store.layer_spec(name).layout != "dense":  # UnknownLayerError for names the store lacks
+            raise InvalidInputError(
+                f"layer {name!r} holds token rows (exact, joined on token id): it has no FAISS index"
+            )
     return list(layers)
 
 
@@ -592,7 +605,7 @@ def stale_store_indexes(store: FeatureStore) -> list[str]:
     records = _read_records(store)
     return [
         name
-        for name in store.layers
+        for name in indexable_layers(store)
         if name not in records or list(records[name]["segments"]) != store.layer_checksums(name)
     ]
 

@@ -12,6 +12,9 @@ small units exact, as the paper's code does, and projects the rest):
     factorized   P_out G P_in^T = sum_t (P_out d_t)(P_in a_t)^T  (LoGra): never forms G; for embeddings the
                  input side is a column gather P_row[:, id_t]. A side no larger than its share of k is kept
                  exact (identity) and the other side gets the rest of the budget.
+    tokens       embeddings only: G itself, row-sparse, as token rows (influence.tokens): per row, its distinct
+                 tokens with the summed d_t of each (exact), or each of those sketched to k numbers by one
+                 seeded Gaussian (k x width) matrix; inner products join on token id
 Random entries come from a counter-based hash of (seed, layer name, row, column), so a projection is the
 same on every device and any slice of P can be generated on its own (no k x p matrix is stored for the
 dense row-sparse embedding path).
@@ -41,10 +44,14 @@ _DENSE_CACHE_ENTRIES = 1 << 24
 
 
 # `auto` stores a unit exactly (identity) when its gradient has at most this many numbers: LoRA matrices of
-# rank <= 16 on models up to 1,024 wide (rank <= 4 up to 4,096), a classification head of up to 21 classes on a
-# 768-wide model. Exact, a unit costs 2 bytes per number per row in float16, so the largest such unit takes
-# 32 KiB per row; the rest of the model's units are projected to `dim` (factorized).
-AUTO_EXACT_MAX_PARAMS = 16384
+# rank <= 4 on models up to 1,024 wide (rank <= 8 up to 512), a classification head of up to 5 classes on a
+# 768-wide model. Two costs bound it: 2 bytes per number per row in float16 (8 KiB per row for the largest
+# such unit), and DataInf's k x k matrix of the unit, fitted at build time in float64 (128 MiB at k = 4,096,
+# growing with k squared). The word embedding is stored exactly as token rows (kind `tokens`: its gradient is
+# row-sparse); the rest of the model's units are projected to `dim` (factorized).
+AUTO_EXACT_MAX_PARAMS = 4096
+# A `tokens` override without a dim: the embedding's full width (resolved() records the actual width).
+TOKENS_EXACT = 1 << 20
 PROJECTION_KINDS = ("auto", "identity", "gaussian", "rademacher", "factorized")
 
 
@@ -64,10 +71,11 @@ class ProjectionSpec:
     """What a feature store records about its projection: kind, target dimension per layer, seed, and the
     per-unit choices.
 
-    kind `auto` resolves per unit (`for_layer`): identity for units with at most `exact_max_params` numbers,
-    factorized at `dim` for the others. `units` names per-unit choices that override the spec's kind; a
-    Featurizer records the resolved choice of every unit of an `auto` spec there, so a store's manifest
-    says how each unit was projected and later code reproduces it whatever the rule becomes.
+    kind `auto` resolves per unit (`for_layer`): token rows at full width for embeddings, identity for units
+    with at most `exact_max_params` numbers, factorized at `dim` for the others. `units` names per-unit
+    choices that override the spec's kind; a Featurizer records the resolved choice of every unit of an
+    `auto` spec there, so a store's manifest says how each unit was projected and later code reproduces it
+    whatever the rule becomes.
     """
 
     kind: str = "auto"
@@ -89,7 +97,9 @@ class ProjectionSpec:
                 unknown = sorted(set(unit) - {"kind", "dim"})
                 if unknown:
                     raise InvalidInputError(f"projection of unit {name!r}: unknown fields {unknown}")
-                unit = UnitProjection(unit.get("kind", ""), unit.get("dim", self.dim))
+                kind = unit.get("kind", "")
+                # `tokens` without a dim keeps the embedding's width (exact); resolved() records it.
+                unit = UnitProjection(kind, unit.get("dim", TOKENS_EXACT if kind == "tokens" else self.dim))
             if not isinstance(unit, UnitProjection):
                 raise InvalidInputError(f"projection of unit {name!r} must be a mapping {{kind, dim}}")
             if unit.kind not in PROJECTORS:
@@ -107,18 +117,26 @@ class ProjectionSpec:
             return self.units[layer.name]
         if self.kind != "auto":
             return UnitProjection(self.kind, self.dim)
-        if layer.kind != "embedding" and layer.num_params <= self.exact_max_params:
+        if layer.kind == "embedding":
+            return UnitProjection("tokens", layer.out_features)
+        if layer.num_params <= self.exact_max_params:
             return UnitProjection("identity", layer.num_params)
         return UnitProjection("factorized", self.dim)
 
     def resolved(self, layers: Sequence[Layer]) -> ProjectionSpec:
         """This spec with every unit of `layers` recorded in `units` (auto specs; others are returned as
         they are, so manifests of stores built before per-unit projections keep their form)."""
-        if self.kind != "auto":
+        if self.kind != "auto" and not self.units:
             return self
         units = dict(self.units)
         for layer in layers:
-            units.setdefault(layer.name, self.for_layer(layer))
+            unit = self.for_layer(layer)
+            if unit.kind == "tokens":  # a per-token dim at or above the width is the exact width
+                unit = UnitProjection("tokens", min(unit.dim, layer.out_features))
+            elif unit.kind == "identity":  # identity keeps every number, whatever dim was asked for
+                unit = UnitProjection("identity", layer.num_params)
+            if self.kind == "auto" or layer.name in units:
+                units[layer.name] = unit
         return replace(self, units=units)
 
     def check_units(self, names: Sequence[str]) -> None:
@@ -131,7 +149,12 @@ class ProjectionSpec:
             )
 
     def to_dict(self) -> dict:
-        out: dict[str, Any] = {"kind": self.kind, "dim": self.dim, "seed": self.seed, "format": PROJECTION_FORMAT}
+        out: dict[str, Any] = {
+            "kind": self.kind,
+            "dim": self.dim,
+            "seed": self.seed,
+            "format": PROJECTION_FORMAT,
+        }
         if self.kind == "auto":
             out["exact_max_params"] = self.exact_max_params
         if self.units:
@@ -510,7 +533,12 @@ class TokensProjector(Projector):
             key = (grad_out.dtype, str(grad_out.device))
             if key not in self._matrices:
                 self._matrices[key] = random_matrix(
-                    self.key, self.target_dim, self.layer.out_features, "gaussian", grad_out.dtype, grad_out.device
+                    self.key,
+                    self.target_dim,
+                    self.layer.out_features,
+                    "gaussian",
+                    grad_out.dtype,
+                    grad_out.device,
                 )
             grad_out = grad_out @ self._matrices[key].T
         return TokenRows.from_positions(prepared, grad_out)

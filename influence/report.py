@@ -53,6 +53,7 @@ from influence.metrics import (
 )
 from influence.scoring import LazyScores, top_k
 from influence.store import FeatureStore
+from influence.tokens import TokenRows
 
 DEFAULT_ESTIMATORS: tuple[str, ...] = ("grad-dot", "cosine", "datainf")
 DEFAULT_AGGREGATIONS: tuple[str, ...] = ("mean", "rank", "vote", "rank-c", "vote-c")
@@ -98,6 +99,8 @@ class ReportEntry:
     """One (estimator, aggregation, layer set): its noise detection and how far it is above random.
 
     ndr: NDR@p keyed by str(p). auc_ndr_z: (auc_ndr - random_auc_ndr) / random AUC-NDR standard deviation.
+    fidelity_min / fidelity_mean: the lowest / mean projection fidelity (Spearman of projected vs exact scores)
+    of the set's units, when the report was given fidelity (None otherwise, or when none of its units has one).
     """
 
     estimator: str
@@ -109,6 +112,8 @@ class ReportEntry:
     random_auc_ndr: float
     auc_ndr_gain: float
     auc_ndr_z: float
+    fidelity_min: float | None = None
+    fidelity_mean: float | None = None
 
 
 @dataclass(frozen=True)
@@ -125,6 +130,20 @@ class Recommendation:
     auc_ndr_z: float
     best_single_layer: dict[str, Any] | None
     runners_up: list[dict[str, Any]]
+    fidelity_min: float | None = None
+    fidelity_mean: float | None = None
+
+
+@dataclass(frozen=True)
+class FidelitySummary:
+    """The projection fidelity the report was given: per reported layer unit its Spearman (None: unknown), the
+    threshold below which a unit's rankings are uncertain, the units below it (lowest first), and the warnings
+    about the entries that use them (also in LayerReport.warnings)."""
+
+    threshold: float
+    units: dict[str, float | None]
+    below_threshold: list[str]
+    warnings: list[str]
 
 
 @dataclass(frozen=True)
@@ -236,6 +255,7 @@ class LayerReport:
     unavailable: list[str] = field(default_factory=list)
     unavailable_reasons: dict[str, str] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    fidelity: FidelitySummary | None = None
 
     def entry(self, estimator: str, aggregation: str, layers: str, kind: str | None = None) -> ReportEntry:
         """The entry of one (estimator, aggregation, layer set name); KeyError when absent."""
@@ -296,6 +316,11 @@ class _LiveRows:
         return np.asarray(self._matrix[self._live[rows]])
 
 
+def _live_rows(matrix: Any, live: np.ndarray) -> Any:
+    # Token rows are a few numbers per row: selected at once.
+    return matrix.select(live) if isinstance(matrix, TokenRows) else _LiveRows(matrix, live)
+
+
 def _train_source(features: Any, names: Sequence[str]) -> _TrainSource:
     if isinstance(features, FeatureStore):
         missing = [n for n in names if n not in features.layers]
@@ -305,7 +330,7 @@ def _train_source(features: Any, names: Sequence[str]) -> _TrainSource:
         if len(live) < features.num_rows:
             # Deleted (tombstoned) rows are in no rank, mask position or detrimental list: a report ranges over
             # the live rows only, read through per-layer views that gather a block of rows at a time.
-            views = {n: _LiveRows(features.layer(n), live) for n in names}
+            views = {n: _live_rows(features.layer(n), live) for n in names}
 
             def live_chunks(name: str) -> Iterator[np.ndarray]:
                 view = views[name]
@@ -420,9 +445,12 @@ class _EstimatorScores:
 
 
 def _fit(
-    name: str, options: Mapping[str, Any], layer: Layer, chunks: Callable[[], Iterator[Any]]
+    name: str, options: Mapping[str, Any], layer: Layer, chunks: Callable[[], Iterator[Any]], rows: Any = None
 ) -> Estimator:
     estimator = make_estimator(name, **dict(options))
+    if isinstance(rows, TokenRows):  # the exact embedding: fitted over its rows at once
+        estimator.fit_token_rows(rows, layer.num_params)
+        return estimator
 
     def train_chunks() -> Iterator[torch.Tensor]:
         for block in chunks():
@@ -548,7 +576,13 @@ def _score_estimator(
                 estimators[name] = (
                     given
                     if given is not None
-                    else _fit(estimator, options, by_name[name], lambda n=name: source.chunks(n))
+                    else _fit(
+                        estimator,
+                        options,
+                        by_name[name],
+                        lambda n=name: source.chunks(n),
+                        source.arrays[name],
+                    )
                 )
         return LazyScores(
             {n: source.arrays[n] for n in members},
@@ -720,6 +754,8 @@ def layer_report(
     accuracy_z: float = 3.0,
     top_rows: int = 20,
     quantiles: Sequence[float] = DEFAULT_QUANTILES,
+    fidelity: Mapping[str, float | None] | None = None,
+    fidelity_threshold: float | None = None,
 ) -> LayerReport:
     """Noise detection of every layer, group, aggregation and estimator, with baselines and a recommendation.
 
@@ -730,7 +766,10 @@ def layer_report(
     metrics.Cancellation. extra_groups: name -> member layers. fitted_estimators: estimator name -> layer ->
     an Estimator used as given instead of one fitted on `features` (e.g. DataInf restored from the statistics an
     index was built with, so the report scores as its queries do). A FeatureStore's deleted rows are left out.
-    The margins are explained in the module docstring.
+    fidelity: layer -> projection fidelity (influence.fidelity: Spearman of the unit's projected vs exact scores;
+    None or absent: unknown): every entry then carries the lowest and mean fidelity of its units, and each unit
+    below `fidelity_threshold` (default influence.fidelity.FIDELITY_WARNING) gets a warning naming the entries
+    whose AUC-NDR it makes uncertain. The margins are explained in the module docstring.
     """
     layers = list(layers)
     if not layers:
@@ -746,6 +785,11 @@ def layer_report(
         raise InvalidInputError(f"alpha must be in (0, 1), got {alpha!r}")
     for a in aggregations:
         _split_aggregation(a)
+    unit_fidelity = _fidelity_input(fidelity, names)
+    if fidelity_threshold is None:
+        from influence.fidelity import FIDELITY_WARNING
+
+        fidelity_threshold = FIDELITY_WARNING
     source = _train_source(features, names)
     queries = _as_mapping(reference_features, "reference_features")
     m = _reference_size(queries, names)
@@ -855,6 +899,7 @@ def layer_report(
             for agg in run_aggregations:
                 values = scored.scores[(layer_set.kind, layer_set.name, agg)]
                 auc = auc_ndr(values, usable_mask)
+                low, mean = _set_fidelity(layer_set, unit_fidelity)
                 entries.append(
                     ReportEntry(
                         estimator=estimator,
@@ -868,6 +913,8 @@ def layer_report(
                         auc_ndr_z=(auc - baseline.auc_ndr) / baseline.auc_ndr_std
                         if baseline.auc_ndr_std > 0
                         else math.nan,
+                        fidelity_min=low,
+                        fidelity_mean=mean,
                     )
                 )
 
@@ -923,7 +970,16 @@ def layer_report(
                 auc_ndr_z=best.auc_ndr_z,
                 best_single_layer=_brief(singles[0]) if singles else None,
                 runners_up=[_brief(entries[i]) for i in order[1:6]],
+                fidelity_min=best.fidelity_min,
+                fidelity_mean=best.fidelity_mean,
             )
+
+    fidelity_summary = None
+    if unit_fidelity is not None:
+        fidelity_summary = _fidelity_summary(
+            unit_fidelity, float(fidelity_threshold), sets, entries, recommendation
+        )
+        warnings.extend(fidelity_summary.warnings)
 
     summary = None
     if cancellation is not None:
@@ -959,6 +1015,7 @@ def layer_report(
         unavailable=unavailable,
         unavailable_reasons=reasons,
         warnings=warnings,
+        fidelity=fidelity_summary,
     )
 
 
@@ -970,4 +1027,88 @@ def _brief(entry: ReportEntry) -> dict[str, Any]:
         "layers": entry.layers.name,
         "auc_ndr": entry.auc_ndr,
         "ndr": dict(entry.ndr),
+        "fidelity_min": entry.fidelity_min,
     }
+
+
+# ---------------------------------------------------------------------------------------- the fidelity
+
+
+def _fidelity_input(
+    fidelity: Mapping[str, Any] | None, names: Sequence[str]
+) -> dict[str, float | None] | None:
+    """The reported layers' fidelity (None: unknown, as are layers the mapping lacks); None when not given."""
+    if fidelity is None:
+        return None
+    if not isinstance(fidelity, Mapping):
+        raise InvalidInputError("fidelity must be a mapping of layer name -> Spearman (or None)")
+    out: dict[str, float | None] = {}
+    for name in names:
+        value = fidelity.get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int | float | np.number)):
+            raise InvalidInputError(f"fidelity of layer {name!r} must be a number or None, got {value!r}")
+        out[name] = float(value) if value is not None and math.isfinite(float(value)) else None
+    return out
+
+
+def _set_fidelity(
+    layer_set: LayerSet, fidelity: Mapping[str, float | None] | None
+) -> tuple[float | None, float | None]:
+    """(lowest, mean) fidelity of a layer set's units that have one; (None, None) when none has."""
+    if fidelity is None:
+        return None, None
+    known = [value for name in layer_set.members if (value := fidelity.get(name)) is not None]
+    if not known:
+        return None, None
+    return min(known), float(np.mean(known))
+
+
+def _fidelity_summary(
+    fidelity: dict[str, float | None],
+    threshold: float,
+    sets: list[LayerSet],
+    entries: list[ReportEntry],
+    recommendation: Recommendation | None,
+) -> FidelitySummary:
+    """The units below the threshold, and one warning per such unit (the 5 lowest; then one for the rest)
+    naming the layer sets whose AUC-NDR it makes uncertain, and one when the recommendation uses one."""
+    low = sorted(
+        ((value, name) for name, value in fidelity.items() if value is not None and value < threshold),
+        key=lambda item: item[0],
+    )
+    warnings = []
+    compared = {(e.layers.kind, e.layers.name) for e in entries}
+    for value, name in low[:5]:
+        using = [s.name for s in sets if name in s.members and (not entries or (s.kind, s.name) in compared)]
+        shown = ", ".join(using[:4]) + (f" and {len(using) - 4} more" if len(using) > 4 else "")
+        what = (
+            f"the AUC-NDR of every layer set that uses it ({shown}) is uncertain"
+            if entries
+            else f"the scores of every layer set that uses it ({shown}) are approximate"
+        )
+        warnings.append(
+            f"Layer unit {name}'s projected scores agree with its exact ones at Spearman {value:.2f} (below "
+            f"{threshold:g}): {what}. Rebuild the index with an exact projection for it (projection.units "
+            f"{{{name}: {{kind: identity}}}}, or tokens for an embedding) or a larger projection dim."
+        )
+    if len(low) > 5:
+        rest = ", ".join(f"{name} ({value:.2f})" for value, name in low[5:15])
+        warnings.append(
+            f"{len(low) - 5} more layer units are below fidelity {threshold:g}: {rest}"
+            + (", ..." if len(low) > 15 else "")
+            + "; the layer sets that use them are uncertain too."
+        )
+    rec = recommendation
+    if rec is not None and rec.fidelity_min is not None and rec.fidelity_min < threshold:
+        worst = min((v, n) for v, n in low if n in set(rec.layers.members))
+        warnings.append(
+            f"The recommended entry ({rec.estimator}, {rec.aggregation}, {rec.layers.name}) uses layer unit "
+            f"{worst[1]}, whose projected scores agree with its exact ones at Spearman {worst[0]:.2f}: its AUC-NDR "
+            "is uncertain; confirm it on an index with an exact projection for that unit."
+        )
+    return FidelitySummary(
+        threshold=threshold,
+        units=dict(fidelity),
+        below_threshold=[name for _, name in low],
+        warnings=warnings,
+    )

@@ -72,7 +72,9 @@ def _score_rows_cpu(
         half = _float16_rows(source) if kernel is not None else None
         if half is not None:
             if block_norms is None and estimator.needs_norms:
-                block_norms = torch.linalg.vector_norm(half.float(), dim=1)  # as score_transformed computes them
+                block_norms = torch.linalg.vector_norm(
+                    half.float(), dim=1
+                )  # as score_transformed computes them
             out[b0:b1] = estimator.scale_rows(kernel(half, transformed), block_norms)
             continue
         if isinstance(source, torch.Tensor):
@@ -195,18 +197,11 @@ def score_layer(
 
 
 def score_token_rows(train: Any, queries: Any, estimator: Estimator, norms: Any = None) -> torch.Tensor:
-    """Exact scores (n, m) float32 of a token-row unit (influence.tokens): the queries scaled by the
-    estimator's per-query factor, joined with the train rows on token id, then the per-row factor."""
+    """Exact scores (n, m) float32 of a token-row unit (influence.tokens): Estimator.score_token_rows."""
     if not (isinstance(train, TokenRows) and isinstance(queries, TokenRows)):
         raise InvalidInputError("a token-row unit's train rows and queries must both be TokenRows")
-    if estimator.token_rows_refusal is not None:
-        raise InvalidInputError(f"estimator {estimator.name!r} cannot score this unit: {estimator.token_rows_refusal}")
-    scale = estimator.query_scale(queries.norms())
-    scores = train.dot(queries if scale is None else queries.scaled(scale))
-    norm_tensor = None
-    if estimator.needs_norms:
-        norm_tensor = _norms_as_tensor(norms, len(train)) if norms is not None else train.norms()
-    return estimator.scale_rows(scores, norm_tensor)
+    norm_tensor = _norms_as_tensor(norms, len(train)) if norms is not None else None
+    return estimator.score_token_rows(train, queries, norm_tensor).float()
 
 
 class LazyScores:

@@ -719,7 +719,10 @@ class FeatureStore:
             raise InvalidInputError(f"features[{name!r}]: token ids beyond int32")
         norms = value.norms().numpy().astype(np.float32)
         stored = TokenRows(
-            np.asarray(value.offsets, dtype=np.int64), tokens.astype(np.int32), self._stored(name, values32), check=False
+            np.asarray(value.offsets, dtype=np.int64),
+            tokens.astype(np.int32),
+            self._stored(name, values32),
+            check=False,
         )
         return stored, norms
 
@@ -870,7 +873,9 @@ class FeatureStore:
         stem = layer_file_stem(layer)
         files = {"features": f"{stem}.npy", "norms": f"{stem}.norms.npy"}
         if self._specs[layer].layout == "tokens":
-            files.update(tokens=f"{stem}.tokens.npy", offsets=f"{stem}.offsets.npy", order=f"{stem}.order.npy")
+            files.update(
+                tokens=f"{stem}.tokens.npy", offsets=f"{stem}.offsets.npy", order=f"{stem}.order.npy"
+            )
         return files
 
     def _place_segment(self, work: Path, record: dict[str, Any], number: int) -> dict[str, Any]:
@@ -1260,7 +1265,9 @@ class FeatureStore:
                 for name in self.layers:
                     spec = self._specs[name]
                     layer = self._segment_layer(segment, spec)
-                    feats[name] = layer.select(keep) if isinstance(layer, TokenRows) else np.asarray(layer[keep])
+                    feats[name] = (
+                        layer.select(keep) if isinstance(layer, TokenRows) else np.asarray(layer[keep])
+                    )
                     norms[name] = np.asarray(
                         self._segment_array(
                             segment,
@@ -1413,7 +1420,7 @@ class _TokenRowsWriter:
 
     def __init__(self, folder: Path, files: dict[str, str], rows: int, dim: int, dtype: np.dtype):
         self.folder, self.files, self.rows, self.dim, self.dtype = folder, files, rows, dim, dtype
-        self.raw_values = open(folder / (files["features"] + ".raw"), "wb")
+        self.raw_values = open(folder / (files["features"] + ".raw"), "wb")  # noqa: SIM115 (closed in finish)
         self.tokens: list[np.ndarray] = []
         self.counts: list[np.ndarray] = []
 

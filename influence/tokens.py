@@ -30,6 +30,8 @@ from influence.errors import InvalidInputError
 
 # Train entries turned to float32 at a time in a join: bounds the extra memory over a float16 memmap.
 _JOIN_BLOCK = 1 << 16
+# Numbers of an (entries, queries, width) outer product formed at a time (DataInf's token table): 128 MiB.
+_OUTER_BLOCK = 1 << 24
 
 
 class TokenRows:
@@ -82,7 +84,11 @@ class TokenRows:
 
     @classmethod
     def from_positions(
-        cls, ids: torch.Tensor, grads: torch.Tensor, row_of: torch.Tensor | None = None, num_rows: int | None = None
+        cls,
+        ids: torch.Tensor,
+        grads: torch.Tensor,
+        row_of: torch.Tensor | None = None,
+        num_rows: int | None = None,
     ) -> TokenRows:
         """Sum per-position gradients into token rows: ids (B, T) or (P,), grads (B, T, w) or (P, w); the row of
         each position is its batch index (or `row_of`, (P,)). Positions with a zero gradient (padding) add
@@ -108,7 +114,9 @@ class TokenRows:
     @classmethod
     def empty(cls, num_rows: int, width: int, dtype: torch.dtype = torch.float32) -> TokenRows:
         return cls(
-            np.zeros(num_rows + 1, dtype=np.int64), torch.zeros(0, dtype=torch.int64), torch.zeros(0, width, dtype=dtype)
+            np.zeros(num_rows + 1, dtype=np.int64),
+            torch.zeros(0, dtype=torch.int64),
+            torch.zeros(0, width, dtype=dtype),
         )
 
     @classmethod
@@ -188,7 +196,9 @@ class TokenRows:
     def entry_rows(self) -> np.ndarray:
         """The row of every entry, (e,) int64."""
         if self._rows is None:
-            self._rows = np.repeat(np.arange(self.num_rows, dtype=np.int64), np.diff(np.asarray(self.offsets)))
+            self._rows = np.repeat(
+                np.arange(self.num_rows, dtype=np.int64), np.diff(np.asarray(self.offsets))
+            )
         return self._rows
 
     @property
@@ -246,6 +256,46 @@ class TokenRows:
                 block = _torch(_take(self.values, entries)).to(dtype) @ query_block.T  # (e_v, m_v)
                 rows = torch.from_numpy(rows_of[entries])
                 out[rows[:, None], columns[None, :]] += block
+        return out
+
+    def token_sums(self, weights: torch.Tensor) -> tuple[np.ndarray, torch.Tensor]:
+        """sum_i weights[i, j] G(row i), as a token-keyed table: (tokens (V,) ascending, table (V, m, w)) over
+        the V distinct tokens the rows hold; float64."""
+        tokens, entry_token = np.unique(_numpy(self.tokens), return_inverse=True)
+        m = weights.shape[1]
+        table = torch.zeros(len(tokens), m, self.width, dtype=torch.float64)
+        rows_of = self.entry_rows()
+        step = max(1, _OUTER_BLOCK // max(1, m * self.width))
+        for start in range(0, len(entry_token), step):
+            stop = start + step
+            values = _torch(self.values[start:stop]).double()  # (b, w)
+            weight = weights[torch.from_numpy(rows_of[start:stop])].double()  # (b, m)
+            table.index_add_(
+                0, torch.from_numpy(entry_token[start:stop]), weight[:, :, None] * values[:, None, :]
+            )
+        return tokens, table
+
+    def dot_table(self, tokens: np.ndarray, table: torch.Tensor) -> torch.Tensor:
+        """<G(row i), T_j> (n, m) float64 for a token-keyed table T (token_sums' form): per entry, its vector
+        times the table's (m, w) block of its token (absent tokens: 0)."""
+        out = torch.zeros(self.num_rows, table.shape[1], dtype=torch.float64)
+        own = _numpy(self.tokens)
+        where = np.searchsorted(tokens, own)
+        present = (
+            (where < len(tokens)) & (tokens[np.minimum(where, len(tokens) - 1)] == own)
+            if len(tokens)
+            else np.zeros(len(own), bool)
+        )
+        rows_of = self.entry_rows()
+        step = max(1, _OUTER_BLOCK // max(1, table.shape[1] * self.width))
+        for start in range(0, len(own), step):
+            stop = min(len(own), start + step)
+            keep = np.flatnonzero(present[start:stop]) + start
+            if not len(keep):
+                continue
+            values = _torch(_take(self.values, keep)).double()  # (b, w)
+            blocks = table[torch.from_numpy(where[keep])]  # (b, m, w)
+            out.index_add_(0, torch.from_numpy(rows_of[keep]), torch.einsum("bw,bmw->bm", values, blocks))
         return out
 
 
