@@ -48,6 +48,17 @@ class Settings(BaseSettings):
         10_000, description="Most reference rows of an audit, layer report or batch check (HTTP 422 above)"
     )
     max_top_k: int = Field(1000, description="Largest top_k of a query")
+    max_statistics_bytes: int = Field(
+        2 * 1024**3,
+        description="The most bytes of estimator statistics an index may fit at build time: DataInf keeps a k x k "
+        "float64 matrix per dense unit of k features (HTTP 422 above, naming the units)",
+    )
+    max_feature_bytes_per_row: int = Field(
+        4 * 1024 * 1024,
+        ge=1,
+        description="The most bytes of features one row may take in an index, all units together, at the "
+        "index's dtype (HTTP 422 above): bounds what exact (identity) units may cost",
+    )
     max_model_blocks: int = Field(
         512, description="Most transformer blocks (num_hidden_layers and the like) a registered model may have"
     )
@@ -73,6 +84,17 @@ class Settings(BaseSettings):
     chunk_size: int = Field(512, description="Rows per index-build chunk (the unit of parallelism and resume)")
     batch_size: int = Field(32, description="Featurisation batch size")
     max_length: int = Field(128, description="Token limit per example when featurising")
+    fidelity_train_rows: int = Field(
+        64,
+        ge=0,
+        description="Training rows of the sample on which a build measures each layer unit's projection "
+        "fidelity (projected vs exact gradient scores, seed 0); 0 disables the measurement",
+    )
+    fidelity_query_rows: int = Field(
+        16,
+        ge=0,
+        description="Other rows of the dataset scored as queries in that sample; 0 disables the measurement",
+    )
     device: str = Field("auto", description="auto | cpu | cuda: where workers featurise")
     compiled_scoring: bool = Field(
         True,

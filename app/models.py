@@ -109,6 +109,14 @@ class Index(Base):
     projection_kind: Mapped[str] = mapped_column(String(32))
     projection_dim: Mapped[int] = mapped_column(Integer)
     projection_seed: Mapped[int] = mapped_column(Integer)
+    # Per-unit overrides the request named ({unit: {kind, dim}}); None: none. The units every layer actually got
+    # are in the manifest (manifest["projection"]["units"]) once the build has planned the store.
+    projection_units: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    # `auto` projections: units with at most this many parameters are stored exactly. None for other kinds (and
+    # for rows from before per-unit projections, which are never auto).
+    exact_max_params: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    # How faithful the stored features are to exact gradients (filled by the build); None until measured.
+    fidelity: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     dtype: Mapped[str] = mapped_column(String(16))
     faiss_kind: Mapped[str] = mapped_column(String(16))
     status: Mapped[str] = mapped_column(String(16), default="pending")

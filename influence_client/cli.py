@@ -199,6 +199,21 @@ def _json_object(value: str) -> dict[str, Any]:
     return parsed
 
 
+def _unit_projection(value: str) -> tuple[str, dict[str, Any]]:
+    """NAME=KIND[:DIM] -> (name, {kind[, dim]}): one unit's projection override."""
+    name, eq, rest = value.rpartition("=")
+    kind, colon, dim = rest.partition(":")
+    if not eq or not name or not kind:
+        raise argparse.ArgumentTypeError(f"expected NAME=KIND[:DIM], got {value!r}")
+    unit: dict[str, Any] = {"kind": kind}
+    if colon:
+        try:
+            unit["dim"] = int(dim)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer DIM in {value!r}") from None
+    return name, unit
+
+
 def _int_list(value: str) -> list[int]:
     try:
         return [int(part) for part in value.replace(" ", "").split(",") if part]
@@ -361,8 +376,20 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--model", required=True, dest="model_id")
     sub.add_argument("--dataset", required=True, dest="dataset_id")
     sub.add_argument("--layers", type=_layers, help="layer selector (default: every layer)")
-    sub.add_argument("--projection", choices=("factorized", "gaussian", "rademacher", "identity"))
-    sub.add_argument("--dim", type=int, help="projection dimension per layer (256)")
+    sub.add_argument(
+        "--projection",
+        choices=("auto", "factorized", "gaussian", "rademacher", "identity"),  # per unit also: tokens
+        help="auto (default): small units (LoRA, head) exact, the others factorized",
+    )
+    sub.add_argument("--dim", type=int, help="projection dimension per projected unit (256)")
+    sub.add_argument(
+        "--projection-unit",
+        type=_unit_projection,
+        action="append",
+        metavar="NAME=KIND[:DIM]",
+        help="override one unit's projection (repeatable), e.g. head=gaussian:64, block.0.attn.q=identity or "
+        "embed=tokens:192 (the embedding's per-token sketch)",
+    )
     sub.add_argument("--seed", type=int)
     sub.add_argument("--dtype", choices=("float16", "float32"))
     sub.add_argument("--faiss-kind", choices=("flat", "ivf", "hnsw"))
@@ -861,7 +888,7 @@ def _show_index(ctx: Context, index: dict[str, Any]) -> None:
             ("model_id", index["model_id"]),
             ("dataset_id", index["dataset_id"]),
             ("layers", f"{len(index['layers'])}: " + _short(", ".join(index["layers"]), 80)),
-            ("projection", f"{projection['kind']} dim {projection['dim']} seed {projection['seed']}"),
+            ("projection", _projection_text(projection)),
             ("dtype", index["dtype"]),
             ("faiss_kind", index["faiss_kind"]),
             ("rows", index["num_rows"]),
@@ -874,15 +901,73 @@ def _show_index(ctx: Context, index: dict[str, Any]) -> None:
             ("created_at", index["created_at"]),
         ]
     )
+    _show_fidelity(ctx, index)
+
+
+# Units the fidelity table of `indexes show` lists, lowest first.
+FIDELITY_ROWS = 10
+
+
+def _show_fidelity(ctx: Context, index: dict[str, Any]) -> None:
+    """The projection's fidelity per unit, lowest first (at most FIDELITY_ROWS lines and a count)."""
+    fidelity = index.get("fidelity")
+    if not fidelity:
+        if index.get("status") == "ready":
+            ctx.console.line("fidelity: not measured (the index was built before fidelity was measured)")
+        return
+    if fidelity.get("skipped"):
+        ctx.console.line(f"fidelity: not measured ({_short(fidelity['skipped'], 200)})")
+        return
+    units = fidelity.get("units") or {}
+    threshold = fidelity.get("threshold") or 0.9
+    below = fidelity.get("below_threshold") or []
+    sample = fidelity.get("sample") or {}
+    ctx.console.line(
+        f"fidelity: {len(below)} of {len(units)} units below {threshold:g} (Spearman of projected vs exact "
+        f"scores; {sample.get('train_rows')} x {sample.get('query_rows')} rows, seed {sample.get('seed')})"
+    )
+    ordered = sorted(
+        units.items(), key=lambda item: (item[1].get("spearman") is not None, item[1].get("spearman") or 0.0)
+    )
+    rows = [
+        [
+            name,
+            f"{(unit.get('projection') or {}).get('kind')} {(unit.get('projection') or {}).get('dim')}",
+            unit.get("spearman"),
+            unit.get("top10_overlap"),
+            unit.get("rel_error"),
+            "LOW" if unit.get("spearman") is None or unit["spearman"] < threshold else "",
+        ]
+        for name, unit in ordered[:FIDELITY_ROWS]
+    ]
+    ctx.console.table(["UNIT", "PROJECTION", "SPEARMAN", "TOP10", "REL_ERROR", ""], rows)
+    if len(ordered) > FIDELITY_ROWS:
+        ctx.console.line(f"... and {len(ordered) - FIDELITY_ROWS} more units (--json shows them all)")
+    if sample.get("note"):
+        ctx.console.line(f"note: {sample['note']}")
+
+
+def _projection_text(projection: dict[str, Any]) -> str:
+    text = f"{projection['kind']} dim {projection['dim']} seed {projection['seed']}"
+    if projection.get("exact_max_params") is not None:
+        text += f", exact up to {projection['exact_max_params']} params"
+    kinds: dict[str, int] = {}
+    for unit in (projection.get("units") or {}).values():
+        kinds[unit["kind"]] = kinds.get(unit["kind"], 0) + 1
+    if kinds:
+        text += " (units: " + ", ".join(f"{count} {kind}" for kind, count in sorted(kinds.items())) + ")"
+    return text
 
 
 def indexes_create(ctx: Context) -> int:
     args = ctx.args
-    projection = {
+    projection: dict[str, Any] = {
         key: value
         for key, value in (("kind", args.projection), ("dim", args.dim), ("seed", args.seed))
         if value is not None
     }
+    if args.projection_unit:
+        projection["units"] = dict(args.projection_unit)
     index = ctx.client.create_index(
         args.model_id,
         args.dataset_id,

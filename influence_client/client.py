@@ -205,10 +205,18 @@ class Job(TypedDict):
     duration_s: float | None
 
 
+class UnitProjection(TypedDict):
+    kind: str  # identity (exact) | factorized | gaussian | rademacher
+    dim: int  # the unit's target dimension
+    features: int  # numbers stored per row for the unit
+
+
 class Projection(TypedDict):
-    kind: str
+    kind: str  # auto | factorized | gaussian | rademacher | identity
     dim: int
     seed: int
+    exact_max_params: int | None  # auto only: the largest unit (in parameters) stored exactly
+    units: dict[str, UnitProjection]  # per layer unit, the projection actually used
 
 
 class Index(TypedDict):
@@ -689,7 +697,9 @@ class InfluenceClient:
         max_length: int | None = None,
     ) -> Index:
         """Start building an index (202): follow `index["job"]` with wait_for_job. `projection` is
-        {kind, dim, seed} (factorized, 256, 0 by default)."""
+        {kind, dim, seed, exact_max_params, units} (auto, 256, 0, 4096 by default: units with at most
+        exact_max_params parameters stored exactly, the others factorized at dim); `units` overrides single
+        units, e.g. {"head": {"kind": "gaussian", "dim": 64}}."""
         body = _given(
             model_id=model_id,
             dataset_id=dataset_id,

@@ -117,6 +117,14 @@ class AuditSummary(BaseModel):
         description="Noise detection of this ranking, when the dataset flags noise"
     )
     score_tensor_bytes: int = Field(description="Size of the raw score tensor (n x U x m float32)")
+    fidelity: dict[str, float | None] | None = Field(
+        None,
+        description="Per layer scored: the Spearman correlation of its projected scores with exact gradient "
+        "scores, measured when the index was built (null for an index without that measurement)",
+    )
+    fidelity_warning: str | None = Field(
+        None, description="Set when a layer scored ranks rows unlike its exact gradients (Spearman below 0.9)"
+    )
     seconds: float
 
 

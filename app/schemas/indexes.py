@@ -19,8 +19,13 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from app.schemas.common import UTCDateTime
 from app.schemas.jobs import JobOut
+from influence.projection import AUTO_EXACT_MAX_PARAMS, DEFAULT_DIM
 
-ProjectionKind = Literal["factorized", "gaussian", "rademacher", "identity"]
+ProjectionKind = Literal["auto", "factorized", "gaussian", "rademacher", "identity"]
+UnitProjectionKind = Literal["factorized", "gaussian", "rademacher", "identity", "tokens"]
+# Most per-unit overrides in one request (a registered model lists at most max_model_layer_units units).
+MAX_PROJECTION_UNITS = 4096
+UnitName = Annotated[str, Field(min_length=1, max_length=512)]
 Dtype = Literal["float16", "float32"]
 FaissKind = Literal["flat", "ivf", "hnsw"]
 IndexStatus = Literal["pending", "building", "ready", "failed", "cancelled"]
@@ -39,14 +44,62 @@ CONVENTIONS = (
 )
 
 
-class ProjectionIn(BaseModel):
-    """How per-sample gradients are projected before they are stored (influence.ProjectionSpec)."""
+class UnitProjectionIn(BaseModel):
+    """How one layer unit is projected, overriding the projection's kind for that unit."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    kind: ProjectionKind = Field("factorized", description="factorized (LoGra) | gaussian | rademacher | identity")
-    dim: int = Field(256, ge=1, le=65536, description="Target dimension per layer (factorized: about this)")
+    kind: UnitProjectionKind = Field(
+        description="factorized (LoGra) | gaussian | rademacher (dense random) | identity (exact: the unit's "
+        "whole gradient, one number per parameter) | tokens (embeddings: per row its distinct tokens, each with "
+        "its gradient row; exact at the embedding's width, or each row sketched to `dim` numbers below it)"
+    )
+    dim: int | None = Field(
+        None,
+        ge=1,
+        le=65536,
+        description="Target dimension of this unit (factorized: about this); default the projection's dim. "
+        "identity ignores it (its dimension is the unit's parameter count)",
+    )
+
+
+class ProjectionIn(BaseModel):
+    """How per-sample gradients are projected before they are stored (influence.ProjectionSpec), per layer unit."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    kind: ProjectionKind = Field(
+        "auto",
+        description="auto (default): the word embedding is stored exactly as token rows (`tokens`: its gradient "
+        "is row-sparse), units with at most exact_max_params parameters (LoRA matrices, a classification head) "
+        "exactly (identity), every other unit factorized at `dim` (LoGra). Or one kind for every unit: "
+        "factorized | gaussian | rademacher | identity",
+    )
+    dim: int = Field(
+        DEFAULT_DIM, ge=1, le=65536, description="Target dimension per projected unit (factorized: about this)"
+    )
     seed: int = Field(0, ge=0, le=2**31 - 1, description="Seed of the random projection")
+    exact_max_params: int = Field(
+        AUTO_EXACT_MAX_PARAMS,
+        ge=1,
+        le=2**24,
+        description="auto only: the largest unit (in parameters) stored exactly; larger units are factorized",
+    )
+    units: dict[UnitName, UnitProjectionIn] | None = Field(
+        None,
+        max_length=MAX_PROJECTION_UNITS,
+        description="Per-unit overrides {unit name: {kind, dim}}, naming units among the index's layers; "
+        "units not named follow `kind`",
+    )
+
+    def spec_dict(self) -> dict[str, Any]:
+        """The mapping influence.ProjectionSpec.from_dict takes (overrides without their unset dims)."""
+        out: dict[str, Any] = {"kind": self.kind, "dim": self.dim, "seed": self.seed}
+        if self.kind == "auto":
+            out["exact_max_params"] = self.exact_max_params
+        if self.units:
+            out["units"] = {name: unit.model_dump(exclude_none=True) for name, unit in self.units.items()}
+        return out
 
 
 class IndexCreate(BaseModel):
@@ -61,7 +114,12 @@ class IndexCreate(BaseModel):
                     "model_id": "3f0c...",
                     "dataset_id": "9a1b...",
                     "layers": "all",
-                    "projection": {"kind": "factorized", "dim": 256, "seed": 0},
+                    "projection": {
+                        "kind": "auto",
+                        "dim": 256,
+                        "seed": 0,
+                        "units": {"head": {"kind": "gaussian", "dim": 64}},
+                    },
                     "dtype": "float16",
                     "faiss_kind": "flat",
                 }
@@ -99,10 +157,63 @@ class RowsDeleted(BaseModel):
     deleted_rows: int = Field(description="Deleted rows still on disk until a compaction (POST .../compact)")
 
 
+class UnitProjectionOut(BaseModel):
+    kind: str = Field(description="How the unit is projected: identity (exact) | factorized | gaussian | rademacher")
+    dim: int = Field(description="The unit's target dimension as its projection records it")
+    features: int = Field(description="Numbers stored per row for this unit")
+
+
 class ProjectionOut(BaseModel):
-    kind: str
+    kind: str = Field(description="auto | factorized | gaussian | rademacher | identity | tokens")
     dim: int
     seed: int
+    exact_max_params: int | None = Field(
+        None, description="auto only: the largest unit (in parameters) stored exactly"
+    )
+    units: dict[str, UnitProjectionOut] = Field(
+        default_factory=dict,
+        description="Per layer unit, the projection actually used: from the index's manifest once the build "
+        "has planned it, resolved from the request before",
+    )
+
+
+class FidelitySample(BaseModel):
+    train_rows: int = Field(description="Training rows of the dataset in the sample")
+    query_rows: int = Field(description="Other rows of the dataset scored against them as queries")
+    seed: int = Field(description="Seed of the draw")
+    dtype: str = Field(description="The index's storage dtype, which the projected features were cast to")
+    note: str | None = Field(
+        None, description="E.g. that a model with checkpoints was measured at its final state"
+    )
+
+
+class UnitFidelityOut(BaseModel):
+    projection: dict[str, Any] = Field(description="The unit's projection: {kind, dim}")
+    spearman: float | None = Field(
+        description="Mean over the queries of the Spearman correlation between the unit's projected and exact "
+        "grad-dot scores of the training rows (1 = the same ranking)"
+    )
+    spearman_min: float | None = Field(description="The lowest of those per-query correlations")
+    rel_error: float | None = Field(description="||projected - exact||_F / ||exact||_F over the sample")
+    top10_overlap: float | None = Field(
+        description="Mean share of a query's 10 highest exact scores among its 10 highest projected ones"
+    )
+
+
+class IndexFidelity(BaseModel):
+    """How faithful each unit's stored (projected) features are to its exact gradients, measured when the build
+    finalized (app/services/fidelity.py). Either the measurement, or `skipped` with the reason."""
+
+    skipped: str | None = Field(None, description="Why fidelity was not measured (then nothing else is set)")
+    sample: FidelitySample | None = None
+    threshold: float | None = Field(
+        None, description="Below this Spearman a unit's rankings (and what is decided from them) are unsure"
+    )
+    seconds: float | None = Field(None, description="Time the measurement took")
+    units: dict[str, UnitFidelityOut] | None = Field(None, description="Per layer unit of the index")
+    below_threshold: list[str] | None = Field(
+        None, description="Units whose spearman is below the threshold, lowest first"
+    )
 
 
 class IndexOut(BaseModel):
@@ -126,6 +237,11 @@ class IndexOut(BaseModel):
         "layers with their dims, projection, dtype, ...); a query must match it"
     )
     job: JobOut | None = Field(description="The build job: status and progress (done / total chunks)")
+    fidelity: IndexFidelity | None = Field(
+        None,
+        description="Per-unit fidelity of the projection, measured when the build finalized (null while "
+        "building, and for indexes built before it was measured)",
+    )
     created_at: UTCDateTime
 
 
@@ -231,6 +347,14 @@ class QueryResponse(BaseModel):
     num_rows: int = Field(description="Rows in the index that answer queries (deleted rows excluded)")
     approximate: bool
     approximation: Approximation | None
+    fidelity: dict[str, float | None] | None = Field(
+        None,
+        description="Per layer used: the Spearman correlation of its projected scores with exact gradient scores, "
+        "measured when the index was built (null for an index without that measurement)",
+    )
+    fidelity_warning: str | None = Field(
+        None, description="Set when a layer used ranks rows unlike its exact gradients (Spearman below 0.9)"
+    )
     conventions: str = CONVENTIONS
     results: list[ExampleResult]
     seconds: float

@@ -41,12 +41,96 @@ def registered_layers(model) -> list:
     return [layer_from_dict(record) for record in model.layers]
 
 
-def feature_dims(layers: Sequence, projection: dict[str, Any]) -> dict[str, int]:
-    """Feature size per layer under a projection (InvalidInputError for impossible combinations)."""
-    from influence import ProjectionSpec, make_projector
+def projection_of(index: Index) -> dict[str, Any]:
+    """The projection an index row asks for, as influence.ProjectionSpec.from_dict takes it: kind, dim, seed,
+    the `auto` threshold and the request's per-unit overrides. Rows from before per-unit projections (and any
+    non-auto projection without overrides) give the old {kind, dim, seed}. The one place an Index row becomes
+    a projection: builds, estimates and answers all go through it."""
+    out: dict[str, Any] = {
+        "kind": index.projection_kind,
+        "dim": int(index.projection_dim),
+        "seed": int(index.projection_seed),
+    }
+    if index.exact_max_params is not None:
+        out["exact_max_params"] = int(index.exact_max_params)
+    if index.projection_units:
+        out["units"] = {str(name): dict(unit) for name, unit in index.projection_units.items()}
+    return out
 
-    spec = ProjectionSpec(projection["kind"], int(projection["dim"]), int(projection["seed"]))
+
+def projection_spec(projection: dict[str, Any]):
+    """influence.ProjectionSpec of a projection mapping (InvalidInputError -> 422 naming `projection`)."""
+    from influence import ProjectionSpec
+    from influence.errors import InvalidInputError
+
+    try:
+        return ProjectionSpec.from_dict(projection)
+    except InvalidInputError as exc:
+        message = str(exc)
+        raise Invalid(message if message.startswith("projection") else f"projection: {message}") from exc
+
+
+def feature_dims(layers: Sequence, projection: dict[str, Any]) -> dict[str, int]:
+    """Feature size per layer under a projection, per-unit overrides included (InvalidInputError for impossible
+    combinations, e.g. an identity projection too large)."""
+    from influence import make_projector
+
+    spec = projection_spec(projection)
     return {layer.name: make_projector(spec, layer).dim for layer in layers}
+
+
+def unit_projections(index: Index, model) -> dict[str, dict[str, Any]]:
+    """Per layer unit of the index: {kind, dim, features} actually used. From the manifest once the build has
+    planned the store (its projection names every unit of an `auto` spec, its layers their dims); before
+    that, resolved from the row's projection and the model's registered layers."""
+    from influence.projection import UnitProjection
+
+    manifest = index.manifest or {}
+    if manifest.get("projection") and manifest.get("layers"):
+        projection = manifest["projection"]
+        features: dict[str, int] | None = {
+            str(layer["name"]): int(layer["dim"]) for layer in manifest["layers"]
+        }
+    else:
+        projection, features = projection_of(index), None
+    spec = projection_spec(projection)
+    names = list(features) if features is not None else list(index.layers)
+    layers: dict[str, Any] = {}
+    if features is None or (spec.kind == "auto" and not set(names) <= set(spec.units)):
+        layers = {layer.name: layer for layer in _chosen_layers(model, names)}
+    if features is None:
+        features = feature_dims(list(layers.values()), projection)
+    out = {}
+    for name in names:
+        if name in spec.units:
+            unit = spec.units[name]
+        elif spec.kind != "auto":
+            unit = UnitProjection(spec.kind, spec.dim)
+        elif name in layers:
+            unit = spec.for_layer(layers[name])
+        else:
+            continue
+        if name in features:
+            out[name] = {"kind": unit.kind, "dim": unit.dim, "features": features[name]}
+    return out
+
+
+def _chosen_layers(model, names: Sequence[str]) -> list:
+    wanted = set(names)
+    return [layer for layer in registered_layers(model) if layer.name in wanted] if model is not None else []
+
+
+def projection_out(index: Index, model) -> dict[str, Any]:
+    """The index's projection as IndexOut shows it: kind, dim, seed, the auto threshold and every unit's
+    projection (unit_projections)."""
+    spec = projection_spec(projection_of(index))
+    return {
+        "kind": spec.kind,
+        "dim": spec.dim,
+        "seed": spec.seed,
+        "exact_max_params": spec.exact_max_params if spec.kind == "auto" else None,
+        "units": unit_projections(index, model),
+    }
 
 
 def get_index(session: Session, index_id: str, tenant_id: str) -> Index:
@@ -79,18 +163,20 @@ def list_indexes(
     if status is not None:
         query = query.where(Index.status == status)
     total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
-    rows = session.scalars(query.order_by(Index.created_at.desc(), Index.id).offset(offset).limit(limit)).all()
+    rows = session.scalars(
+        query.order_by(Index.created_at.desc(), Index.id).offset(offset).limit(limit)
+    ).all()
     return rows, total
 
 
 def feature_bytes_estimate(index: Index, model) -> int:
-    """Bytes of the stored features: rows x (sum of the layers' dims) x the dtype's size."""
+    """Bytes of the stored features: rows x (sum of the layers' dims) x the dtype's size. A token-row layer (the
+    exact embedding) holds one vector per distinct token of a row, so it counts here as one token per row: the
+    index's size_bytes says what is on disk."""
     if index.manifest:
         dims = sum(int(layer["dim"]) for layer in index.manifest["layers"])
     else:
-        chosen = [layer for layer in registered_layers(model) if layer.name in set(index.layers)]
-        projection = {"kind": index.projection_kind, "dim": index.projection_dim, "seed": index.projection_seed}
-        dims = sum(feature_dims(chosen, projection).values())
+        dims = sum(feature_dims(_chosen_layers(model, index.layers), projection_of(index)).values())
     rows = index.num_rows or 0
     return rows * dims * (2 if index.dtype == "float16" else 4)
 
@@ -118,10 +204,15 @@ def create_index(
                 f"dataset {dataset.id!r} has labels {bad[:5]} outside the model's {classes} classes [0, {classes})"
             )
     layers = select_layers(registered_layers(model), body.layers)  # UnknownLayerError -> 422
-    projection = body.projection.model_dump()
-    dims = feature_dims(layers, projection)  # InvalidInputError -> 422 (e.g. an identity projection too large)
+    spec = projection_spec(body.projection.spec_dict())
+    check_projection_units(spec, layers)
+    projection = spec.to_dict()
+    dims = feature_dims(
+        layers, projection
+    )  # InvalidInputError -> 422 (e.g. an identity projection too large)
     chunk_size = body.chunk_size or settings.chunk_size
     max_length = body.max_length or settings.max_length
+    check_feature_budget(settings, spec, layers, dims, body.dtype, max_length)
     num_chunks = math.ceil(dataset.row_count / chunk_size)
 
     index_id = new_id()
@@ -132,9 +223,11 @@ def create_index(
         dataset_id=dataset.id,
         layer_selector=body.layers,
         layers=[layer.name for layer in layers],
-        projection_kind=projection["kind"],
-        projection_dim=projection["dim"],
-        projection_seed=projection["seed"],
+        projection_kind=spec.kind,
+        projection_dim=spec.dim,
+        projection_seed=spec.seed,
+        projection_units={name: unit.to_dict() for name, unit in spec.units.items()} or None,
+        exact_max_params=spec.exact_max_params if spec.kind == "auto" else None,
         dtype=body.dtype,
         faiss_kind=body.faiss_kind,
         status="pending",
@@ -165,6 +258,68 @@ def create_index(
     return index
 
 
+def check_projection_units(spec, layers: Sequence) -> None:
+    """Per-unit overrides must name units among the index's selected layers (422 naming projection.units)."""
+    from influence.errors import InvalidInputError
+
+    names = [layer.name for layer in layers]
+    try:
+        spec.check_units(names)
+    except InvalidInputError as exc:
+        shown = ", ".join(names[:5]) + (f", ... ({len(names)} in all)" if len(names) > 5 else "")
+        raise Invalid(f"{exc}; the index's layers are: {shown}") from exc
+
+
+def unit_row_bytes(kind: str, dim: int, dtype: str, max_length: int) -> int:
+    """Most bytes one row's features of a unit take: dim numbers; token rows (`tokens`), per distinct token
+    (at most max_length) its dim numbers, an int32 id and an int64 order entry."""
+    size = 2 if dtype == "float16" else 4
+    return max_length * (dim * size + 12) if kind == "tokens" else dim * size
+
+
+def check_feature_budget(
+    settings: Settings, spec, layers: Sequence, dims: dict[str, int], dtype: str, max_length: int
+) -> None:
+    """Refuse (422 naming `projection`) a projection whose features can take more than
+    max_feature_bytes_per_row bytes per row, all units together, at the index's dtype, or whose DataInf
+    statistics (fitted at build time) take more than max_statistics_bytes: exact units the budgets cannot hold."""
+    by_name = {layer.name: layer for layer in layers}
+    sizes = {
+        name: unit_row_bytes(spec.for_layer(by_name[name]).kind, dim, dtype, max_length)
+        for name, dim in dims.items()
+    }
+    per_row = sum(sizes.values())
+    limit = settings.max_feature_bytes_per_row
+    if per_row > limit:
+        _refuse_row_bytes(spec, by_name, sizes, per_row, limit, dtype)
+    # DataInf's statistics: a k x k float64 matrix per dense unit (token rows keep only their damping).
+    matrices = {
+        name: dim * dim * 8 for name, dim in dims.items() if spec.for_layer(by_name[name]).kind != "tokens"
+    }
+    if sum(matrices.values()) > settings.max_statistics_bytes:
+        largest = sorted(matrices.items(), key=lambda item: (-item[1], item[0]))[:3]
+        shown = ", ".join(f"{name} ({dims[name]} features, {size} bytes)" for name, size in largest)
+        raise Invalid(
+            f"projection: DataInf's statistics of this choice take {sum(matrices.values())} bytes (a k x k float64 "
+            f"matrix per unit of k features), above max_statistics_bytes = {settings.max_statistics_bytes}; "
+            f"largest units: {shown}. Project them (projection.units) or lower projection.exact_max_params"
+        )
+
+
+def _refuse_row_bytes(
+    spec, by_name: dict, sizes: dict[str, int], per_row: int, limit: int, dtype: str
+) -> None:
+    largest = sorted(sizes.items(), key=lambda item: (-item[1], item[0]))[:3]
+    shown = ", ".join(
+        f"{name} ({spec.for_layer(by_name[name]).kind}, {size} bytes)" for name, size in largest
+    )
+    raise Invalid(
+        f"projection: this choice takes up to {per_row} bytes of features per row (in {dtype}), above "
+        f"max_feature_bytes_per_row = {limit}; largest units: {shown}. Project them (projection.units), lower "
+        "projection.exact_max_params or projection.dim, or select fewer layers"
+    )
+
+
 class _FailIndexOnRefusal:
     """Enqueues through `queue`; if the broker refuses the job, the index is marked failed too (the job
     helper marks the job failed and the request answers 503)."""
@@ -192,7 +347,9 @@ def active_jobs(session: Session, index_id: str) -> Sequence[Job]:
     ).all()
 
 
-def delete_index(session: Session, settings: Settings, index_id: str, tenant_id: str, on_deleted=None) -> None:
+def delete_index(
+    session: Session, settings: Settings, index_id: str, tenant_id: str, on_deleted=None
+) -> None:
     """Delete an index: its active jobs end (cancelled), the row goes, and once that commits its artifacts
     (feature store, statistics, FAISS indexes) are removed. A worker step still running on it finds the index
     gone at its next check and cleans up after itself (pipelines._gone)."""
@@ -201,7 +358,9 @@ def delete_index(session: Session, settings: Settings, index_id: str, tenant_id:
         session.execute(
             update(Job)
             .where(Job.id == job.id, Job.status.in_(job_service.ACTIVE))
-            .values(status="cancelled", cancel_requested=True, finished_at=utcnow(), error="its index was deleted")
+            .values(
+                status="cancelled", cancel_requested=True, finished_at=utcnow(), error="its index was deleted"
+            )
             .execution_options(synchronize_session=False)
         )
     session.delete(index)
@@ -220,7 +379,11 @@ def require_ready(index: Index) -> None:
     if index.status != "ready":
         raise Conflict(
             f"index {index.id!r} is not ready (status {index.status}); "
-            + (f"follow its build job {index.job_id!r}" if index.status in ("pending", "building") else "rebuild it")
+            + (
+                f"follow its build job {index.job_id!r}"
+                if index.status in ("pending", "building")
+                else "rebuild it"
+            )
         )
 
 
@@ -243,7 +406,9 @@ def delete_rows(
         raise Invalid(f"row ids {wanted[~known][:5].tolist()} are not rows of index {index.id!r}")
     already = int(np.isin(wanted, store.deleted_row_ids()).sum())
     if len(np.union1d(store.deleted_row_ids(), wanted)) >= store.num_rows:
-        raise Invalid(f"deleting these rows would leave index {index.id!r} without rows; delete the index instead")
+        raise Invalid(
+            f"deleting these rows would leave index {index.id!r} without rows; delete the index instead"
+        )
     deleted = store.delete_rows(wanted)
     store.refresh()
     live, pending = store.num_live_rows, int(store.deleted_row_ids().size)

@@ -33,7 +33,15 @@ def test_create_records_a_pending_index_and_queues_its_job(any_api, tiny, sst2_r
     assert index["status"] == "pending" and index["num_rows"] == 70
     assert index["layers"] == [f"block.1.{part}" for part in ("attn.q", "attn.k", "attn.v", "attn.o", "mlp.up",
                                                               "mlp.down")]
-    assert index["projection"] == {"kind": "factorized", "dim": 32, "seed": 0}
+    projection = index["projection"]
+    assert {key: projection[key] for key in ("kind", "dim", "seed", "exact_max_params")} == {
+        "kind": "factorized", "dim": 32, "seed": 0, "exact_max_params": None,
+    }
+    # Every unit, as resolved before the build: factorized at 32 (about 32 numbers each).
+    assert list(projection["units"]) == index["layers"]
+    assert all(unit["kind"] == "factorized" and unit["dim"] == 32 and 1 <= unit["features"] <= 32
+               for unit in projection["units"].values())
+    assert index["feature_bytes_estimate"] == 70 * 2 * sum(u["features"] for u in projection["units"].values())
     assert index["job"]["status"] == "queued" and index["job"]["kind"] == INDEX_BUILD
     assert index["job"]["total"] == 3 and index["job"]["target_id"] == index["id"]
     assert index["feature_bytes_estimate"] > 0 and index["manifest"] is None
@@ -94,7 +102,9 @@ def test_an_inline_build_makes_a_ready_index(api, tiny, sst2_rows):
     store = FeatureStore.open(api.settings.resolved_artifacts_dir / f"indexes/{index['id']}/store")
     assert np.array_equal(store.row_ids(), np.arange(50))
     assert all(store.has_layer_statistics(name) for name in store.layers)
-    assert set(load_store_indexes(store)) == {"embed", "head"}
+    # The embedding is stored as exact token rows (the default projection): scored by a join, no FAISS index.
+    assert store.layer_spec("embed").layout == "tokens" and ready["projection"]["units"]["embed"]["kind"] == "tokens"
+    assert set(load_store_indexes(store)) == {"head"}
 
 
 def test_cancelling_stops_a_build_and_the_index_follows(api, tiny, sst2_rows):

@@ -62,7 +62,7 @@ def index(cli):
     """An index over the middle layers, built by `indexes create` (which waits for it)."""
     return cli.json(
         f"indexes create --model {cli.model['id']} --dataset {cli.dataset['id']} --layers middle "
-        "--chunk-size 20 --dim 64"
+        "--chunk-size 20 --dim 64 --projection-unit block.1.attn.q=factorized:16"
     )
 
 
@@ -129,13 +129,23 @@ def test_datasets_commands(cli, tmp_path, sst2_train):
 
 def test_indexes_create_waits_for_the_build(cli, index):
     assert index["status"] == "ready" and index["num_rows"] == 40 and index["job"]["status"] == "succeeded"
-    assert index["projection"] == {"kind": "factorized", "dim": 64, "seed": 0}
+    # The default projection (auto): the tiny model's units are all small enough to be kept exact, except the
+    # one the command overrode.
+    projection = index["projection"]
+    assert {key: projection[key] for key in ("kind", "dim", "seed", "exact_max_params")} == {
+        "kind": "auto", "dim": 64, "seed": 0, "exact_max_params": 4096,
+    }
+    assert list(projection["units"]) == index["layers"]
+    assert projection["units"]["block.1.attn.q"] == {"kind": "factorized", "dim": 16, "features": 16}
+    assert all(unit["kind"] == "identity" and unit["dim"] == unit["features"]
+               for name, unit in projection["units"].items() if name != "block.1.attn.q")
     assert cli.json(f"indexes show {index['id']}") == index
     assert cli.json(f"indexes list --model {cli.model['id']} --status ready")["items"] == [index]
     code, out, _ = cli("indexes list")
     assert code == 0 and out.splitlines()[0].split()[:3] == ["ID", "STATUS", "MODEL"] and " ready " in out
     code, out, _ = cli(f"indexes show {index['id']}")
-    assert code == 0 and "factorized dim 64 seed 0" in out and "succeeded 2/2" in out
+    assert code == 0 and "auto dim 64 seed 0, exact up to 4096 params (units: 1 factorized, 5 identity)" in out
+    assert "succeeded 2/2" in out
     job = cli.json(f"jobs show {index['job']['id']}")
     assert job["status"] == "succeeded" and job["target_id"] == index["id"]
     assert cli.json(f"jobs wait {job['id']}") == job

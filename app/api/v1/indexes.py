@@ -54,7 +54,7 @@ def index_out(session: Session, index: Index) -> IndexOut:
         status=index.status,  # type: ignore[arg-type]
         layer_selector=index.layer_selector,
         layers=list(index.layers),
-        projection=ProjectionOut(kind=index.projection_kind, dim=index.projection_dim, seed=index.projection_seed),
+        projection=ProjectionOut(**service.projection_out(index, model)),
         dtype=index.dtype,
         faiss_kind=index.faiss_kind,
         num_rows=index.num_rows,
@@ -63,6 +63,7 @@ def index_out(session: Session, index: Index) -> IndexOut:
         feature_bytes_estimate=service.feature_bytes_estimate(index, model),
         manifest=index.manifest,
         job=job_out(job) if job is not None else None,
+        fidelity=index.fidelity,
         created_at=index.created_at,
     )
 
