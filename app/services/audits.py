@@ -16,8 +16,9 @@ In the worker (`run_audit`, registered with runners.job_runner):
      computation on exactly the stored tensor), and order rows by ascending aggregated score, ties by row id;
   4. write `ranking.npy` (a structured array in rank order: row, score, per-layer mean score, aggregate and
      rank) and `scores.safetensors`, each whole-or-not-at-all with its sha256 (JobRun.write_file), and return
-     the summary: sizes, reference accuracy, the top rows and, when the dataset flags noise, NDR@30 and
-     AUC-NDR of this ranking against the random baseline.
+     the summary: sizes, reference accuracy, the top rows, the projection's fidelity on the layers scored
+     (measured at build time; a warning when a layer ranks rows unlike its exact gradients) and, when the
+     dataset flags noise, NDR@30 and AUC-NDR of this ranking against the random baseline.
 A rerun (a worker killed mid-audit, recovered) recomputes everything from the same inputs: the same result.
 
 Served: GET /v1/audits/{id}/rows (pages, CSV, JSONL: rows joined with the dataset's texts) and
@@ -372,6 +373,8 @@ def _noise_detection(
 @job_runner(AUDIT)
 def run_audit(run: JobRun) -> dict[str, Any]:
     """The audit job (see the module docstring); returns its result: {"summary": ...}."""
+    from app.services.queries import answer_fidelity
+
     started = time.perf_counter()
     settings, params = run.settings, run.params
     _remove_stale_temporaries(run.directory)
@@ -477,6 +480,7 @@ def run_audit(run: JobRun) -> dict[str, Any]:
         "top": top,
         "noise": _noise_detection(settings, dataset, ranking["row"], ranking["score"]),
         "score_tensor_bytes": n * num_layers * m * 4,
+        **answer_fidelity(index, layers),
         "seconds": round(time.perf_counter() - started, 3),
     }
     return {"summary": summary}

@@ -298,7 +298,9 @@ def read_batch(
     return _Batch(target, validator.count, written.used, digest.hexdigest(), size, file_digest)
 
 
-def _class_index(label: Any, where: str, names: list[str] | None, by_name: dict[str, int], classes: int) -> int:
+def _class_index(
+    label: Any, where: str, names: list[str] | None, by_name: dict[str, int], classes: int
+) -> int:
     """A batch row's label as the index dataset's class index: a name mapped by name, an integer kept."""
     if names is not None:
         if not isinstance(label, str):
@@ -445,13 +447,30 @@ class _UnionRows:
         return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
 
 
+def union_rows(stored: Any, positions: np.ndarray, extra: Any) -> Any:
+    """The store's rows at `positions` followed by `extra`: token rows (the exact embedding) gathered at
+    once (a few numbers per row), dense layers through _UnionRows."""
+    from influence.tokens import TokenRows
+
+    if isinstance(stored, TokenRows):
+        return TokenRows.concat([stored.select(positions), extra])
+    return _UnionRows(stored, positions, extra)
+
+
 def as_stored(
     features: Mapping[str, np.ndarray], dtype: str
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Features as a store holds them: cast to its dtype, norms (float32) from the float32 values before the
     cast (FeatureStore.append does the same), so the batch rows score now as they will once appended."""
+    from influence.tokens import TokenRows
+
     stored, norms = {}, {}
     for name, values in features.items():
+        if isinstance(values, TokenRows):  # the exact embedding: its entries' vectors are what is stored
+            norms[name] = values.norms().numpy()
+            vectors = np.asarray(values.values, dtype=np.float32).astype(np.dtype(dtype), copy=False)
+            stored[name] = TokenRows(values.offsets, values.tokens, vectors, check=False)
+            continue
         values32 = np.ascontiguousarray(values, dtype=np.float32)
         norms[name] = np.sqrt(np.einsum("ij,ij->i", values32, values32, dtype=np.float64)).astype(np.float32)
         stored[name] = values32.astype(np.dtype(dtype), copy=False)
@@ -618,7 +637,7 @@ def _score(
     existing = _existing_positions(run, loaded, store)
     n_existing = len(existing)
     scores = LazyScores(
-        {name: _UnionRows(store.layer(name), existing, stored[name]) for name in layers},
+        {name: union_rows(store.layer(name), existing, stored[name]) for name in layers},
         reference.features,
         index_estimators(store, layers, params["estimator"]),
         {name: np.concatenate([np.asarray(store.norms(name))[existing], norms[name]]) for name in layers},
@@ -721,23 +740,25 @@ def _load_outcome(run: JobRun) -> dict[str, Any] | None:
 
 def _save_features(run: JobRun, features: Mapping[str, np.ndarray]) -> None:
     """Keep the features of every store layer (keyed by their position in the store's layer order)."""
+    from influence.featurize import feature_arrays
+
     with runners.atomic_path(run.directory / FEATURES_FILE) as tmp, open(tmp, "wb") as out:
-        arrays = {
-            f"layer_{u}": np.asarray(values, dtype=np.float32) for u, values in enumerate(features.values())
-        }
-        np.savez(out, **arrays)
+        np.savez(out, **feature_arrays({f"layer_{u}": values for u, values in enumerate(features.values())}))
 
 
 def _append_features(run: JobRun, loaded: _Loaded, batch: list[dict[str, Any]]) -> dict[str, np.ndarray]:
     """The batch's float32 features for every store layer: those scored in stage 1 (saved), or computed again
     the same way when that file is gone."""
     from app.services.references import featurize_for_index, open_index_store
+    from influence.errors import InvalidInputError
+    from influence.featurize import features_from_arrays
 
     store = open_index_store(run.settings, loaded.index)
     layers = list(store.layers)
-    with contextlib.suppress(OSError, ValueError, KeyError):
+    with contextlib.suppress(OSError, ValueError, KeyError, InvalidInputError):
         with np.load(run.directory / FEATURES_FILE, allow_pickle=False) as saved:
-            features = {name: np.array(saved[f"layer_{u}"]) for u, name in enumerate(layers)}
+            by_position = features_from_arrays(saved, [f"layer_{u}" for u in range(len(layers))])
+        features = {name: by_position[f"layer_{u}"] for u, name in enumerate(layers)}
         if all(features[name].shape == (len(batch), store.layer_spec(name).dim) for name in layers):
             return features
     computed = featurize_for_index(

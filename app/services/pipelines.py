@@ -133,10 +133,13 @@ class CachedModel:
     featurizers: dict[tuple, Any] = field(default_factory=dict)
 
     def featurizer(self, layer_names: Sequence[str], projection: dict[str, Any]):
-        """The Featurizer for these layers and projection (cached: projectors hold generated matrices)."""
+        """The Featurizer for these layers and projection (cached: projectors hold generated matrices).
+
+        `projection` is a mapping ProjectionSpec.from_dict takes: an index row's (indexes.projection_of) or a
+        store manifest's, whose resolved per-unit choices are then honoured as recorded."""
         from influence import Featurizer, ProjectionSpec
 
-        key = (tuple(layer_names), projection["kind"], int(projection["dim"]), int(projection["seed"]))
+        key = (tuple(layer_names), json.dumps(projection, sort_keys=True, default=str))
         if key not in self.featurizers:
             by_name = {layer.name: layer for layer in self.layers}
             missing = [name for name in layer_names if name not in by_name]
@@ -144,7 +147,7 @@ class CachedModel:
                 raise Conflict(
                     f"the loaded model lacks layers {missing[:5]} that the index names; was it re-registered?"
                 )
-            spec = ProjectionSpec(projection["kind"], int(projection["dim"]), int(projection["seed"]))
+            spec = ProjectionSpec.from_dict(projection)
             self.featurizers[key] = Featurizer(self.loaded.model, [by_name[n] for n in layer_names], spec)
         return self.featurizers[key]
 
@@ -338,6 +341,8 @@ def index_sources(session: Session, index: Index) -> tuple[RegisteredModel, Data
 
 
 def _load_rows(session: Session, job: Job) -> _BuildRows:
+    from app.services.indexes import projection_of  # indexes imports this module
+
     index = session.get(Index, job.target_id)
     if index is None:
         raise IndexGone(job.target_id)
@@ -351,7 +356,7 @@ def _load_rows(session: Session, job: Job) -> _BuildRows:
         model=ModelSpec.of(model),
         dataset=dataset,
         index_layers=tuple(index.layers),
-        projection={"kind": index.projection_kind, "dim": index.projection_dim, "seed": index.projection_seed},
+        projection=projection_of(index),
         dtype=index.dtype,
         faiss_kind=index.faiss_kind,
         store_path=index.store_path,
@@ -547,7 +552,9 @@ def build_chunk(ctx: BuildContext, job_id: str, chunk: int) -> str:
 
 
 def finalize_build(ctx: BuildContext, job_id: str) -> str:
-    """Consolidate the store, fit estimator statistics, build the FAISS indexes, mark the index ready."""
+    """Consolidate the store, fit estimator statistics, build the FAISS indexes, measure the projection's
+    fidelity, mark the index ready."""
+    from app.services.fidelity import measure_build_fidelity
     from influence import FeatureStore, build_store_indexes
 
     rows = _running_rows(ctx, job_id)
@@ -585,6 +592,11 @@ def finalize_build(ctx: BuildContext, job_id: str) -> str:
                 f"too small for {store.manifest.dtype}): they score every row 0. A LoRA A tensor is zero while "
                 "its B still is; otherwise rebuild with dtype float32"
             )
+        # Projection fidelity per unit (app/services/fidelity.py), stored with `ready` so that a ready index has it;
+        # a failed measurement is recorded as skipped, never fails the build. None: a cancel came in meanwhile.
+        fidelity = measure_build_fidelity(ctx, rows, store)
+        if fidelity is None:
+            return _cancel(ctx, rows)
         with session_scope(ctx.session_factory) as session:
             # Ready only together with the job's success (a step that saw a cancel may have ended the job).
             if job_service.mark_succeeded(session, job_id, result):
@@ -595,6 +607,7 @@ def finalize_build(ctx: BuildContext, job_id: str) -> str:
                     num_rows=store.num_rows,
                     size_bytes=size,
                     manifest=store.manifest.to_dict(),
+                    fidelity=fidelity,
                 )
     log.info("index build %s finished: %d rows, %d bytes", job_id, store.num_rows, size)
     return "finalized"
@@ -605,10 +618,15 @@ def zero_layers(store) -> list[str]:
     cast, so they do not show features that underflowed)."""
     import numpy as np
 
+    from influence.tokens import TokenRows
+
+    def values(block):
+        return block.values if isinstance(block, TokenRows) else block
+
     return [
         name
         for name in store.layers
-        if not any(np.any(block) for _, block in store.iter_layer_chunks(name, STATISTICS_BLOCK_ROWS))
+        if not any(np.any(values(block)) for _, block in store.iter_layer_chunks(name, STATISTICS_BLOCK_ROWS))
     ]
 
 
@@ -629,7 +647,10 @@ def fit_statistics(store) -> None:
                 yield torch.from_numpy(np.array(block, dtype=np.float32))
 
         estimator = make_estimator("datainf")
-        estimator.fit(chunks, store.layer_spec(name).num_params)
+        if store.layer_spec(name).layout == "tokens":
+            estimator.fit_token_rows(store.layer(name), store.layer_spec(name).num_params)
+        else:
+            estimator.fit(chunks, store.layer_spec(name).num_params)
         store.save_layer_statistics(name, {k: v.numpy() for k, v in estimator.state_dict().items()})
 
 

@@ -9,7 +9,10 @@ For an index that is ready:
      candidates for each direction, the union is scored exactly, and ranking/aggregation run over the
      candidates only (the answer says so);
   4. aggregate over the layers per example (influence.aggregate), take the top-k helpful / harmful rows and
-     report, for each, the per-layer scores and ranks behind its aggregated score.
+     report, for each, the per-layer scores and ranks behind its aggregated score;
+  5. say how faithful the index's projection is on the layers used (`fidelity`, measured when the index was
+     built: app/services/fidelity.py), with a `fidelity_warning` when a layer ranks rows unlike its exact
+     gradients.
 The exact path is the library's computation step for step (a test compares them).
 """
 
@@ -175,7 +178,9 @@ def select_query_layers(index: Index, model: RegisteredModel, selector: Any) -> 
     try:
         chosen = select_layers(index_layers, selector)
     except UnknownLayerError as exc:
-        raise Invalid(f"{exc}: the query may only use layers the index holds ({len(index.layers)} layers)") from None
+        raise Invalid(
+            f"{exc}: the query may only use layers the index holds ({len(index.layers)} layers)"
+        ) from None
     return [layer.name for layer in chosen]
 
 
@@ -195,7 +200,11 @@ def index_estimators(store, layers: Sequence[str], name: str) -> dict[str, Any]:
                     f"the index has no DataInf statistics for layer {layer!r}; rebuild it to query with datainf"
                 )
             state = store.load_layer_statistics(layer)
-            estimator.load_state_dict({key: torch.from_numpy(np.array(value)) for key, value in state.items()})
+            estimator.load_state_dict(
+                {key: torch.from_numpy(np.array(value)) for key, value in state.items()}
+            )
+            if store.layer_spec(layer).layout == "tokens":
+                estimator.token_rows = store.layer(layer)  # M_u of token rows sums over the store's rows
         out[layer] = estimator
     return out
 
@@ -212,7 +221,11 @@ def prepare(
     if index.status != "ready":
         raise Conflict(
             f"index {index.id!r} is not ready (status {index.status}); "
-            + (f"follow its build job {index.job_id!r}" if index.status in ("pending", "building") else "rebuild it")
+            + (
+                f"follow its build job {index.job_id!r}"
+                if index.status in ("pending", "building")
+                else "rebuild it"
+            )
         )
     layers = select_query_layers(index, model, request.layers)
     examples = to_examples(request.examples, dataset, model.task)
@@ -248,7 +261,10 @@ class _Ranked:
 
 
 def _ranked(
-    positions: np.ndarray, scores: np.ndarray, outcome: tuple[np.ndarray, np.ndarray | None], request: QueryRequest
+    positions: np.ndarray,
+    scores: np.ndarray,
+    outcome: tuple[np.ndarray, np.ndarray | None],
+    request: QueryRequest,
 ) -> _Ranked:
     """The top-k of one example's aggregated scores, with the shown rows' per-layer ranks when the aggregation
     computed them (only theirs are kept: a (c, U) float64 matrix per example would be 24 GB for 256 examples at
@@ -337,9 +353,29 @@ def rank_approximate(
     deleted = store.deleted_positions()
     m = len(prepared.losses)
     candidates: list[set[int]] = [set() for _ in range(m)]
-    for name in prepared.layers:
+    # Token-row layers have no FAISS index: scored exactly over every row once (a join on token id), their top
+    # rows join the candidates, and the candidates' scores are read from there.
+    joined = {
+        name: score_layer(
+            store.layer(name), prepared.queries[name], prepared.estimators[name], store.norms(name)
+        ).numpy()
+        for name in prepared.layers
+        if name not in faiss
+    }
+    live = np.ones(store.num_rows, dtype=bool)
+    live[deleted] = False
+    for block in joined.values():
+        for sign, wanted in ((1.0, ("helpful", "both")), (-1.0, ("harmful", "both"))):
+            if request.direction in wanted:
+                for j in range(m):
+                    order = np.argsort(-sign * block[:, j], kind="stable")
+                    candidates[j].update(int(p) for p in order[live[order]][:k])
+    for name in (name for name in prepared.layers if name in faiss):
         transformed = (
-            prepared.estimators[name].transform_query(torch.from_numpy(prepared.queries[name])).float().numpy()
+            prepared.estimators[name]
+            .transform_query(torch.from_numpy(prepared.queries[name]))
+            .float()
+            .numpy()
         )
         for sign, wanted in ((1.0, ("helpful", "both")), (-1.0, ("harmful", "both"))):
             if request.direction not in wanted:
@@ -352,6 +388,9 @@ def rank_approximate(
         positions = np.array(sorted(candidates[j]), dtype=np.int64)
         scores = np.empty((len(positions), len(prepared.layers)), dtype=np.float32)
         for u, name in enumerate(prepared.layers):
+            if name in joined:
+                scores[:, u] = joined[name][positions, j]
+                continue
             features = np.asarray(store.layer(name)[positions])
             norms = np.asarray(store.norms(name)[positions])
             query = prepared.queries[name][j : j + 1]
@@ -415,12 +454,28 @@ def _hits(
                 "noisy": row.get("noisy"),
                 "score": float(ranked.aggregated[local]),
                 "layers": [
-                    {"layer": name, "score": float(ranked.scores[local, u]), "rank": float(ranks[int(local)][u])}
+                    {
+                        "layer": name,
+                        "score": float(ranked.scores[local, u]),
+                        "rank": float(ranks[int(local)][u]),
+                    }
                     for u, name in enumerate(layers)
                 ],
             }
         )
     return out
+
+
+def answer_fidelity(index: Index, layers: Sequence[str]) -> dict[str, Any]:
+    """What an answer says about the projection's fidelity on its layers (app/services/fidelity.py):
+    {"fidelity": {layer: Spearman} or None, "fidelity_warning": a sentence when one is below the threshold}."""
+    from app.services.fidelity import fidelity_warning, record_threshold, unit_spearman
+
+    spearman = unit_spearman(index.fidelity, layers)
+    return {
+        "fidelity": spearman,
+        "fidelity_warning": fidelity_warning(spearman, record_threshold(index.fidelity)),
+    }
 
 
 def _read_hit_rows(settings: Settings, dataset: Dataset, row_ids: set[int]) -> dict[int, dict[str, Any]]:
@@ -437,9 +492,10 @@ def run_query(
     model, dataset = index_sources(session, index)
     prepared = prepare(settings, runtime, index, model, dataset, request)
     approximation = None
-    if request.approximate:
+    searched = [name for name in prepared.layers if prepared.store.layer_spec(name).layout == "dense"]
+    if request.approximate and searched:
         per_layer = request.candidates_per_layer or APPROXIMATE_CANDIDATE_FACTOR * request.top_k
-        faiss = runtime.stores.faiss(index.id, prepared.store, prepared.layers)
+        faiss = runtime.stores.faiss(index.id, prepared.store, searched)
         ranked = rank_approximate(prepared, request, faiss, per_layer)
         kind = next(iter(faiss.values())).kind
         what = (
@@ -447,8 +503,15 @@ def run_query(
             "direction, their union per example); those candidates are scored exactly, and per-layer ranks and "
             "the aggregation are over the candidates only, not every row"
         )
+        if len(searched) < len(prepared.layers):
+            what += (
+                "; token-row layers (the exact embedding) are scored exactly over every row, and their own top "
+                "candidates_per_layer rows join the candidates"
+            )
         if request.estimator == "cosine":
-            what += "; for cosine the search ranks by the unnormalised inner product, favouring large gradients"
+            what += (
+                "; for cosine the search ranks by the unnormalised inner product, favouring large gradients"
+            )
         approximation = {
             "what": what,
             "faiss_kind": kind,
@@ -471,7 +534,9 @@ def run_query(
         # Ranks of the shown rows only (local index -> (U,)): an (n, U) array per example cost 0.2 s at 1M rows.
         shown, shown_ranks = item.shown, item.shown_ranks
         if shown_ranks is None:
-            shown_ranks = shown_layer_ranks(item.scores, shown) if len(shown) else np.zeros((0, len(prepared.layers)))
+            shown_ranks = (
+                shown_layer_ranks(item.scores, shown) if len(shown) else np.zeros((0, len(prepared.layers)))
+            )
         ranks = dict(zip(shown.tolist(), shown_ranks, strict=True))
         example = request.examples[j]
         results.append(
@@ -494,8 +559,9 @@ def run_query(
         "direction": request.direction,
         "layers": prepared.layers,
         "num_rows": prepared.store.num_live_rows,
-        "approximate": request.approximate,
+        "approximate": approximation is not None,  # token-row layers alone are scored exactly
         "approximation": approximation,
+        **answer_fidelity(index, prepared.layers),
         "results": results,
         "seconds": round(time.perf_counter() - started, 4),
     }

@@ -5,8 +5,10 @@
 web fonts; a Content-Security-Policy meta tag forbids every fetch and only lets the page's own script run).
 
 What reads without JavaScript is rendered here, on the server: the header (context, accuracy on the reference
-set against chance), the warnings, the recommendation, the metrics that could not be computed and why, the top
-entries, every AUC-NDR value, cancellation, score distributions and the most detrimental rows. The plots are
+set against chance), the warnings, the recommendation, the metrics that could not be computed and why, the
+projection's fidelity per layer unit (when the report has it: a warning line when an entry compared uses a unit
+below the threshold, and a fidelity bar per row of the top entries), the top entries, every AUC-NDR value,
+cancellation, score distributions and the most detrimental rows. The plots are
 inline SVG drawn by a small inline script from the report JSON embedded in a `<script type="application/json">`
 tag:
   ndr-curves     NDR@p against p for the best layer sets of each estimator, with the random order (and a
@@ -98,6 +100,11 @@ th, td { border-bottom: 1px solid var(--line); padding: 4px 10px; text-align: le
 th { background: var(--bg-soft); font-weight: 600; }
 td.num, th.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
 tr.rec td { background: var(--ok-bg); }
+tr.low-fidelity td { background: var(--warn-bg); }
+.fbar { display: inline-block; position: relative; width: 56px; height: 8px; margin-right: 6px; overflow: hidden;
+  vertical-align: middle; background: #e6eaef; border-radius: 4px; }
+.fbar span { position: absolute; left: 0; top: 0; bottom: 0; background: var(--ok-line); }
+.fbar.low span { background: #cf222e; }
 td.text { max-width: 640px; overflow-wrap: anywhere; }
 .scroll { overflow-x: auto; }
 details { margin: 8px 0; }
@@ -727,6 +734,20 @@ def _recommendation(report: Mapping[str, Any]) -> str:
         f"random order: {_signed(rec.get('auc_ndr_gain'))} (a recommendation needs "
         f"{_signed(rec.get('required_gain'))}; z = {_num(rec.get('auc_ndr_z'), 1)}). {ndr_text}.</p>",
     ]
+    fidelity = _fidelity_of(report)
+    if fidelity is not None and _finite(rec.get("fidelity_min")):
+        low = rec["fidelity_min"] < fidelity[0]
+        marked = ' class="fidelity-warning"' if low else ""
+        parts.append(
+            f"<p{marked}>Projection fidelity of its units: lowest "
+            f"{_fidelity_bar(rec['fidelity_min'], fidelity[0])}, mean {_num(rec.get('fidelity_mean'), 2)}"
+            + (
+                f" <strong>(below {_e(f'{fidelity[0]:g}')}: its AUC-NDR is uncertain; see the warnings)</strong>"
+                if low
+                else ""
+            )
+            + ".</p>"
+        )
     single = rec.get("best_single_layer")
     if single:
         parts.append(
@@ -878,11 +899,14 @@ def _top_entries(report: Mapping[str, Any]) -> str:
     rec = report.get("recommendation")
     percents = _ndr_percents(entries[0].get("ndr") or {})
     ranked = _sort_entries(entries)
+    fidelity = _fidelity_of(report)
     rows = []
     for position, entry in enumerate(ranked[:TOP_ENTRIES], start=1):
         layers = entry["layers"]
         ndr = entry.get("ndr") or {}
-        cls = ' class="rec"' if _is_recommended(entry, rec) else ""
+        low = fidelity is not None and _finite(entry.get("fidelity_min")) and entry["fidelity_min"] < fidelity[0]
+        classes = " ".join(c for c, on in (("rec", _is_recommended(entry, rec)), ("low-fidelity", low)) if on)
+        cls = f' class="{classes}"' if classes else ""
         rows.append(
             f"<tr{cls}>"
             + _td(str(position), "num")
@@ -896,6 +920,7 @@ def _top_entries(report: Mapping[str, Any]) -> str:
             + _td(_signed(entry.get("auc_ndr_gain")), "num")
             + _td(_num(entry.get("auc_ndr_z"), 1), "num")
             + "".join(_td(_num(ndr.get(p)), "num") for p in percents)
+            + (_td(_fidelity_bar(entry.get("fidelity_min"), fidelity[0]), "num") if fidelity is not None else "")
             + "</tr>"
         )
     headers = [
@@ -910,11 +935,19 @@ def _top_entries(report: Mapping[str, Any]) -> str:
         ("Gain", "num"),
         ("z", "num"),
         *[(f"NDR@{p}", "num") for p in percents],
+        *([("Fidelity (min)", "num")] if fidelity is not None else []),
     ]
     return (
         f'<section id="entries"><h2>Top entries</h2><p>The {min(TOP_ENTRIES, len(entries))} best of '
         f"{len(entries)} (estimator, aggregation, layer set) entries by AUC-NDR; the recommended one is "
-        f"highlighted.</p>{_table(headers, rows, 'entries')}{_matrix(report)}</section>"
+        "highlighted"
+        + (
+            "; Fidelity (min) is the lowest projection fidelity among the entry's units (rows below the "
+            "threshold are marked: their AUC-NDR is uncertain)"
+            if fidelity is not None
+            else ""
+        )
+        + f".</p>{_table(headers, rows, 'entries')}{_matrix(report)}</section>"
     )
 
 
@@ -948,6 +981,74 @@ def _matrix(report: Mapping[str, Any]) -> str:
         "<details><summary>All AUC-NDR values (the heat map's numbers; groups in bold)</summary>"
         f"{_table(headers, rows, 'matrix')}</details>"
     )
+
+
+def _fidelity_of(report: Mapping[str, Any]) -> tuple[float, Mapping[str, Any]] | None:
+    """(threshold, {unit: Spearman}) when the report was given the index's projection fidelity, else None."""
+    fidelity = report.get("fidelity")
+    if not isinstance(fidelity, Mapping) or not _finite(fidelity.get("threshold")):
+        return None
+    return float(fidelity["threshold"]), fidelity.get("units") or {}
+
+
+def _fidelity_bar(value: Any, threshold: float) -> str:
+    """A small bar (0 to 1) and the number; red below the threshold."""
+    if not _finite(value):
+        return "—"
+    low = value < threshold
+    width = 100 * max(0.0, min(1.0, float(value)))
+    return (
+        f'<span class="fbar{" low" if low else ""}" aria-hidden="true"><span style="width:{width:.0f}%"></span>'
+        f"</span>{_num(value, 2)}"
+    )
+
+
+# Units listed in the fidelity table, lowest first.
+FIDELITY_ROWS = 15
+
+
+def _fidelity(report: Mapping[str, Any]) -> str:
+    """The projection's fidelity per unit (lowest first) and a warning line when entries use a unit below the
+    threshold; nothing when the report was not given fidelity (the warnings say why)."""
+    found = _fidelity_of(report)
+    if found is None:
+        return ""
+    threshold, units = found
+    known = sorted(((v, str(n)) for n, v in units.items() if _finite(v)), key=lambda item: item[0])
+    entries = report.get("entries") or []
+    low_entries = [e for e in entries if _finite(e.get("fidelity_min")) and e["fidelity_min"] < threshold]
+    parts = [
+        '<section id="fidelity"><h2>Projection fidelity</h2><p>How well each layer unit\'s stored (projected) '
+        "features keep its exact gradient scores, measured when the index was built: the Spearman correlation "
+        f"of projected against exact scores. Below {_e(f'{threshold:g}')} a unit ranks rows unlike its exact "
+        "gradients, and what is compared with it is uncertain.</p>"
+    ]
+    if low_entries and known and known[0][0] < threshold:
+        value, name = known[0]
+        parts.append(
+            '<p class="box warnings fidelity-warning">'
+            f"<strong>{len(low_entries)} of the {len(entries)} entries compared use a layer unit below "
+            f"{_e(f'{threshold:g}')}: their AUC-NDR is uncertain.</strong> Unit <code>{_e(name)}</code>'s "
+            f"projected scores agree with its exact ones at Spearman {_num(value, 2)}; rebuild the index with an "
+            "exact projection for it (projection.units {unit: {kind: identity}}, or tokens for an embedding).</p>"
+        )
+    rows = [
+        ('<tr class="low-fidelity">' if value < threshold else "<tr>")
+        + _td(f"<code>{_e(name)}</code>")
+        + _td(_fidelity_bar(value, threshold), "num")
+        + "</tr>"
+        for value, name in known[:FIDELITY_ROWS]
+    ]
+    unknown = [str(n) for n, v in units.items() if not _finite(v)]
+    if rows:
+        parts.append(_table([("Layer unit (lowest first)", ""), ("Spearman", "num")], rows, "fidelity"))
+    if len(known) > FIDELITY_ROWS:
+        parts.append(f"<p>… and {len(known) - FIDELITY_ROWS} more units, the lowest shown first.</p>")
+    if unknown:
+        counted = f"{len(unknown)} unit{'s' if len(unknown) > 1 else ''}"
+        parts.append(f"<p>Not measured for {counted} ({_e(', '.join(unknown[:5]))}).</p>")
+    parts.append("</section>")
+    return "".join(parts)
 
 
 def _cancellation(report: Mapping[str, Any]) -> str:
@@ -1138,6 +1239,7 @@ def render_report_html(
         _recommendation(report),
         _criteria(report),
         _unavailable(report),
+        _fidelity(report),
         _plots(report),
         _top_entries(report),
         _cancellation(report),

@@ -18,6 +18,9 @@ In the worker (`run_layer_report`, registered with `@job_runner("layer_report")`
      the statistics fitted when the index was built (same lambda, same M as a query; they still include deleted
      rows until a compaction refits them, as for queries), and cosine uses the stored norms;
   4. `report.json` = LayerReport.to_dict() as the job's artifact, and a short summary as the job's result.
+The index's projection fidelity (measured at build time, app/services/fidelity.py) goes into the report: every
+entry carries the lowest and mean fidelity of its units, units below the threshold get warnings naming the layer
+sets they make uncertain (the summary lists them), and an index without a measurement says so once.
 
 Causal-LM indexes: there is no class prediction to be correct, so the `-c` aggregations are reported in the
 report's `unavailable` (with the reason) instead of being refused, the accuracy is unknown, and the report says
@@ -305,10 +308,13 @@ def _counting(estimators: dict[str, Any], tick: Callable[[], None]) -> dict[str,
             self.needs_norms = inner.needs_norms  # type: ignore[misc]
             self.ticked = False
 
-        def transform_query(self, queries):
+        def _tick(self) -> None:
             if not self.ticked:
                 self.ticked = True
                 tick()
+
+        def transform_query(self, queries):
+            self._tick()
             return self.inner.transform_query(queries)
 
         def row_scale(self, norms):
@@ -317,12 +323,17 @@ def _counting(estimators: dict[str, Any], tick: Callable[[], None]) -> dict[str,
         def score_transformed(self, train, transformed, norms=None):
             return self.inner.score_transformed(train, transformed, norms)
 
+        def score_token_rows(self, train, queries, norms):
+            self._tick()
+            return self.inner.score_token_rows(train, queries, norms)
+
     return {name: Counted(estimator) for name, estimator in estimators.items()}
 
 
 @job_runner(LAYER_REPORT)
 def run_layer_report(run: JobRun) -> dict[str, Any]:
     """Featurize the reference set, measure cancellation, run influence.layer_report; write report.json."""
+    from app.services.fidelity import missing_note, record_threshold, unit_spearman
     from app.services.queries import index_estimators
     from app.services.references import featurize_reference, load_reference, open_index_store
     from influence import encode_examples, iter_batches, layer_cancellation, make_estimator
@@ -339,6 +350,7 @@ def run_layer_report(run: JobRun) -> dict[str, Any]:
         model, dataset = index_sources(session, index)
         store = open_index_store(settings, index)
         examples = load_reference(settings, session, params["reference"])
+        fidelity = index.fidelity
     names = list(params["layers"])
     by_name = {record["name"]: record for record in model.layers}
     missing = [name for name in names if name not in by_name or name not in store.layers]
@@ -424,16 +436,29 @@ def run_layer_report(run: JobRun) -> dict[str, Any]:
         cancellation=cancellation,
         fitted_estimators=fitted,
         top_rows=int(params["top_rows"]),
+        fidelity=unit_spearman(fidelity, names),
+        fidelity_threshold=record_threshold(fidelity),
     )
     document = report.to_dict()
+    note = missing_note(fidelity)
+    if note:
+        # Said once: without a measurement no entry carries fidelity.
+        note = f"{note[0].upper()}{note[1:]}."
+        document["warnings"].append(note)
 
     # 4. The artifact, then the summary.
     run.write_json(REPORT_FILE, document)
     run.progress(total, total)
-    return {"summary": _summary(document, noisy, used, time.perf_counter() - started)}
+    return {"summary": _summary(document, noisy, used, time.perf_counter() - started, note)}
 
 
-def _summary(document: dict[str, Any], noisy: dict[str, Any] | None, cancellation_rows: int, seconds: float):
+def _summary(
+    document: dict[str, Any],
+    noisy: dict[str, Any] | None,
+    cancellation_rows: int,
+    seconds: float,
+    fidelity_note: str | None = None,
+):
     recommendation = document.get("recommendation")
     baseline = document.get("random_baseline") or {}
     return {
@@ -448,10 +473,14 @@ def _summary(document: dict[str, Any], noisy: dict[str, Any] | None, cancellatio
             "auc_ndr": recommendation["auc_ndr"],
             "ndr_30": (recommendation.get("ndr") or {}).get("30"),
             "random_auc_ndr": baseline.get("auc_ndr"),
+            "fidelity_min": recommendation.get("fidelity_min"),
         },
         "reference_accuracy": document.get("reference_accuracy"),
         "near_chance": document.get("near_chance"),
         "warnings": len(document.get("warnings") or []),
+        # The warnings about projection fidelity: units below the threshold, or why it is unknown.
+        "fidelity_warnings": list((document.get("fidelity") or {}).get("warnings") or [])
+        + ([fidelity_note] if fidelity_note else []),
         "unavailable": list(document.get("unavailable") or []),
         "n_train": document.get("n_train"),
         "n_reference": document.get("n_reference"),

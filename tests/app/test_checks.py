@@ -122,6 +122,7 @@ def _brute_force(
     """Scores, aggregates and percentiles recomputed with the library: the store's live rows followed by the
     batch rows as a store would hold them (float16, norms from the float32 values)."""
     from influence import aggregate, make_estimator, score_tensor
+    from influence.tokens import TokenRows
 
     store = _store(env)
     live = store.live_positions()
@@ -129,6 +130,15 @@ def _brute_force(
     test = _featurize(env, store, layers, reference_rows)
     features, norms, estimators = {}, {}, {}
     for name in layers:
+        estimators[name] = make_estimator(estimator)
+        if isinstance(train.features[name], TokenRows):  # the exact embedding: token rows, float16 values
+            new = train.features[name]
+            stored = TokenRows(new.offsets, new.tokens, np.asarray(new.values).astype(np.float16))
+            features[name] = TokenRows.concat([store.layer(name).select(live), stored])
+            norms[name] = np.concatenate([np.asarray(store.norms(name))[live], new.norms().numpy()])
+            if estimator == "datainf":
+                estimators[name].fit_token_rows(store.layer(name), store.layer_spec(name).num_params)
+            continue
         new32 = train.features[name].astype(np.float32)
         features[name] = np.concatenate([np.asarray(store.layer(name))[live], new32.astype(np.float16)])
         norms[name] = np.concatenate(
@@ -137,7 +147,6 @@ def _brute_force(
                 np.linalg.norm(new32.astype(np.float64), axis=1).astype(np.float32),
             ]
         )
-        estimators[name] = make_estimator(estimator)
         if estimator == "datainf":
             everything = torch.from_numpy(np.array(store.layer(name), dtype=np.float32))
             estimators[name].fit(lambda block=everything: [block], store.layer_spec(name).num_params)

@@ -172,6 +172,36 @@ def test_approximate_answers_say_so(served):
         assert all(layer["rank"] < first["candidates"] for layer in hit["layers"])
 
 
+def test_approximate_queries_score_the_exact_embedding_exactly(served):
+    """The word embedding is stored as token rows (no FAISS index): an approximate query scores it over every row
+    and adds its own top rows to the candidates; with every row a candidate the answer is the exact one, and a
+    query of the embedding alone is answered exactly (and says so)."""
+    built, _, _, _, index = served
+    assert index["projection"]["units"]["embed"]["kind"] == "tokens"
+    exact = _query(built.client, index["id"], top_k=4, layers=["embed", "head"]).json()
+    everything = _query(
+        built.client, index["id"], top_k=4, layers=["embed", "head"], approximate=True, candidates_per_layer=120
+    ).json()
+    assert everything["approximate"] is True and "token-row layers" in everything["approximation"]["what"]
+    for a, b in zip(exact["results"], everything["results"], strict=True):
+        assert b["candidates"] == 120
+        assert [h["row"] for h in a["helpful"]] == [h["row"] for h in b["helpful"]]
+        assert [h["score"] for h in a["harmful"]] == pytest.approx([h["score"] for h in b["harmful"]])
+    few = _query(
+        built.client, index["id"], top_k=2, layers=["embed", "head"], approximate=True, candidates_per_layer=3
+    ).json()["results"][0]
+    embed_scores = {
+        hit["row"]: hit["layers"][0]["score"]
+        for hit in _query(built.client, index["id"], top_k=120, layers=["embed"]).json()["results"][0]["helpful"]
+    }
+    assert 3 <= few["candidates"] < 120  # the embedding's own top 3 per direction, with the head's
+    for hit in few["helpful"] + few["harmful"]:  # candidates are scored exactly, the embedding by its join
+        assert hit["layers"][0]["score"] == pytest.approx(embed_scores[hit["row"]])
+    alone = _query(built.client, index["id"], top_k=2, layers=["embed"], approximate=True).json()
+    assert alone["approximate"] is False and alone["approximation"] is None
+    assert alone["results"] == _query(built.client, index["id"], top_k=2, layers=["embed"]).json()["results"]
+
+
 def test_query_errors_are_4xx_never_500(served):
     built, _, model, dataset, index = served
     client = built.client

@@ -81,6 +81,12 @@ def _run(api, index_id: str, **body) -> dict:
 # ------------------------------------------------------------------------------------ the brute force
 
 
+def _fidelity(served: Served, index_id: str) -> dict[str, float]:
+    """{unit: Spearman} of the projection fidelity the index's build measured (GET /v1/indexes/{id})."""
+    units = served.api.client.get(f"/v1/indexes/{index_id}").json()["fidelity"]["units"]
+    return {name: unit["spearman"] for name, unit in units.items()}
+
+
 def _library(
     served: Served,
     index: dict,
@@ -114,9 +120,7 @@ def _library(
     loaded = load_model(served.folder, num_labels=2)
     layers = [layer for layer in discover_layers(loaded.model) if layer.name in index["layers"]]
     projection = store.manifest.projection
-    featurizer = Featurizer(
-        loaded.model, layers, ProjectionSpec(projection["kind"], projection["dim"], projection["seed"])
-    )
+    featurizer = Featurizer(loaded.model, layers, ProjectionSpec.from_dict(projection))
     examples = [Example(text, label) for text, label in reference]
     features = featurize_examples(
         featurizer, loaded.tokenizer, examples, "classification", batch_size=32, max_length=store.manifest.max_length
@@ -139,6 +143,8 @@ def _library(
             estimator = make_estimator("datainf")
             state = store.load_layer_statistics(layer.name)
             estimator.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state.items()})
+            if store.layer_spec(layer.name).layout == "tokens":  # token rows: M_u sums over the store's rows
+                estimator.token_rows = store.layer(layer.name)
             fitted["datainf"][layer.name] = estimator
     report = layer_report(
         store,
@@ -150,6 +156,8 @@ def _library(
         cancellation=cancellation,
         fitted_estimators=fitted,
         top_rows=top_rows,
+        # The projection fidelity the build measured, as the service passes it (app/services/fidelity.py).
+        fidelity=_fidelity(served, index["id"]),
         **options,
     )
     return json.loads(json.dumps(report.to_dict())), store
@@ -177,7 +185,8 @@ def test_the_report_equals_the_library_on_the_same_inputs(served):
         assert (got["estimator"], got["aggregation"], got["layers"]["name"]) == (
             want["estimator"], want["aggregation"], want["layers"]["name"]
         )
-        assert got["auc_ndr"] == want["auc_ndr"] and got["ndr"]["30"] == want["ndr"]["30"]
+        entry = (got["estimator"], got["aggregation"], got["layers"]["name"])
+        assert got["auc_ndr"] == want["auc_ndr"] and got["ndr"]["30"] == want["ndr"]["30"], entry
     assert report["cancellation"]["layers"] == expected["cancellation"]["layers"]
     assert all(row["num_samples"] == N_CANCELLATION for row in report["cancellation"]["layers"])
     assert [(r["estimator"], r["row_id"], r["score"]) for r in report["detrimental"]] == [
