@@ -113,4 +113,6 @@ def test_dense_manifests_keep_their_fingerprint() -> None:
     assert spec.to_dict() == {"name": "head", "dim": 3, "num_params": 3}
     assert LayerSpec("embed", 6, 240, "tokens").to_dict()["layout"] == "tokens"
     with pytest.raises(InvalidInputError, match="layout"):
-        manifest().from_dict({**manifest().to_dict(), "layers": [{"name": "e", "dim": 1, "num_params": 1, "layout": "x"}]})
+        manifest().from_dict(
+            {**manifest().to_dict(), "layers": [{"name": "e", "dim": 1, "num_params": 1, "layout": "x"}]}
+        )

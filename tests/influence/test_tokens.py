@@ -53,7 +53,9 @@ def test_token_rows_match_brute_force():
     assert torch.allclose(train[2:6].to_dense(VOCAB), dense[2:6], atol=1e-12)
     both = TokenRows.concat([train, queries])
     assert torch.allclose(both.to_dense(VOCAB), torch.cat([dense, dense_q]), atol=1e-12)
-    assert torch.allclose(both.dot(queries, torch.float64), torch.cat([dense, dense_q]) @ dense_q.T, atol=1e-10)
+    assert torch.allclose(
+        both.dot(queries, torch.float64), torch.cat([dense, dense_q]) @ dense_q.T, atol=1e-10
+    )
     placed = TokenRows.gather([(queries, [4, 0, 2]), (train[:2], [1, 3])], 5)
     expected = torch.stack([dense_q[1], dense[0], dense_q[2], dense[1], dense_q[0]])
     assert torch.allclose(placed.to_dense(VOCAB), expected, atol=1e-12)
@@ -74,8 +76,31 @@ def test_token_rows_refuse_unsorted_and_mismatched_input():
     rows = TokenRows(np.array([0, 1]), np.array([1]), np.ones((1, WIDTH)))
     with pytest.raises(InvalidInputError, match="width"):
         rows.dot(TokenRows(np.array([0, 1]), np.array([1]), np.ones((1, WIDTH + 1))))
-    with pytest.raises(InvalidInputError, match="DataInf"):
+    with pytest.raises(InvalidInputError, match="not fitted"):
         score_layer(rows, rows, make_estimator("datainf"))
+    with pytest.raises(InvalidInputError, match="TracIn-CP"):
+        score_layer(rows, rows, make_estimator("tracin-cp", checkpoint_dims=[WIDTH], learning_rates=[1.0]))
+
+
+def test_datainf_on_token_rows_equals_the_dense_matrix(monkeypatch):
+    generator = torch.Generator().manual_seed(1)
+    train = TokenRows.from_positions(*_random_rows(generator, 9, 7))
+    queries = TokenRows.from_positions(*_random_rows(generator, 4, 5))
+    dense, dense_q = train.to_dense(VOCAB), queries.to_dense(VOCAB)
+    want_estimator = make_estimator("datainf")
+    want_estimator.fit(lambda: [dense], VOCAB * WIDTH)
+    want = want_estimator.score(dense, dense_q)
+    estimator = make_estimator("datainf")
+    estimator.fit_token_rows(train, VOCAB * WIDTH)
+    assert estimator.damping == pytest.approx(want_estimator.damping, rel=1e-6)
+    got = score_layer(train, queries, estimator).double()
+    assert torch.allclose(got, want, rtol=1e-4, atol=1e-6 * float(want.abs().max()))
+    monkeypatch.setattr("influence.estimators._TABLE_NUMBERS", 1)  # one query per token table: same scores
+    assert torch.allclose(score_layer(train, queries, estimator), got.float(), rtol=1e-5, atol=1e-7)
+    restored = make_estimator("datainf")
+    restored.load_state_dict(estimator.state_dict())  # damping and row count: no matrix
+    assert "matrix" not in estimator.state_dict()
+    assert torch.equal(score_layer(train, queries, restored), score_layer(train, queries, estimator))
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +125,9 @@ def test_exact_embedding_unit_matches_dense_gradients_in_float64(minilm64):
     spec = ProjectionSpec("factorized", 64, units={embed.name: {"kind": "tokens", "dim": embed.cols}})
     featurizer = Featurizer(model, [embed], spec)
     assert featurizer.dims[embed.name] == embed.cols
-    rows = featurize_examples(featurizer, tokenizer, EXAMPLES, "classification", batch_size=4).features[embed.name]
+    rows = featurize_examples(featurizer, tokenizer, EXAMPLES, "classification", batch_size=4).features[
+        embed.name
+    ]
     assert isinstance(rows, TokenRows) and len(rows) == len(EXAMPLES)
 
     encoded = encode_examples(tokenizer, EXAMPLES, "classification", 128)
@@ -125,14 +152,18 @@ def test_exact_embedding_unit_matches_dense_gradients_in_float64(minilm64):
 def test_per_token_sketch_is_a_seeded_projection_of_each_token(minilm64):
     model, tokenizer = minilm64.model, minilm64.tokenizer
     embed = next(layer for layer in discover_layers(model) if layer.kind == "embedding")
-    exact = Featurizer(model, [embed], ProjectionSpec(units={embed.name: {"kind": "tokens", "dim": embed.cols}}))
+    exact = Featurizer(
+        model, [embed], ProjectionSpec(units={embed.name: {"kind": "tokens", "dim": embed.cols}})
+    )
     sketch = Featurizer(model, [embed], ProjectionSpec(units={embed.name: {"kind": "tokens", "dim": 32}}))
     assert sketch.dims[embed.name] == 32
     full = featurize_examples(exact, tokenizer, EXAMPLES, "classification").features[embed.name]
     small = featurize_examples(sketch, tokenizer, EXAMPLES, "classification").features[embed.name]
     np.testing.assert_array_equal(np.asarray(full.tokens), np.asarray(small.tokens))
     matrix = sketch.projectors[embed.name]._matrices[(torch.float64, "cpu")]
-    np.testing.assert_allclose(np.asarray(small.values), np.asarray(full.values) @ matrix.numpy().T, atol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(small.values), np.asarray(full.values) @ matrix.numpy().T, atol=1e-6
+    )
     again = featurize_examples(sketch, tokenizer, EXAMPLES, "classification").features[embed.name]
     np.testing.assert_array_equal(np.asarray(again.values), np.asarray(small.values))
 
@@ -144,4 +175,6 @@ def test_tracin_cp_refuses_token_rows(minilm64):
         CheckpointFeaturizer([Featurizer(minilm64.model, [embed], spec)])
     with pytest.raises(InvalidInputError, match="embeddings"):
         linear = next(layer for layer in discover_layers(minilm64.model) if layer.kind == "linear")
-        Featurizer(minilm64.model, [linear], ProjectionSpec(units={linear.name: {"kind": "tokens", "dim": 8}}))
+        Featurizer(
+            minilm64.model, [linear], ProjectionSpec(units={linear.name: {"kind": "tokens", "dim": 8}})
+        )
