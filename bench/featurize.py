@@ -12,6 +12,8 @@ packaged MiniLM + LoRA r = 4 (query, value) + classifier head, eval mode (dropou
                 trainable parameters only (LoRA A/B and the head), as LoRA training computes them
   ours-lora     influence.Featurizer, 24 LoRA units + the classifier head, factorized projection, dim 256
   ours-all      influence.Featurizer, all 63 units (word embedding, every Linear, LoRA, pooler, head), dim 256
+  ours-auto-*   the same two unit sets under the default projection `auto` (issue 12): LoRA and head exact
+                (identity), the word embedding as exact token rows, the other units factorized 256
   vmap          torch.func vmap(grad) of each row's loss over the LoRA and head parameters, batches of 32 sorted
                 by length, a prebuilt 4-D additive attention mask (the 2-D mask path breaks vmap); raw gradients
   loop          the paper's batch of one: zero_grad, forward, backward, copy the LoRA and head gradients
@@ -89,16 +91,22 @@ def run_floor(model, batches) -> None:
         out.loss.backward()
 
 
-def make_ours(model, layers):
+def make_ours(model, layers, kind: str = "factorized"):
     from influence import Featurizer, ProjectionSpec
+    from influence.tokens import TokenRows
 
-    featurizer = Featurizer(model, layers, ProjectionSpec("factorized", 256, seed=0))
+    featurizer = Featurizer(model, layers, ProjectionSpec(kind, 256, seed=0))
 
     def run(batches):
         out = []
         for batch in batches:
             result = featurizer.featurize(batch)
-            out.append({name: value.numpy() for name, value in result.features.items()})
+            out.append(
+                {
+                    name: value if isinstance(value, TokenRows) else value.numpy()
+                    for name, value in result.features.items()
+                }
+            )
         return out
 
     return featurizer, run
@@ -370,6 +378,8 @@ def main(argv: list[str] | None = None) -> None:
     params = {name: p for name, p in model.named_parameters() if p.requires_grad}
     _featurizer_lora, ours_lora = make_ours(model, lora_head)
     featurizer_all, ours_all = make_ours(model, layers)
+    _, auto_lora = make_ours(model, lora_head, "auto")  # issue 12's default: LoRA and head exact (identity)
+    _, auto_all = make_ours(model, layers, "auto")  # + the embedding as exact token rows, the rest factorized
     vmap_run = make_vmap(model, params)
     loop_emb = make_loop(model, params, encoded, with_embedding=True)
     # loops run over a spread of rows: every k-th row of the input order, so lengths are representative
@@ -382,6 +392,8 @@ def main(argv: list[str] | None = None) -> None:
         "floor": (lambda: run_floor(model, batches), len(encoded)),
         "ours-lora": (lambda: ours_lora(batches), len(encoded)),
         "ours-all": (lambda: ours_all(batches), len(encoded)),
+        "ours-auto-lora": (lambda: auto_lora(batches), len(encoded)),
+        "ours-auto-all": (lambda: auto_all(batches), len(encoded)),
         "vmap": (lambda: vmap_run(batches), len(encoded)),
         "loop": (lambda: loop_run(), len(loop_sample)),
     }

@@ -17,9 +17,12 @@ A/B, pooler, head) and every train row z_i and query x_j:
                row-sparse, so the rows of the tokens present are the whole gradient, and grad-dot joins rows on
                token id. Checked against a dense backward of single rows (the parameters' .grad) on
                `--verify` rows, for the embedding and for every other unit's identity features.
-    projected  the library's Featurizer with factorized dim 256 (the default), gaussian dim 256 and
-               factorized dim 1024, seed 0; S_proj = F(z) . F(x) in float64 (features as float32, as
-               featurize_examples returns them; the float16 copy a store keeps is scored too, in the JSON).
+    projected  the library's Featurizer under each `--settings` entry `kind:dim[+unit=kind:dim...]`, seed 0:
+               auto:256 (the default: embed as exact token rows, LoRA and head identity, the rest factorized
+               256), factorized 256 (the default before issue 12), gaussian 256, factorized 1024, and
+               auto:256+embed=tokens:192 (the embedding's per-token sketch); S_proj = F(z) . F(x) in float64
+               (features as float32, as featurize_examples returns them; the float16 copy a store keeps is
+               scored too, in the JSON; token rows are joined on token id).
 
 Per unit and setting: the mean over queries of Spearman's rho between the projected and the exact scores
 over the train rows, the relative Frobenius error ||S_proj - S||_F / ||S||_F over the whole train x query
@@ -44,7 +47,7 @@ import numpy as np
 
 from bench import common
 
-SETTINGS = ("factorized:256", "gaussian:256", "factorized:1024")
+SETTINGS = ("auto:256", "factorized:256", "gaussian:256", "factorized:1024", "auto:256+embed=tokens:192")
 TOP_K = 10
 MAX_LENGTH = 128
 TASK = "classification"
@@ -282,9 +285,52 @@ def agreement(projected: np.ndarray, exact: np.ndarray, k: int = TOP_K) -> dict[
     }
 
 
-def store_bytes(dim: int) -> int:
-    """Bytes per row per unit in a FeatureStore: dim float16 features + one float32 norm."""
+def store_bytes(dim: int, value: Any = None) -> float:
+    """Bytes per row per unit in a FeatureStore: dim float16 features + one float32 norm; token rows: per
+    entry an int32 token, an int64 order entry and dim float16 values, per row an int64 offset and the norm."""
+    from influence.tokens import TokenRows
+
+    if isinstance(value, TokenRows):
+        return len(value.tokens) / len(value) * (4 + 8 + 2 * dim) + 8 + 4
     return 2 * dim + 4
+
+
+def parse_setting(setting: str):
+    """`kind:dim[+unit=kind:dim...]` -> ProjectionSpec (seed 0): e.g. auto:256+embed=tokens:128."""
+    from influence import ProjectionSpec
+
+    head, *overrides = setting.split("+")
+    kind, dim = head.split(":")
+    units = {}
+    for override in overrides:
+        unit, choice = override.split("=")
+        unit_kind, unit_dim = choice.split(":")
+        units[unit] = {"kind": unit_kind, "dim": int(unit_dim)}
+    return ProjectionSpec(kind, int(dim), seed=0, units=units)
+
+
+def projected_scores(value: Any, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(train x query scores in float64, the same from float16 values, squared norms of all rows)."""
+    import torch
+
+    from influence.tokens import TokenRows
+
+    if isinstance(value, TokenRows):
+        rows64 = TokenRows(
+            value.offsets, value.tokens, np.asarray(value.values, dtype=np.float64), check=False
+        )
+        rows16 = TokenRows(
+            value.offsets,
+            value.tokens,
+            np.asarray(value.values).astype(np.float16).astype(np.float64),
+            check=False,
+        )
+        scores = rows64[:n].dot(rows64[n:], torch.float64).numpy()
+        scores16 = rows16[:n].dot(rows16[n:], torch.float64).numpy()
+        return scores, scores16, rows64.norms().double().numpy() ** 2
+    f = value.astype(np.float64)
+    f16 = value.astype(np.float16).astype(np.float64)
+    return f[:n] @ f[n:].T, f16[:n] @ f16[n:].T, np.einsum("ij,ij->i", f, f)
 
 
 # ------------------------------------------------------------------------------------------------ tables
@@ -383,7 +429,7 @@ def main(argv: list[str] | None = None) -> None:
     started = time.perf_counter()
     machine_start = common.machine()
 
-    from influence import Featurizer, ProjectionSpec, discover_layers, featurize_examples
+    from influence import Featurizer, discover_layers, featurize_examples
     from influence.data import encode_examples
 
     loaded = common.load_lora_model()
@@ -442,9 +488,9 @@ def main(argv: list[str] | None = None) -> None:
             )
             common.log(f"dropping {setting}: time box")
             continue
-        kind, dim = setting.split(":")
+        spec = parse_setting(setting)
         t0 = time.perf_counter()
-        featurizer = Featurizer(loaded.model, layers, ProjectionSpec(kind, int(dim), seed=0))
+        featurizer = Featurizer(loaded.model, layers, spec)
         features = featurize_examples(
             featurizer,
             loaded.tokenizer,
@@ -454,7 +500,8 @@ def main(argv: list[str] | None = None) -> None:
             max_length=MAX_LENGTH,
         ).features
         seconds[setting] = time.perf_counter() - t0
-        projected[setting] = {"dims": featurizer.dims, "features": features}
+        kinds = {name: p.kind for name, p in featurizer.projectors.items()}
+        projected[setting] = {"dims": featurizer.dims, "features": features, "kinds": kinds}
         done_settings.append(setting)
         common.log(
             f"{setting}: featurized {len(train) + len(queries)} rows x {len(layers)} units in {seconds[setting]:.1f}s"
@@ -476,17 +523,18 @@ def main(argv: list[str] | None = None) -> None:
             "settings": {},
         }
         for setting in done_settings:
-            f = projected[setting]["features"][layer.name].astype(np.float64)
-            f16 = projected[setting]["features"][layer.name].astype(np.float16).astype(np.float64)
+            value = projected[setting]["features"][layer.name]
             dim = projected[setting]["dims"][layer.name]
+            scores, scores16, squared = projected_scores(value, n)
             # Squared norms, projected over exact, over all rows: 1 in expectation for these projections.
-            ratio = np.einsum("ij,ij->i", f, f) / np.maximum(norm**2, 1e-300)
+            ratio = squared / np.maximum(norm**2, 1e-300)
             entry["settings"][setting] = {
                 "dim": dim,
-                "bytes_per_row": store_bytes(dim),
+                "kind": projected[setting]["kinds"][layer.name],
+                "bytes_per_row": store_bytes(dim, value),
                 "sq_norm_ratio_median": float(np.median(ratio)),
-                **agreement(f[:n] @ f[n:].T, exact[layer.name]),
-                "float16": agreement(f16[:n] @ f16[n:].T, exact[layer.name]),
+                **agreement(scores, exact[layer.name]),
+                "float16": agreement(scores16, exact[layer.name]),
             }
         units.append(entry)
 

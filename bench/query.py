@@ -8,6 +8,7 @@
                                                                        # and joined ranking vs eager, alternating
     python -m bench.query --sizes 100000 --compare-threads --no-faiss  # item 6, fourth round: the query gradient
                                                                        # on one intra-op thread vs on all
+    python -m bench.query --sizes 100000 --variants old,new,embed,both --no-faiss   # issue 12: projections
 
 The service is the real one: app.main.create_app over SQLite in a bench data folder, served by uvicorn in a
 thread of this process on 127.0.0.1, queried with httpx (POST /v1/indexes/{id}/query, exact, grad-dot, rank,
@@ -30,6 +31,14 @@ Time split per query (wrapping app.services.queries functions in this process, n
 Scoring floor: the feature bytes (n x 12 x 256 x 2) read once at this machine's memory read bandwidth,
 measured here (the best of numpy and torch sums over a 1 GiB float32 array, medians of 5).
 
+Variants (`--variants`, issue 12; every variant its own index, queried in turn in the same run):
+  old    the 12 units factorized to 256 numbers (the default before issue 12, and this bench's usual index)
+  new    the same 12 units at the new default `auto`: exact (identity, 1,536 numbers each)
+  embed  the word embedding alone as exact token rows (`tokens`): each row's real distinct tokens (the
+         MiniLM tokenizer on the row's sentence, max length 128), with synthetic 384-wide values
+  both   new + embed (13 units)
+The time of the embedding's join (TokenRows.dot) is split out as `join`.
+
 FAISS: flat vs IVF vs HNSW (influence.index, default parameters) on one layer's synthetic features, recall@10
 of the top inner products against exact (numpy), single-query search latency, build time.
 """
@@ -51,6 +60,13 @@ import numpy as np
 from bench import common
 
 LAYERS = [f"block.{b}.attn.{p}.lora_B" for b in range(6) for p in ("q", "v")]
+AUTO = {"kind": "auto", "dim": 256, "seed": 0}
+VARIANTS = {
+    "old": (LAYERS, {"kind": "factorized", "dim": 256, "seed": 0}),
+    "new": (LAYERS, AUTO),
+    "embed": (["embed"], AUTO),
+    "both": ([*LAYERS, "embed"], AUTO),
+}
 DIM = 256
 RANK = 32
 CHUNK_ROWS = 65536
@@ -71,6 +87,38 @@ def synthetic_block(seed: int, layer: int, start: int, stop: int, dim: int = DIM
     x += 0.3 * rng.standard_normal((rows, dim), dtype=np.float32)
     x *= np.exp(0.5 * rng.standard_normal((rows, 1), dtype=np.float32))
     return x
+
+
+_ROW_TOKENS: list[np.ndarray] = []
+
+
+def row_tokens() -> list[np.ndarray]:
+    """Distinct token ids (pad excluded) of every SST-2 training sentence, as the MiniLM tokenizer gives them at
+    max length 128; row i of a cycled dataset holds those of sentence i % len."""
+    if not _ROW_TOKENS:
+        from transformers import AutoTokenizer
+
+        from influence import packaged_minilm_path
+        from influence.data import encode_examples
+
+        tokenizer = AutoTokenizer.from_pretrained(str(packaged_minilm_path()))
+        encoded = encode_examples(tokenizer, common.sst2_examples("train"), "classification", 128)
+        _ROW_TOKENS.extend(np.unique(np.asarray(e.input_ids, dtype=np.int64)) for e in encoded)
+    return _ROW_TOKENS
+
+
+def synthetic_token_rows(seed: int, start: int, stop: int, width: int):
+    """Token rows of rows start:stop: each row's real distinct tokens, synthetic values (log-normal row scale)."""
+    from influence.tokens import TokenRows
+
+    tokens = row_tokens()
+    held = [tokens[i % len(tokens)] for i in range(start, stop)]
+    offsets = np.zeros(len(held) + 1, dtype=np.int64)
+    np.cumsum([len(h) for h in held], out=offsets[1:])
+    rng = np.random.default_rng([seed, 10_000, start])
+    values = rng.standard_normal((int(offsets[-1]), width), dtype=np.float32)
+    values *= np.repeat(np.exp(0.5 * rng.standard_normal(len(held), dtype=np.float32)), np.diff(offsets))[:, None]
+    return TokenRows(offsets, np.concatenate(held).astype(np.int32), values)
 
 
 # ----------------------------------------------------------------------------------------- the service
@@ -125,7 +173,13 @@ class SyntheticBuildQueue:
             ranges = store.chunk_ranges()
             for chunk in dispatcher.chunks:
                 start, stop = ranges[chunk]
-                features = {name: synthetic_block(self.seed, u, start, stop) for u, name in enumerate(layers)}
+                features = {}
+                for u, name in enumerate(layers):
+                    spec = store.layer_spec(name)
+                    if spec.layout == "tokens":
+                        features[name] = synthetic_token_rows(self.seed, start, stop, spec.dim)
+                    else:
+                        features[name] = synthetic_block(self.seed, u, start, stop, spec.dim)
                 store.write_chunk(chunk, np.arange(start, stop, dtype=np.int64), features)
                 common.log(f"synthetic chunk {chunk + 1}/{len(ranges)} written")
             finalize_build(ctx, job_id)
@@ -208,13 +262,15 @@ def _dataset_file(n: int) -> Path:
     return path
 
 
-def ready_index(service: Service, n: int) -> tuple[str, dict]:
-    """An index of n rows (made once per bench data folder; reused while ready)."""
+def ready_index(service: Service, n: int, variant: str = "old") -> tuple[str, dict]:
+    """An index of n rows for a variant (made once per bench data folder; reused while ready)."""
     from influence import packaged_minilm_path
 
+    layers, projection = VARIANTS[variant]
+    key = str(n) if variant == "old" else f"{n}:{variant}"
     state_path = SERVICE_DIR / "bench-state.json"
     state = json.loads(state_path.read_text()) if state_path.is_file() else {}
-    known = state.get(str(n))
+    known = state.get(key)
     if known:
         try:
             index = service.call("GET", f"/v1/indexes/{known}")
@@ -250,8 +306,8 @@ def ready_index(service: Service, n: int) -> tuple[str, dict]:
         json={
             "model_id": state["model_id"],
             "dataset_id": dataset["id"],
-            "layers": LAYERS,
-            "projection": {"kind": "factorized", "dim": DIM, "seed": 0},
+            "layers": layers,
+            "projection": projection,
             "dtype": "float16",
             "faiss_kind": "flat",
             "chunk_size": CHUNK_ROWS,
@@ -266,7 +322,7 @@ def ready_index(service: Service, n: int) -> tuple[str, dict]:
         raise RuntimeError(f"synthetic build of n={n} ended {current['status']}: {service.queue.errors}")
     info["build_s"] = time.perf_counter() - started
     info["size_bytes"] = current["size_bytes"]
-    state[str(n)] = index["id"]
+    state[key] = index["id"]
     state_path.write_text(json.dumps(state))
     return index["id"], info
 
@@ -311,6 +367,9 @@ class Splits:
         self.wrap(queries, "shown_layer_ranks", "answer-ranks")
         self.wrap(queries, "_read_hit_rows", "answer-rows")
         self.wrap(queries, "run_query", "run_query")
+        from influence.tokens import TokenRows
+
+        self.wrap(TokenRows, "dot", "join")
 
     def uninstall(self) -> None:
         for owner, name, original in reversed(self._originals):
@@ -387,11 +446,17 @@ class EagerPatches:
 
 
 def run_queries(
-    service: Service, index_id: str, n: int, repeats: int, warmups: int, modes: tuple[str, ...] = ("after",)
+    service: Service,
+    index_id: str,
+    n: int,
+    repeats: int,
+    warmups: int,
+    modes: tuple[str, ...] = ("after",),
+    indexes: dict[str, str] | None = None,
 ) -> dict:
     """`repeats` timed queries per mode after `warmups`; with modes ("before", "after") every repeat runs both,
     in alternating order, "before" under bench.scoring.BeforePatches (the code before item 6), "eager" under
-    EagerPatches (the code before the compiled kernel)."""
+    EagerPatches (the code before the compiled kernel). `indexes`: mode -> its own index (variants)."""
     import contextlib
 
     from bench.scoring import BeforePatches
@@ -421,7 +486,8 @@ def run_queries(
                 patch = patches[mode]() if mode in patches else contextlib.nullcontext()
                 with patch:
                     start = time.perf_counter()
-                    answer = service.call("POST", f"/v1/indexes/{index_id}/query", json=body)
+                    target = (indexes or {}).get(mode, index_id)
+                    answer = service.call("POST", f"/v1/indexes/{target}/query", json=body)
                     total = time.perf_counter() - start
                 parts = splits.take()
                 assert answer["num_rows"] == n and len(answer["results"][0]["helpful"]) == 10
@@ -443,6 +509,7 @@ def run_queries(
                         - parts.get("aggregation", 0.0),
                         "answer-ranks": parts.get("answer-ranks", 0.0),
                         "answer-rows": parts.get("answer-rows", 0.0),
+                        "join": parts.get("join", 0.0),
                         "http+json": total - run,
                     }
                 )
@@ -459,7 +526,7 @@ def run_queries(
                 key: float(np.median([r[key] for r in measured])) for key in measured[0] if key != "total"
             },
         }
-        if mode == "after":
+        if mode == "after" and not indexes:
             out.update(entry)
         else:
             out[mode] = entry
@@ -563,6 +630,9 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="also run each query with the query gradient on all intra-op threads (before the one-thread worker)",
     )
+    parser.add_argument(
+        "--variants", default=None, help="comma-separated of " + ", ".join(VARIANTS) + " (issue 12; module doc)"
+    )
     args = parser.parse_args(argv)
     common.set_threads(args.threads)
     sizes = [int(s) for s in (args.sizes or ("10000" if args.quick else "10000,100000,1000000")).split(",")]
@@ -577,11 +647,23 @@ def main(argv: list[str] | None = None) -> None:
     try:
         for n in sizes:
             need = n * len(LAYERS) * DIM * (2 + 4) * 1.3  # float16 store + float32 flat FAISS, with slack
+            if {"new", "both"} & set((args.variants or "").split(",")):
+                need = n * len(LAYERS) * 1536 * (2 + 4) * 2.3  # the exact LoRA units in two variants
             free = shutil.disk_usage(common.WORK).free
             if need > free:
                 results[str(n)] = {"skipped": f"needs ~{need / 1e9:.1f} GB of disk, {free / 1e9:.1f} GB free"}
                 continue
             common.log(f"n={n}: preparing the index")
+            if args.variants:
+                variants = tuple(args.variants.split(","))
+                built = {variant: ready_index(service, n, variant) for variant in variants}
+                common.log(f"n={n}: indexes ready ({built}); querying")
+                indexes = {variant: index_id for variant, (index_id, _) in built.items()}
+                measured = run_queries(service, "", n, repeats, args.warmups, variants, indexes)
+                measured["indexes"] = {variant: info for variant, (_, info) in built.items()}
+                results[str(n)] = measured
+                common.log(f"n={n}: " + ", ".join(f"{v} p50 {measured[v]['p50_s'] * 1000:.0f} ms" for v in variants))
+                continue
             index_id, info = ready_index(service, n)
             common.log(f"n={n}: index {index_id} ready ({info}); querying")
             modes = (("before",) if args.compare_before else ()) + (("eager",) if args.compare_eager else ())
@@ -618,6 +700,11 @@ def main(argv: list[str] | None = None) -> None:
     measured_sizes = {n: r for n, r in results.items() if "p50_s" in r}
     headline: dict[str, Any] = {"load_1min": common.load_average()[0], "bandwidth_gb_s": bandwidth["best"]}
     headline["small_batches_one_thread"] = result["small_batches"]["one_thread"]
+    for n, r in results.items():
+        for variant in VARIANTS:
+            if variant in r:
+                headline[f"p50_ms_{variant}_{n}"] = 1000 * r[variant]["p50_s"]
+                headline[f"join_ms_{variant}_{n}"] = 1000 * r[variant]["split_median_s"]["join"]
     for n, r in measured_sizes.items():
         headline[f"p50_ms_{n}"] = 1000 * r["p50_s"]
         headline[f"p95_ms_{n}"] = 1000 * r["p95_s"]
@@ -631,6 +718,7 @@ def main(argv: list[str] | None = None) -> None:
     name = "query" + ("-compare-before" if args.compare_before else "")
     name += "-compare-eager" if args.compare_eager else ""
     name += "-compare-threads" if args.compare_threads else ""
+    name += "-variants" if args.variants else ""
     common.emit(name, result, args.quick, headline)
 
 

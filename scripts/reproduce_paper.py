@@ -8,12 +8,15 @@ Protocol (method.md §6, scaled to this machine): per seed s,
    lowest loss on the reference set is the checkpoint influence is computed at (the paper's choice);
 3. 500 stratified validation rows (fixed, seed 0) are the reference ("infl") set; the other 372 are held out;
 4. the paper's units (word embedding, the 24 LoRA tensors, the classification head) featurized with the
-   factorized projection at the default dimension; correctness of each reference prediction;
+   library's default projection `auto`: the word embedding exact as token rows, the LoRA tensors and the head
+   exact (identity), as the paper's own code keeps them (`--projection factorized`: every unit factorized to
+   the default dimension, as this reproduction did before); correctness of each reference prediction;
 5. cancellation per unit over 1,000 training rows (exact, raw parameter space);
 6. influence.report.layer_report with grad-dot and DataInf, aggregations mean / rank / vote / rank-c / vote-c.
 
 Fine-tunes, features, cancellation and per-seed reports are cached under var/reproduction/ (a rerun only
-re-summarises). Results: docs/reproduction/sst2-minilm.json and docs/reproduction.md.
+re-summarises). Results: docs/reproduction/sst2-minilm.json (auto) or sst2-minilm-factorized.json, and
+docs/reproduction.md (the auto run, compared with the factorized one when its JSON is there).
 
     python scripts/reproduce_paper.py --seeds 3
 """
@@ -45,7 +48,15 @@ import torch  # noqa: E402
 
 SST2 = ROOT.parent / "shared" / "datasets" / "sst2"
 CACHE = ROOT / "var" / "reproduction"
-DOCS_JSON = ROOT / "docs" / "reproduction" / "sst2-minilm.json"
+DOCS_JSONS = {
+    "auto": ROOT / "docs" / "reproduction" / "sst2-minilm.json",
+    "factorized": ROOT / "docs" / "reproduction" / "sst2-minilm-factorized.json",
+}
+PROJECTION_TEXT = {
+    "auto": "the default projection `auto`: the word embedding exact as token rows (per row, its distinct tokens "
+    "with their gradient rows), the LoRA tensors and the head exact (identity): no unit is compressed",
+    "factorized": "the factorized projection (256 dimensions per unit)",
+}
 DOCS_MD = ROOT / "docs" / "reproduction.md"
 
 N_TRAIN = 4500
@@ -153,12 +164,16 @@ def finetune(seed: int, train, mask, reference):
     return result, record
 
 
-def features(seed: int, result, train, reference, held_out):
+def projection_spec(name: str):
+    from influence import DEFAULT_DIM, ProjectionSpec
+
+    return ProjectionSpec(name, DEFAULT_DIM, seed=0)
+
+
+def features(seed: int, result, train, reference, held_out, projection_name: str):
     """Features of the paper's units, reference correctness, cancellation; cached in var/reproduction."""
     from influence import (
-        DEFAULT_DIM,
         Featurizer,
-        ProjectionSpec,
         discover_layers,
         encode_examples,
         featurize_examples,
@@ -170,9 +185,10 @@ def features(seed: int, result, train, reference, held_out):
         select_layers,
     )
     from influence.data import pad_token_id
+    from influence.featurize import feature_arrays, features_from_arrays
 
-    folder = CACHE / f"seed-{seed}"
-    projection = ProjectionSpec("factorized", DEFAULT_DIM, seed=0)
+    folder = CACHE / f"seed-{seed}" / projection_name
+    projection = projection_spec(projection_name)
     key = {
         "format": FORMAT,
         "finetune": result.settings_hash,
@@ -191,10 +207,11 @@ def features(seed: int, result, train, reference, held_out):
         meta = json.loads(meta_path.read_text())
         if meta.get("key") == key:
             say(f"  seed {seed}: features, predictions and cancellation reused from cache")
+            names = [layer.name for layer in layers]
             with np.load(folder / "train_features.npz") as f:
-                train_features = {layer.name: f[layer.name] for layer in layers}
+                train_features = features_from_arrays(f, names)
             with np.load(folder / "reference_features.npz") as f:
-                reference_features = {layer.name: f[layer.name] for layer in layers}
+                reference_features = features_from_arrays(f, names)
             return layers, train_features, reference_features, meta
 
     model, tokenizer = loaded.model, loaded.tokenizer
@@ -244,8 +261,8 @@ def features(seed: int, result, train, reference, held_out):
     )
 
     folder.mkdir(parents=True, exist_ok=True)
-    np.savez(folder / "train_features.npz", **train_set.features)
-    np.savez(folder / "reference_features.npz", **reference_set.features)
+    np.savez(folder / "train_features.npz", **feature_arrays(train_set.features))
+    np.savez(folder / "reference_features.npz", **feature_arrays(reference_set.features))
     meta = {
         "key": key,
         "layers": [layer.to_dict() for layer in layers],
@@ -266,7 +283,7 @@ def report(seed: int, layers, train_features, reference_features, meta, mask):
     from influence import Cancellation
     from influence.report import layer_report
 
-    folder = CACHE / f"seed-{seed}"
+    folder = CACHE / f"seed-{seed}" / meta["key"]["projection"]["kind"]
     path = folder / "report.json"
     key = {"features": meta["key"], "estimators": ESTIMATORS, "aggregations": AGGREGATIONS, "format": FORMAT}
     if path.is_file():
@@ -366,7 +383,7 @@ def spearman(x, y) -> float:
     return float(spearmanr([p[0] for p in pairs], [p[1] for p in pairs]).statistic)
 
 
-def summarise(seeds, runs, command: str, wall: float) -> tuple[dict, str]:
+def summarise(seeds, runs, command: str, wall: float, projection_name: str) -> tuple[dict, str]:
     reports = [run["report"] for run in runs]
     table = entry_table(reports)
     first = reports[0]
@@ -486,7 +503,7 @@ def summarise(seeds, runs, command: str, wall: float) -> tuple[dict, str]:
         f"AdamW lr {LR}, batch {BATCH}, cosine schedule with 10% warm-up, {EPOCHS} epochs, max length {MAX_LENGTH}, "
         f"the epoch with the lowest reference loss; {N_REFERENCE} stratified validation rows as the reference "
         "set. Units: the word embedding (WE), the 24 LoRA tensors and the classification head (CL), featurized "
-        "with the factorized projection (256 dimensions per unit). Produced by `scripts/reproduce_paper.py`; "
+        f"with {PROJECTION_TEXT[projection_name]}. Produced by `scripts/reproduce_paper.py`; "
         "every number below is what that script measured.\n"
     )
     md.append("```\n" + command + "\n```\n")
@@ -603,9 +620,72 @@ def summarise(seeds, runs, command: str, wall: float) -> tuple[dict, str]:
     md.append("")
     md.append(
         "Raw per-seed numbers (every unit and group, every estimator and aggregation, cancellation, warnings): "
-        "`docs/reproduction/sst2-minilm.json`. Full per-seed reports: `var/reproduction/seed-*/report.json`.\n"
+        f"`{DOCS_JSONS[projection_name].relative_to(ROOT)}`. Full per-seed reports: "
+        f"`var/reproduction/seed-*/{projection_name}/report.json`.\n"
     )
+    other = DOCS_JSONS["factorized"]
+    if projection_name == "auto" and other.is_file():
+        md.extend(compare_text(summary, json.loads(other.read_text())))
     return summary, "\n".join(md)
+
+
+def _mean_auc(summary: dict) -> dict:
+    """(estimator, aggregation, layers) -> mean AUC-NDR over the summary's seeds."""
+    values: dict = {}
+    for run in summary["per_seed"]:
+        for e in run["entries"]:
+            values.setdefault((e["estimator"], e["aggregation"], e["layers"]), []).append(e["auc_ndr"])
+    return {key: float(np.mean(v)) for key, v in values.items() if all(x is not None for x in v)}
+
+
+def compare_text(now: dict, before: dict) -> list[str]:
+    """How AUC-NDR moved from the factorized-256 run to this one, per group and aggregation (mean over seeds)."""
+    new, old = _mean_auc(now), _mean_auc(before)
+    md = ["", "## Against the earlier run with every unit factorized to 256 numbers\n"]
+    md.append(
+        "The same protocol, seeds and fine-tunes (`python scripts/reproduce_paper.py --seeds 3 --projection "
+        "factorized`, its numbers in `docs/reproduction/sst2-minilm-factorized.json`), with every unit "
+        "compressed by the factorized projection to 256 numbers. AUC-NDR, mean over seeds: factorized -> exact "
+        "(change).\n"
+    )
+    for est in ESTIMATORS:
+        md.append(f"### {est}\n")
+        md.append("| group | " + " | ".join(TABLE_AGGREGATIONS) + " |")
+        md.append("|---" * (1 + len(TABLE_AGGREGATIONS)) + "|")
+        for group in GROUP_ORDER:
+            cells = []
+            for agg in TABLE_AGGREGATIONS:
+                key = (est, agg, group)
+                if key in new and key in old:
+                    cells.append(f"{old[key]:.3f} -> {new[key]:.3f} ({new[key] - old[key]:+.3f})")
+                else:
+                    cells.append("-")
+            if any(c != "-" for c in cells):
+                md.append(f"| {group} | " + " | ".join(cells) + " |")
+        md.append("")
+    moved = {k: new[k] - old[k] for k in new if k in old and k[2] != "WE" and k[2] in GROUP_ORDER}
+    largest = max(moved, key=lambda k: abs(moved[k]))
+    we = {k: new[k] - old[k] for k in new if k in old and k[2] == "WE"}
+    md.append(
+        f"- Across the {len(moved)} (estimator, aggregation, group) cells other than WE (all five aggregations), "
+        f"AUC-NDR moved by {np.mean(np.abs(list(moved.values()))):.3f} on average; the largest move is "
+        f"{moved[largest]:+.3f} ({largest[0]}, {largest[1]}, {largest[2]}), where raw mean adds the units' "
+        "scores as they are, so a unit whose score scale changed (the exact embedding) moves the sum."
+    )
+    md.append(
+        "- WE: "
+        + ", ".join(f"{est} {agg} {old[(est, agg, 'WE')]:.3f} -> {new[(est, agg, 'WE')]:.3f}" for est, agg, _ in we)
+        + "."
+    )
+    earlier, after = before.get("we_cancellation", {}), now.get("we_cancellation", {})
+    if earlier and after:
+        md.append(
+            f"- Cancellation: the word embedding still has the lowest cancellation of all units in "
+            f"{after['lowest']} of {after['seeds']} seeds; its AUC-NDR rank among the 26 units (grad-dot, rank-c, "
+            f"1 = best) is {after['auc_rank']:.1f} exact against {earlier['auc_rank']:.1f} factorized."
+        )
+    md.append("")
+    return md
 
 
 def claims_text(summary: dict, table) -> list[str]:
@@ -729,11 +809,19 @@ def main(argv=None) -> int:
     parser.add_argument("--first-seed", type=int, default=0)
     parser.add_argument("--prepare-only", action="store_true", help="fine-tune and featurize, no report")
     parser.add_argument("--no-docs", action="store_true", help="do not write docs/ (partial runs)")
+    parser.add_argument(
+        "--projection",
+        choices=sorted(DOCS_JSONS),
+        default="auto",
+        help="auto (default: every paper unit exact) or factorized (256 numbers per unit)",
+    )
     args = parser.parse_args(argv)
     seeds = list(range(args.first_seed, args.first_seed + args.seeds))
     command = "python scripts/reproduce_paper.py --seeds " + str(args.seeds)
     if args.first_seed:
         command += f" --first-seed {args.first_seed}"
+    if args.projection != "auto":
+        command += f" --projection {args.projection}"
     torch.set_num_threads(torch.get_num_threads())
     say(f"reproduction: seeds {seeds}; cache {CACHE}")
     say(f"machine: {machine()}")
@@ -744,7 +832,9 @@ def main(argv=None) -> int:
         say(f"seed {seed}")
         noisy, mask = noisy_train(train, seed)
         result, record = finetune(seed, noisy, mask, reference)
-        layers, train_features, reference_features, meta = features(seed, result, noisy, reference, held_out)
+        layers, train_features, reference_features, meta = features(
+            seed, result, noisy, reference, held_out, args.projection
+        )
         if args.prepare_only:
             continue
         rep, report_s = report(seed, layers, train_features, reference_features, meta, mask)
@@ -768,11 +858,14 @@ def main(argv=None) -> int:
         )
     wall = time.perf_counter() - STARTED
     if runs and not args.no_docs:
-        summary, md = summarise(seeds, runs, command, wall)
-        DOCS_JSON.parent.mkdir(parents=True, exist_ok=True)
-        DOCS_JSON.write_text(json.dumps(_strict(summary), indent=1, allow_nan=False) + "\n")
-        DOCS_MD.write_text(md + "\n")
-        say(f"wrote {DOCS_JSON.relative_to(ROOT)} and {DOCS_MD.relative_to(ROOT)}")
+        summary, md = summarise(seeds, runs, command, wall, args.projection)
+        docs_json = DOCS_JSONS[args.projection]
+        docs_json.parent.mkdir(parents=True, exist_ok=True)
+        docs_json.write_text(json.dumps(_strict(summary), indent=1, allow_nan=False) + "\n")
+        if args.projection == "auto":  # docs/reproduction.md tells the default's story
+            DOCS_MD.write_text(md + "\n")
+        written = f" and {DOCS_MD.relative_to(ROOT)}" if args.projection == "auto" else ""
+        say(f"wrote {docs_json.relative_to(ROOT)}{written}")
     say(f"done in {wall / 60:.1f} min")
     return 0
 
