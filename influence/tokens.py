@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from influence.errors import InvalidInputError
+from influence.kernels import COMPILED_DOTS
 
 # Train entries turned to float32 at a time in a join: bounds the extra memory over a float16 memmap.
 _JOIN_BLOCK = 1 << 16
@@ -50,6 +51,7 @@ class TokenRows:
         self.values = values
         self._order = None if order is None else _numpy(order)
         self._rows: np.ndarray | None = None
+        self._sorted_tokens: np.ndarray | None = None
         if check:
             self._check()
 
@@ -244,7 +246,9 @@ class TokenRows:
         distinct, q_start = np.unique(q_tokens, return_index=True)
         q_end = np.append(q_start[1:], len(q_tokens))
         order = self.order
-        sorted_tokens = _numpy(self.tokens)[order]
+        if self._sorted_tokens is None:  # kept: a store's rows serve query after query
+            self._sorted_tokens = _numpy(self.tokens)[order]
+        sorted_tokens = self._sorted_tokens
         lo = np.searchsorted(sorted_tokens, distinct, side="left")
         hi = np.searchsorted(sorted_tokens, distinct, side="right")
         rows_of = self.entry_rows()
@@ -253,9 +257,13 @@ class TokenRows:
             columns = q_rows[q_start[k] : q_end[k]]
             for start in range(int(lo[k]), int(hi[k]), _JOIN_BLOCK):
                 entries = order[start : min(int(hi[k]), start + _JOIN_BLOCK)]  # ascending: a forward read
-                block = _torch(_take(self.values, entries)).to(dtype) @ query_block.T  # (e_v, m_v)
+                values = _torch(_take(self.values, entries))
+                if dtype == torch.float32 and COMPILED_DOTS.serves(values.dtype, len(query_block)):
+                    block = COMPILED_DOTS(values, query_block)  # float16 rows: conversion fused into the dots
+                else:
+                    block = values.to(dtype) @ query_block.T  # (e_v, m_v)
                 rows = torch.from_numpy(rows_of[entries])
-                out[rows[:, None], columns[None, :]] += block
+                out[rows[:, None], columns[None, :]] += block  # a row holds a token once: no repeats
         return out
 
     def token_sums(self, weights: torch.Tensor) -> tuple[np.ndarray, torch.Tensor]:
