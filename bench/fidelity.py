@@ -1,7 +1,7 @@
 """Projection fidelity per layer unit: projected vs exact grad-dot scores (baseline for issue 12).
 
-    python -m bench.fidelity [--out results.json]   # 64 train x 16 query SST-2 rows, 63 units, 3 projections
-    python -m bench.fidelity --quick                 # 16 x 4 rows, factorized-256 only; one JSON line
+    python -m bench.fidelity [--out results.json]   # 64 train x 16 query SST-2 rows, 63 units, 5 settings
+    python -m bench.fidelity --quick                 # 16 x 4 rows, the default (auto) only; one JSON line
 
 The packaged MiniLM with the benchmark's deterministic LoRA r = 4 adapter (bench.common), classification,
 max length 128. A seeded sample of SST-2 train rows: `--train` rows ("train", default 64) and `--queries`
@@ -402,7 +402,7 @@ def markdown(units: list[dict], settings: list[str]) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.fidelity", description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--quick", action="store_true", help="16 train x 4 query rows, factorized-256; one JSON line"
+        "--quick", action="store_true", help="16 train x 4 query rows, the default auto:256; one JSON line"
     )
     parser.add_argument("--train", type=int, default=64)
     parser.add_argument("--queries", type=int, default=16)
@@ -424,7 +424,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
     if args.quick:
-        args.train, args.queries, args.settings, args.verify = 16, 4, "factorized:256", 1
+        args.train, args.queries, args.settings, args.verify = 16, 4, "auto:256", 1
     common.set_threads(args.threads)
     started = time.perf_counter()
     machine_start = common.machine()
