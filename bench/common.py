@@ -36,8 +36,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
-SST2 = SHARED / "datasets" / "sst2"
+SST2 = REPO / "data" / "sst2"  # all 60,614 training rows ship with the repository (data/sst2/README.md)
 WORK = Path(os.environ.get("INFLUENCE_BENCH_DIR", "/tmp/influence-bench"))
 DEFAULT_THREADS = 2
 LORA_TARGETS = ("query", "value")

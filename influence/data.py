@@ -173,7 +173,7 @@ def pad_token_id(tokenizer) -> int:
 
 
 def read_labelled_tsv(path: str | Path, limit: int | None = None) -> list[Example]:
-    """Read a GLUE-style TSV with header `sentence<TAB>label` (e.g. ../shared/datasets/sst2)."""
+    """Read a GLUE-style TSV with header `sentence<TAB>label` (e.g. the repository's data/sst2/train.tsv)."""
     examples: list[Example] = []
     with open(path, newline="", encoding="utf-8") as handle:
         reader = csv.DictReader(handle, delimiter="\t", quoting=csv.QUOTE_NONE)

@@ -36,7 +36,7 @@ for variable, value in {
     os.environ.setdefault(variable, value)
 sys.path.insert(0, str(ROOT))
 
-SST2 = ROOT.parent / "shared" / "datasets" / "sst2"
+SST2 = ROOT / "data" / "sst2"  # ships with the repository (data/sst2/README.md)
 DATA_DIR = Path(os.environ.get("INFLUENCE_DATA_DIR", ROOT / "var")).resolve()
 DEMO_DIR = DATA_DIR / "demo"
 TRAIN_ROWS = 2000

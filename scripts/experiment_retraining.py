@@ -44,7 +44,7 @@ for variable, value in {
     os.environ.setdefault(variable, value)
 sys.path.insert(0, str(ROOT))
 
-SST2 = ROOT.parent / "shared" / "datasets" / "sst2"
+SST2 = ROOT / "data" / "sst2"  # ships with the repository (data/sst2/README.md)
 DATA_DIR = (ROOT / "var" / "experiment").resolve()
 OUT_DIR = ROOT / "docs" / "reproduction"
 N_TRAIN, N_REFERENCE = 4500, 500

@@ -46,7 +46,7 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-SST2 = ROOT.parent / "shared" / "datasets" / "sst2"
+SST2 = ROOT / "data" / "sst2"  # ships with the repository (data/sst2/README.md)
 CACHE = ROOT / "var" / "reproduction"
 DOCS_JSONS = {
     "auto": ROOT / "docs" / "reproduction" / "sst2-minilm.json",

@@ -12,8 +12,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-SST2 = SHARED / "datasets" / "sst2"
+SST2 = Path(__file__).resolve().parents[1] / "data" / "sst2"  # ships with the repository
 
 
 @pytest.fixture(scope="session")
