@@ -497,7 +497,7 @@ def summarise(seeds, runs, command: str, wall: float, projection_name: str) -> t
     md = []
     md.append("# Reproduction: layer choice and aggregation on real SST-2 (MiniLM + LoRA)\n")
     md.append(
-        "The paper's protocol (Vitel & Chhabra, ICLR 2026; `../shared/docs/method.md` §6) scaled to this machine: "
+        "The paper's protocol (Vitel & Chhabra, ICLR 2026, method section 6) scaled to this machine: "
         f"{n:,} stratified SST-2 training rows with {NOISE_RATE:.0%} of labels flipped ({n_noisy} noisy), the "
         "packaged MiniLM (6 blocks) with LoRA r = 4, alpha = 4 on query and value and the head trained fully, "
         f"AdamW lr {LR}, batch {BATCH}, cosine schedule with 10% warm-up, {EPOCHS} epochs, max length {MAX_LENGTH}, "
@@ -517,7 +517,7 @@ def summarise(seeds, runs, command: str, wall: float, projection_name: str) -> t
             f"{s['cancellation_s'] / 60:.1f} / {s['report_s'] / 60:.1f} min"
         )
     total = sum(sum(run["seconds"].values()) for run in runs)
-    md.append(f"  - all seeds together, uncached: {total / 60:.0f} min on this (shared) machine")
+    md.append(f"  - all seeds together, uncached: {total / 60:.0f} min on this machine")
     md.append("")
     md.append("## Model accuracy\n")
     md.append(
