@@ -20,7 +20,6 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, ClassVar, TypeVar
 
-import numpy as np
 import torch
 
 from influence.errors import InvalidInputError
@@ -286,7 +285,7 @@ class DataInf(Estimator):
         squared = basis.norms().double().square()
         weights = fitted / (self.damping + squared).unsqueeze(1) / max(1, len(basis))
         # The table holds (distinct tokens, queries, width) numbers: queries in groups that keep it bounded.
-        distinct = max(1, len(np.unique(np.asarray(basis.tokens))))
+        distinct = max(1, len(basis.token_index()[0]))
         group = max(1, _TABLE_NUMBERS // (distinct * max(1, basis.width)))
         second = torch.empty_like(scores)
         for j0 in range(0, scores.shape[1], group):

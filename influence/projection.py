@@ -112,16 +112,24 @@ class ProjectionSpec:
         object.__setattr__(self, "units", dict(sorted(units.items())))
 
     def for_layer(self, layer: Layer) -> UnitProjection:
-        """The projection of one unit: its override, else the spec's kind (auto: by the unit's size)."""
+        """The projection of one unit, with the dimension it really has: its override, else the spec's kind
+        (auto: by the unit's size). Identity keeps every number, and a per-token dim at or above the
+        embedding's width is that width (exact), whatever dim was asked for."""
         if layer.name in self.units:
-            return self.units[layer.name]
-        if self.kind != "auto":
-            return UnitProjection(self.kind, self.dim)
-        if layer.kind == "embedding":
-            return UnitProjection("tokens", layer.out_features)
-        if layer.num_params <= self.exact_max_params:
+            unit = self.units[layer.name]
+        elif self.kind != "auto":
+            unit = UnitProjection(self.kind, self.dim)
+        elif layer.kind == "embedding":
+            unit = UnitProjection("tokens", layer.out_features)
+        elif layer.num_params <= self.exact_max_params:
+            unit = UnitProjection("identity", layer.num_params)
+        else:
+            unit = UnitProjection("factorized", self.dim)
+        if unit.kind == "identity":
             return UnitProjection("identity", layer.num_params)
-        return UnitProjection("factorized", self.dim)
+        if unit.kind == "tokens":
+            return UnitProjection("tokens", min(unit.dim, layer.out_features))
+        return unit
 
     def resolved(self, layers: Sequence[Layer]) -> ProjectionSpec:
         """This spec with every unit of `layers` recorded in `units` (auto specs; others are returned as
@@ -130,13 +138,8 @@ class ProjectionSpec:
             return self
         units = dict(self.units)
         for layer in layers:
-            unit = self.for_layer(layer)
-            if unit.kind == "tokens":  # a per-token dim at or above the width is the exact width
-                unit = UnitProjection("tokens", min(unit.dim, layer.out_features))
-            elif unit.kind == "identity":  # identity keeps every number, whatever dim was asked for
-                unit = UnitProjection("identity", layer.num_params)
             if self.kind == "auto" or layer.name in units:
-                units[layer.name] = unit
+                units[layer.name] = self.for_layer(layer)
         return replace(self, units=units)
 
     def check_units(self, names: Sequence[str]) -> None:

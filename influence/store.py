@@ -441,6 +441,9 @@ class FeatureStore:
         self._deleted: np.ndarray | None = None
         self._live: np.ndarray | None = None
         self._arrays: dict[tuple[str, str], np.ndarray] = {}
+        # Token-row layers as TokenRows, per (segment names, layer): one object per state of the store, so
+        # what a join derives from its files (token order, entry rows) is derived once, not per query.
+        self._token_rows: dict[tuple[tuple[str, ...], str], TokenRows] = {}
         self.refresh()
 
     # -- opening
@@ -524,6 +527,7 @@ class FeatureStore:
         """Re-read the segments list (picks up finalize/append/delete_rows/compact done by other processes)."""
         segments_path = self._path / _SEGMENTS_FILE
         self._arrays.clear()
+        self._token_rows.clear()
         self._deleted = None
         self._live = None
         signature = _signature(segments_path)
@@ -1018,10 +1022,14 @@ class FeatureStore:
         """
         spec = self.layer_spec(name)
         segments = self._require_complete()
-        parts = [self._segment_layer(s, spec) for s in segments]
         if spec.layout == "tokens":
-            return parts[0] if len(parts) == 1 else TokenRows.concat(parts)
-        return self._gather(parts)
+            key = (tuple(s["name"] for s in segments), name)
+            if key not in self._token_rows:
+                parts = [self._segment_layer(s, spec) for s in segments]
+                self._token_rows = {k: v for k, v in self._token_rows.items() if k[0] == key[0]}
+                self._token_rows[key] = parts[0] if len(parts) == 1 else TokenRows.concat(parts)
+            return self._token_rows[key]
+        return self._gather([self._segment_layer(s, spec) for s in segments])
 
     def _segment_layer(self, segment: dict[str, Any], spec: LayerSpec) -> Any:
         files = segment["layers"][spec.name]

@@ -52,6 +52,7 @@ class TokenRows:
         self._order = None if order is None else _numpy(order)
         self._rows: np.ndarray | None = None
         self._sorted_tokens: np.ndarray | None = None
+        self._token_index: tuple[np.ndarray, np.ndarray] | None = None
         if check:
             self._check()
 
@@ -210,6 +211,23 @@ class TokenRows:
             self._order = np.argsort(_numpy(self.tokens), kind="stable").astype(np.int64)
         return self._order
 
+    def sorted_tokens(self) -> np.ndarray:
+        """The entries' tokens in token order (tokens[order]), kept: a store's rows serve query after query."""
+        if self._sorted_tokens is None:
+            self._sorted_tokens = _numpy(self.tokens)[self.order]
+        return self._sorted_tokens
+
+    def token_index(self) -> tuple[np.ndarray, np.ndarray]:
+        """(the distinct tokens, ascending; each entry's position among them), from the token order, kept."""
+        if self._token_index is None:
+            ordered = self.sorted_tokens()
+            starts = np.ones(len(ordered), dtype=bool)
+            starts[1:] = ordered[1:] != ordered[:-1]
+            entry_token = np.empty(len(ordered), dtype=np.int64)
+            entry_token[self.order] = np.cumsum(starts) - 1
+            self._token_index = (ordered[starts], entry_token)
+        return self._token_index
+
     def norms(self) -> torch.Tensor:
         """||G(z)|| per row (n,) float32, accumulated in float64."""
         squared = torch.zeros(self.num_rows, dtype=torch.float64)
@@ -246,9 +264,7 @@ class TokenRows:
         distinct, q_start = np.unique(q_tokens, return_index=True)
         q_end = np.append(q_start[1:], len(q_tokens))
         order = self.order
-        if self._sorted_tokens is None:  # kept: a store's rows serve query after query
-            self._sorted_tokens = _numpy(self.tokens)[order]
-        sorted_tokens = self._sorted_tokens
+        sorted_tokens = self.sorted_tokens()
         lo = np.searchsorted(sorted_tokens, distinct, side="left")
         hi = np.searchsorted(sorted_tokens, distinct, side="right")
         rows_of = self.entry_rows()
@@ -269,7 +285,7 @@ class TokenRows:
     def token_sums(self, weights: torch.Tensor) -> tuple[np.ndarray, torch.Tensor]:
         """sum_i weights[i, j] G(row i), as a token-keyed table: (tokens (V,) ascending, table (V, m, w)) over
         the V distinct tokens the rows hold; float64."""
-        tokens, entry_token = np.unique(_numpy(self.tokens), return_inverse=True)
+        tokens, entry_token = self.token_index()
         m = weights.shape[1]
         table = torch.zeros(len(tokens), m, self.width, dtype=torch.float64)
         rows_of = self.entry_rows()

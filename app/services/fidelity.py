@@ -79,12 +79,6 @@ def _finite(value: float) -> float | None:
     return round(float(value), 6) if math.isfinite(value) else None
 
 
-def _unit_projection(spec, layer) -> dict[str, Any]:
-    unit = spec.for_layer(layer)
-    # An identity unit keeps every parameter's gradient: its dimension is the unit's size, whatever `dim` says.
-    return {"kind": unit.kind, "dim": int(layer.num_params if unit.kind == "identity" else unit.dim)}
-
-
 def _held_bytes(layers: Sequence[Any], query_lengths: Sequence[int], train_lengths: Sequence[int]) -> int:
     """Bytes of float64 (inputs, output gradients) the measurement holds at its peak: every query token of every
     unit, and the longest training batch's tokens."""
@@ -184,7 +178,7 @@ def _measure(ctx: Any, rows: Any, store: Any) -> dict[str, Any]:
     for layer in layers:
         numbers = measured[layer.name]
         units[layer.name] = {
-            "projection": _unit_projection(spec, layer),
+            "projection": spec.for_layer(layer).to_dict(),
             "spearman": _finite(numbers.spearman),
             "spearman_min": _finite(numbers.spearman_min),
             "rel_error": _finite(numbers.rel_error),

@@ -83,36 +83,21 @@ def unit_projections(index: Index, model) -> dict[str, dict[str, Any]]:
     """Per layer unit of the index: {kind, dim, features} actually used. From the manifest once the build has
     planned the store (its projection names every unit of an `auto` spec, its layers their dims); before
     that, resolved from the row's projection and the model's registered layers."""
-    from influence.projection import UnitProjection
 
     manifest = index.manifest or {}
-    if manifest.get("projection") and manifest.get("layers"):
-        projection = manifest["projection"]
-        features: dict[str, int] | None = {
-            str(layer["name"]): int(layer["dim"]) for layer in manifest["layers"]
-        }
-    else:
-        projection, features = projection_of(index), None
+    built = bool(manifest.get("projection") and manifest.get("layers"))
+    projection = manifest["projection"] if built else projection_of(index)
     spec = projection_spec(projection)
-    names = list(features) if features is not None else list(index.layers)
-    layers: dict[str, Any] = {}
-    if features is None or (spec.kind == "auto" and not set(names) <= set(spec.units)):
-        layers = {layer.name: layer for layer in _chosen_layers(model, names)}
-    if features is None:
-        features = feature_dims(list(layers.values()), projection)
-    out = {}
-    for name in names:
-        if name in spec.units:
-            unit = spec.units[name]
-        elif spec.kind != "auto":
-            unit = UnitProjection(spec.kind, spec.dim)
-        elif name in layers:
-            unit = spec.for_layer(layers[name])
-        else:
-            continue
-        if name in features:
-            out[name] = {"kind": unit.kind, "dim": unit.dim, "features": features[name]}
-    return out
+    layers = _chosen_layers(model, index.layers)
+    if built:
+        features = {str(layer["name"]): int(layer["dim"]) for layer in manifest["layers"]}
+    else:
+        features = feature_dims(layers, projection)
+    return {
+        layer.name: {**spec.for_layer(layer).to_dict(), "features": features[layer.name]}
+        for layer in layers
+        if layer.name in features
+    }
 
 
 def _chosen_layers(model, names: Sequence[str]) -> list:

@@ -78,6 +78,7 @@ def test_tokens_layer_round_trip_and_scores(tmp_path: Path) -> None:
 
 def test_tokens_layer_append_delete_compact(tmp_path: Path) -> None:
     store = build(tmp_path / "s", dtype="float16")
+    assert store.layer("embed") is store.layer("embed")  # one object per state: its token order is derived once
     before = dense(store.layer("embed"))
     extra = features(200, 205)
     store.append(np.arange(500, 505), extra)

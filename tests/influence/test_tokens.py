@@ -48,6 +48,9 @@ def test_token_rows_match_brute_force():
     assert torch.allclose(train.to_dense(VOCAB), dense, rtol=0, atol=1e-12)
     assert torch.allclose(train.dot(queries, torch.float64), dense @ dense_q.T, rtol=0, atol=1e-10)
     assert torch.allclose(train.norms().double(), dense.norm(dim=1), rtol=1e-6)
+    distinct, entry_token = train.token_index()
+    want_distinct, want_entry = np.unique(np.asarray(train.tokens), return_inverse=True)
+    assert np.array_equal(distinct, want_distinct) and np.array_equal(entry_token, want_entry)
     positions = [5, 0, 3, 5]
     assert torch.allclose(train.select(positions).to_dense(VOCAB), dense[positions], atol=1e-12)
     assert torch.allclose(train[2:6].to_dense(VOCAB), dense[2:6], atol=1e-12)
