@@ -10,14 +10,15 @@ INFLUENCE_BROKER_URL names a broker), restarts that child if it dies, and serves
 interrupted; then it stops the worker (warm shutdown, then SIGKILL).
 
 `create_service_app` is the API wired to Celery (job queue, broker and worker readiness checks); production
-runs it as `uvicorn --factory app.embedded:create_service_app` (docker/entrypoint.sh `api`). This module is the
-one place in app/ that knows about worker/: it composes the two, and imports worker lazily.
+runs it as `uvicorn --factory app.embedded:create_service_app` (docker/entrypoint.sh `api`). The worker is only
+ever a child process here (`python -m worker`): app/ never imports worker/.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import logging
 import os
 import signal
@@ -29,8 +30,8 @@ from pathlib import Path
 
 from app.config import Settings, get_settings
 
-# Before anything imports torch (OpenMP reads it once): threads that spin while they wait made torch 3-10x
-# slower on shared CPU hosts under load (docs/benchmarks.md, item 2). The worker child inherits it.
+# Before anything imports torch (OpenMP reads it once): OpenMP threads that spin while they wait made torch
+# several times slower on shared CPU hosts under load (docs/benchmarks.md, item 2). The worker child inherits it.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 log = logging.getLogger("app.embedded")
@@ -43,8 +44,10 @@ MAX_RESTART_DELAY_S = 30.0
 
 def create_service_app(settings: Settings | None = None):
     """The API with the Celery job queue and the broker / live-worker readiness checks."""
+    # Imported here, not at the top: they import torch, which must come after OMP_WAIT_POLICY is set above.
+    from app.jobs.dispatch import CeleryJobQueue
+    from app.jobs.readiness import readiness_checks
     from app.main import create_app
-    from worker.queue import CeleryJobQueue, readiness_checks
 
     settings = settings or get_settings()
     queue = CeleryJobQueue(settings)
@@ -64,8 +67,6 @@ def absolute_settings_env(settings: Settings) -> dict[str, str]:
 def _parent_death_signal() -> None:
     """In the child: receive SIGTERM when the runner dies, even by SIGKILL (Linux), so no worker is orphaned."""
     with contextlib.suppress(Exception):
-        import ctypes
-
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
@@ -125,6 +126,7 @@ class WorkerSupervisor:
 
 def local_api_key(settings: Settings) -> tuple[Path, bool]:
     """Make sure <data_dir>/local-api-key holds a valid key of the `local` tenant; (path, created now)."""
+    # Imported here, as in create_service_app: they import torch (through the library's errors).
     from app.db import make_engine, make_session_factory, session_scope
     from app.services.tenancy import ensure_local_key
 
@@ -137,6 +139,7 @@ def local_api_key(settings: Settings) -> tuple[Path, bool]:
 
 
 def serve(settings: Settings, host: str, port: int, with_worker: bool = True) -> None:
+    # Only needed to serve, and like every import of torch here, after OMP_WAIT_POLICY is set.
     import uvicorn
 
     from app.migrate import upgrade

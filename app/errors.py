@@ -40,11 +40,19 @@ def truncated(text: str, limit: int = MAX_ECHO_CHARS) -> str:
 
 
 class ServiceError(Exception):
-    """An error the caller is told about: HTTP status, a stable problem type, a title and a detail."""
+    """An error the caller is told about: HTTP status, a stable problem type, a title and a detail. A subclass
+    names its three in its class line: `class Conflict(ServiceError, status=409, type="conflict", ...)`."""
 
     status: int = 500
     type: str = "internal-error"
     title: str = "Internal server error"
+
+    def __init_subclass__(
+        cls, *, status: int | None = None, type: str | None = None, title: str | None = None, **kwargs: Any
+    ):
+        # What a subclass leaves out it inherits (a more specific Conflict is still a 409).
+        super().__init_subclass__(**kwargs)
+        cls.status, cls.type, cls.title = status or cls.status, type or cls.type, title or cls.title
 
     def __init__(self, detail: str, **extensions: Any):
         super().__init__(detail)
@@ -52,42 +60,32 @@ class ServiceError(Exception):
         self.extensions = extensions
 
 
-class BadRequest(ServiceError):
-    status, type, title = 400, "bad-request", "Bad request"
+class BadRequest(ServiceError, status=400, type="bad-request", title="Bad request"): ...
 
 
-class Unauthorized(ServiceError):
+class Unauthorized(ServiceError, status=401, type="unauthorized", title="Unauthorized"):
     """No valid API key: the response carries `WWW-Authenticate: Bearer`."""
 
-    status, type, title = 401, "unauthorized", "Unauthorized"
+
+class Forbidden(ServiceError, status=403, type="forbidden", title="Forbidden"): ...
 
 
-class Forbidden(ServiceError):
-    status, type, title = 403, "forbidden", "Forbidden"
+class NotFound(ServiceError, status=404, type="not-found", title="Not found"): ...
 
 
-class NotFound(ServiceError):
-    status, type, title = 404, "not-found", "Not found"
+class Conflict(ServiceError, status=409, type="conflict", title="Conflict"): ...
 
 
-class Conflict(ServiceError):
-    status, type, title = 409, "conflict", "Conflict"
+class PayloadTooLarge(ServiceError, status=413, type="payload-too-large", title="Payload too large"): ...
 
 
-class PayloadTooLarge(ServiceError):
-    status, type, title = 413, "payload-too-large", "Payload too large"
+class Invalid(ServiceError, status=422, type="invalid-input", title="Invalid input"): ...
 
 
-class Invalid(ServiceError):
-    status, type, title = 422, "invalid-input", "Invalid input"
+class TooManyRequests(ServiceError, status=429, type="too-many-requests", title="Too many requests"): ...
 
 
-class TooManyRequests(ServiceError):
-    status, type, title = 429, "too-many-requests", "Too many requests"
-
-
-class Unavailable(ServiceError):
-    status, type, title = 503, "unavailable", "Service unavailable"
+class Unavailable(ServiceError, status=503, type="unavailable", title="Service unavailable"): ...
 
 
 # influence.errors -> (status, type, title); the most specific class wins (looked up along the MRO).

@@ -21,14 +21,21 @@ from fastapi.openapi.utils import get_openapi
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.api.deps import ReadinessCheck, get_tenant
-from app.api.v1 import audits, checks, datasets, experiments, health, indexes, jobs, models, reports
+from app.api.deps import get_tenant
+from app.api.v1 import datasets, health, indexes, jobs, models
 from app.config import Settings, get_settings
 from app.db import make_engine, make_session_factory
 from app.errors import PROBLEM_MEDIA_TYPE, install_error_handlers, problem_response
+from app.jobs.context import configure_compute
+from app.jobs.readiness import ReadinessCheck
+from app.jobs.state import JobQueue
 from app.schemas.common import Problem, problems
 from app.services import isolation
-from app.services.jobs import JobQueue
+from app.services.artifacts import sweep_orphans
+from app.workflows.audit import routes as audits
+from app.workflows.check import routes as checks
+from app.workflows.experiment import routes as experiments
+from app.workflows.report import routes as reports
 from influence import __version__
 
 log = logging.getLogger(__name__)
@@ -199,14 +206,10 @@ def create_app(
         # Again here: a server configures logging after building the app.
         install_access_log_redaction()
         # What a killed process left (a half-registered dataset, a deleted index's files) goes at start.
-        from app.services.artifacts import sweep_orphans
-
         try:
             sweep_orphans(settings, started.state.session_factory)
         except Exception:  # an unmigrated database, say: /readyz reports it; serving goes on
             log.exception("could not sweep the artifacts directory")
-        from app.services.pipelines import configure_compute
-
         configure_compute(settings, compile_now=True)  # the kernel compiles in the background; queries wait for it
         isolation.start(settings.request_processes)  # spawned from this thread, after the umask is set
         yield

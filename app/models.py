@@ -15,9 +15,6 @@ from sqlalchemy.orm import Mapped, mapped_column
 
 from app.db import Base
 
-JOB_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
-INDEX_STATUSES = ("pending", "building", "ready", "failed", "cancelled")
-
 
 def new_id() -> str:
     return uuid.uuid4().hex
@@ -25,6 +22,15 @@ def new_id() -> str:
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+class TenantOwned:
+    """The columns of every tenant's resource: its id, its tenant and when it was made (app/services/tenancy.py
+    finds a resource by id and tenant and lists a tenant's newest first)."""
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="RESTRICT"), index=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
 class Tenant(Base):
@@ -52,13 +58,11 @@ class ApiKey(Base):
     revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
 
 
-class RegisteredModel(Base):
+class RegisteredModel(TenantOwned, Base):
     """A model registration: where the weights are and which layer units it exposes."""
 
     __tablename__ = "models"
 
-    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
-    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="RESTRICT"), index=True)
     name: Mapped[str] = mapped_column(String(200))
     source: Mapped[str] = mapped_column(Text)  # hub id or local folder
     revision: Mapped[str | None] = mapped_column(String(200), nullable=True)
@@ -69,16 +73,13 @@ class RegisteredModel(Base):
     weights_hash: Mapped[str] = mapped_column(String(64))
     layers: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)  # influence.Layer.to_dict()
     groups: Mapped[dict[str, list[str]]] = mapped_column(JSON, default=dict)  # influence.layer_groups()
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
-class Dataset(Base):
+class Dataset(TenantOwned, Base):
     """A registered dataset; rows live in a normalised artifact file, not in the database."""
 
     __tablename__ = "datasets"
 
-    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
-    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="RESTRICT"), index=True)
     name: Mapped[str] = mapped_column(String(200))
     format: Mapped[str] = mapped_column(String(16))  # jsonl | csv | tsv | parquet
     task: Mapped[str] = mapped_column(String(32), default="classification")  # classification | causal-lm
@@ -92,16 +93,13 @@ class Dataset(Base):
     # Classification files with label names: names sorted, label i = label_names[i]; None for integer labels.
     label_names: Mapped[list[str] | None] = mapped_column(JSON, nullable=True)
     has_noisy_flag: Mapped[bool] = mapped_column(Boolean, default=False)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
-class Index(Base):
+class Index(TenantOwned, Base):
     """Projected per-layer gradients of a dataset under a model: a feature store plus FAISS indexes."""
 
     __tablename__ = "indexes"
 
-    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
-    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="RESTRICT"), index=True)
     model_id: Mapped[str] = mapped_column(ForeignKey("models.id", ondelete="RESTRICT"), index=True)
     dataset_id: Mapped[str] = mapped_column(ForeignKey("datasets.id", ondelete="RESTRICT"), index=True)
     layer_selector: Mapped[Any] = mapped_column(JSON, nullable=True)
@@ -127,16 +125,13 @@ class Index(Base):
     deleted_rows: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     size_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
     job_id: Mapped[str | None] = mapped_column(String(32), nullable=True)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
-class Job(Base):
+class Job(TenantOwned, Base):
     """An asynchronous job (index build, audit, ...): its state, progress, timings and outcome."""
 
     __tablename__ = "jobs"
 
-    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
-    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="RESTRICT"), index=True)
     kind: Mapped[str] = mapped_column(String(32))
     status: Mapped[str] = mapped_column(String(16), default="queued", index=True)
     target_id: Mapped[str | None] = mapped_column(String(32), nullable=True, index=True)
@@ -147,6 +142,5 @@ class Job(Base):
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)

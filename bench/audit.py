@@ -19,7 +19,6 @@ follow from the per-layer aggregates exactly (influence.aggregation.combine_laye
 
 from __future__ import annotations
 
-import argparse
 import shutil
 import tempfile
 from pathlib import Path
@@ -63,7 +62,7 @@ def feature_store(folder: Path, train: dict[str, np.ndarray]):
 
 def service_step(store, queries: dict[str, np.ndarray], method: str, folder: Path) -> None:
     """The audit runner's scoring + aggregation step over `store`, writing its tensor into `folder`."""
-    from app.services.audits import _score_layers
+    from app.workflows.audit.runner import _score_layers
 
     layers = list(queries)
     m = len(next(iter(queries.values())))
@@ -75,12 +74,10 @@ def service_step(store, queries: dict[str, np.ndarray], method: str, folder: Pat
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m bench.audit", description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
+    parser = common.argument_parser("audit", __doc__)
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--n", type=int, default=N_TRAIN)
     parser.add_argument("--m", type=int, default=M_REF)
-    parser.add_argument("--threads", type=int, default=common.DEFAULT_THREADS)
     args = parser.parse_args(argv)
     common.set_threads(args.threads)
     import torch

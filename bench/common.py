@@ -10,13 +10,11 @@ zero and every LoRA unit has a non-trivial gradient), under the bench work folde
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -26,17 +24,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# On a shared, oversubscribed machine OpenMP's default spin-waiting makes 2-thread torch 2-5x slower than one
-# thread (measured: floor 15 rows/s ACTIVE vs 45 PASSIVE vs 55 with one thread at load 7). Passive waiting
-# is the default here (override with OMP_WAIT_POLICY=ACTIVE); it must be set before torch is imported.
+from bench.harness import SST2, cpu_name, free_port, start_service, stop_service, tsv_text
+
+# Passive waiting for OpenMP threads: on a shared, oversubscribed machine the default spin-waiting makes
+# 2-thread torch several times slower than one thread (docs/benchmarks.md, "Machine, load and method").
+# Override with OMP_WAIT_POLICY=ACTIVE; it must be set before torch is imported.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-REPO = Path(__file__).resolve().parents[1]
-SST2 = REPO / "data" / "sst2"  # all 60,614 training rows ship with the repository (data/sst2/README.md)
 WORK = Path(os.environ.get("INFLUENCE_BENCH_DIR", "/tmp/influence-bench"))
 DEFAULT_THREADS = 2
 LORA_TARGETS = ("query", "value")
@@ -51,6 +45,20 @@ def set_threads(threads: int = DEFAULT_THREADS) -> None:
     os.environ["OMP_NUM_THREADS"] = str(threads)
 
 
+def argument_parser(module: str, doc: str) -> argparse.ArgumentParser:
+    """A benchmark's command line, `python -m bench.<module>`, described by its doc's first line, with the options
+    every benchmark takes: --quick and --threads."""
+    parser = argparse.ArgumentParser(prog=f"python -m bench.{module}", description=doc.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a short run: its headline figures as one JSON line")
+    parser.add_argument("--threads", type=int, default=DEFAULT_THREADS, help="torch's intra-op threads")
+    return parser
+
+
+def sizes(text: str) -> list[int]:
+    """Comma-separated row counts ("10000,100000") as ints."""
+    return [int(size) for size in text.split(",")]
+
+
 def load_average() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
@@ -60,14 +68,6 @@ def machine() -> dict[str, Any]:
     import numpy
     import torch
 
-    cpu = platform.processor() or ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     mem_gib = None
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
@@ -76,7 +76,7 @@ def machine() -> dict[str, Any]:
     except OSError:
         pass
     return {
-        "cpu": cpu,
+        "cpu": cpu_name(),
         "cores": os.cpu_count(),
         "memory_gib": mem_gib,
         "torch_threads": torch.get_num_threads(),
@@ -226,13 +226,6 @@ def training_trainables(model) -> list:
 # --------------------------------------------------------------------------------------------- service
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that is free at the moment of asking."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def wait_for(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
     """Call `predicate` every 0.5 s until it returns a true value (returned); SystemExit after `timeout` s."""
     deadline = time.monotonic() + timeout
@@ -283,26 +276,19 @@ def served_minilm_index(rows: int, *, prefix: str, env: dict[str, str]) -> Itera
     port = free_port()
     with tempfile.TemporaryDirectory(prefix=prefix) as folder:
         data_dir = Path(folder) / "var"
-        service_env = {
-            **os.environ,
-            "INFLUENCE_DATA_DIR": str(data_dir),
-            "INFLUENCE_ALLOWED_ROOTS": json.dumps([str(minilm.parent)]),
+        forced = {
             "INFLUENCE_DEVICE": "cpu",
             "HF_HUB_OFFLINE": "1",
             "TRANSFORMERS_OFFLINE": "1",
             "TOKENIZERS_PARALLELISM": "false",
-            **env,
         }
-        for variable in ("INFLUENCE_DATABASE_URL", "INFLUENCE_BROKER_URL", "INFLUENCE_ARTIFACTS_DIR"):
-            service_env.pop(variable, None)
-        log = open(Path(folder) / "service.log", "wb")  # noqa: SIM115 - the service writes to it until it stops
-        service = subprocess.Popen(
-            [sys.executable, "-m", "app.embedded", "serve", "--port", str(port)],
-            cwd=REPO,
-            env=service_env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
+        unset = dict.fromkeys(("INFLUENCE_DATABASE_URL", "INFLUENCE_BROKER_URL", "INFLUENCE_ARTIFACTS_DIR"))
+        service = start_service(
+            port,
+            data_dir=data_dir,
+            allowed_roots=[minilm.parent],
+            log_path=Path(folder) / "service.log",
+            env={**forced, **env, **unset},
         )
         base_url = f"http://127.0.0.1:{port}"
         try:
@@ -321,10 +307,9 @@ def served_minilm_index(rows: int, *, prefix: str, env: dict[str, str]) -> Itera
                     "/v1/models",
                     json={"name": "minilm", "source": str(minilm), "task": "classification", "num_labels": 2},
                 ).json()
-                lines = ["sentence\tlabel"] + [f"{text}\t{label}" for text, label in train]
                 dataset = client.post(
                     "/v1/datasets",
-                    files={"file": ("sst2.tsv", ("\n".join(lines) + "\n").encode())},
+                    files={"file": ("sst2.tsv", tsv_text(("sentence", "label"), train).encode())},
                     data={"text_column": "sentence", "label_column": "label"},
                 ).json()
                 started = time.perf_counter()
@@ -344,10 +329,4 @@ def served_minilm_index(rows: int, *, prefix: str, env: dict[str, str]) -> Itera
                 build_seconds = time.perf_counter() - started
             yield ServedIndex(base_url, token, model, dataset, index, build_seconds)
         finally:
-            service.send_signal(signal.SIGINT)
-            try:
-                service.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(service.pid, signal.SIGKILL)
-                service.wait()
-            log.close()
+            stop_service(service)

@@ -39,6 +39,7 @@ import time
 from pathlib import Path
 
 from bench import common
+from bench.harness import REPO
 
 BERGSON_PYTHON = Path("/tmp/bergson-venv/bin/python")
 BATCH_SIZE = 32
@@ -274,7 +275,7 @@ def run_bergson(encoded, rounds: int, layers_note: str) -> dict:
         str(BATCH_SIZE),
     ]
     started = time.perf_counter()
-    proc = subprocess.run(command, capture_output=True, text=True, timeout=3600, cwd=common.REPO)
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=3600, cwd=REPO)
     if proc.returncode != 0:
         return {"status": "failed", "why": proc.stderr.strip().splitlines()[-5:]}
     result = json.loads(proc.stdout.strip().splitlines()[-1])

@@ -16,7 +16,6 @@ Growth exponents are the slopes of log(time) against log(n) (or log(layers)) bet
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import math
 import random
@@ -184,18 +183,14 @@ def featurize_growth(unit_counts: list[int], row_counts: list[int], runs: int) -
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m bench.growth", description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--sizes", default=None)
+    parser = common.argument_parser("growth", __doc__)
+    parser.add_argument("--sizes", default=None, help="comma-separated n (default 10000,100000,1000000)")
     parser.add_argument("--runs", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=common.DEFAULT_THREADS)
     parser.add_argument("--skip-featurize", action="store_true")
     parser.add_argument("--skip-query", action="store_true")
     args = parser.parse_args(argv)
     common.set_threads(args.threads)
-    sizes = [
-        int(s) for s in (args.sizes or ("10000,100000" if args.quick else "10000,100000,1000000")).split(",")
-    ]
+    sizes = common.sizes(args.sizes or ("10000,100000" if args.quick else "10000,100000,1000000"))
     layer_counts = [1, 12] if args.quick else [1, 3, 6, 12, 24]
     unit_counts = [1, 25] if args.quick else [1, 6, 12, 25, 63]
     row_counts = [128, 256] if args.quick else [128, 512, 1024]

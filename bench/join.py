@@ -16,7 +16,6 @@ and the whole of TokenRows.dot with the compiled kernel and eagerly. Medians ove
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 from pathlib import Path
@@ -27,13 +26,11 @@ from bench import common
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m bench.join", description=__doc__.splitlines()[0])
+    parser = common.argument_parser("join", __doc__)
     parser.add_argument("store", type=Path)
     parser.add_argument("--layer", default="embed")
     parser.add_argument("--row", type=int, default=12345)
     parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--threads", type=int, default=common.DEFAULT_THREADS)
     args = parser.parse_args(argv)
     common.set_threads(args.threads)
     import torch

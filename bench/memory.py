@@ -14,7 +14,6 @@ are built for one layer to measure the bytes each takes per row.
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import threading
@@ -26,11 +25,9 @@ CHUNK = 1024
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m bench.memory", description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
+    parser = common.argument_parser("memory", __doc__)
     parser.add_argument("--rows", type=int, default=None, help="default: every training row")
     parser.add_argument("--layers", default="lora-head", choices=("lora-head", "all"))
-    parser.add_argument("--threads", type=int, default=common.DEFAULT_THREADS)
     args = parser.parse_args(argv)
     common.set_threads(args.threads)
     import numpy as np

@@ -1,9 +1,9 @@
+# Over 600 lines: one benchmark and its harness (a synthetic index in the real service, time splits, FAISS).
 """Item 2: query latency over HTTP for one example, 12 layers at dimension 256, rank aggregation, top-10.
 
     python -m bench.query                          # n = 10k, 100k, 1M; 20 queries each after 2 warm-ups; FAISS
     python -m bench.query --sizes 10000,100000     # what fits
     python -m bench.query --quick                  # n = 10k, 7 queries, no FAISS: one JSON line
-    python -m bench.query --sizes 100000 --compare-before --no-faiss   # item 6: old vs new code, alternating
     python -m bench.query --sizes 100000 --compare-eager --no-faiss    # item 6, third round: compiled scoring
                                                                        # and joined ranking vs eager, alternating
     python -m bench.query --sizes 100000 --compare-threads --no-faiss  # item 6, fourth round: the query gradient
@@ -45,7 +45,6 @@ of the top inner products against exact (numpy), single-query search latency, bu
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import socket
@@ -125,18 +124,17 @@ def synthetic_token_rows(seed: int, start: int, stop: int, width: int):
 
 
 class _Dispatcher:
+    """Keeps the steps a build sends (app.jobs.dispatch.Dispatcher): the chunks to write, whether to finalize."""
+
     def __init__(self) -> None:
         self.chunks: list[int] = []
         self.finalize_asked = False
 
-    def plan(self, job_id: str) -> None:  # pragma: no cover - not used
-        pass
-
-    def build_chunks(self, job_id: str, chunks) -> None:
-        self.chunks.extend(int(c) for c in chunks)
-
-    def finalize(self, job_id: str) -> None:
-        self.finalize_asked = True
+    def send(self, step: str, job_id: str, *args) -> None:
+        if step == "chunk":
+            self.chunks.append(int(args[0]))
+        elif step == "finalize":
+            self.finalize_asked = True
 
 
 class SyntheticBuildQueue:
@@ -155,11 +153,14 @@ class SyntheticBuildQueue:
         thread.start()
 
     def _run(self, job_id: str) -> None:
-        from app.services.pipelines import BuildContext, ModelCache, fail_build, finalize_build, plan_build
+        from app.jobs.context import WorkerContext
+        from app.jobs.index_build import finalize_build, plan_build
+        from app.jobs.model_cache import ModelCache
+        from app.jobs.steps import fail_job
         from influence import FeatureStore
 
         dispatcher = _Dispatcher()
-        ctx = BuildContext(self.settings, self.session_factory, ModelCache(), dispatcher)
+        ctx = WorkerContext(self.settings, self.session_factory, ModelCache(), dispatcher)
         try:
             plan_build(ctx, job_id)
             from app.models import Index, Job
@@ -185,7 +186,7 @@ class SyntheticBuildQueue:
             finalize_build(ctx, job_id)
         except Exception as exc:  # the job is marked failed; the bench reports it
             self.errors.append(f"{type(exc).__name__}: {exc}")
-            fail_build(ctx, job_id, str(exc))
+            fail_job(ctx, job_id, str(exc))
 
 
 class Service:
@@ -356,10 +357,10 @@ class Splits:
         setattr(owner, name, self.timed(original, bucket))
 
     def install(self) -> None:
-        import influence
-        from app.services import queries
+        from app.services import queries, references
 
-        self.wrap(influence, "featurize_examples", "gradient")
+        # The query's examples are featurized by app.services.references, which imports the function by name.
+        self.wrap(references, "featurize_examples", "gradient")
         self.wrap(queries, "prepare", "prepare")
         self.wrap(queries, "exact_scores", "scoring")
         self.wrap(queries, "_aggregate", "aggregation")
@@ -454,12 +455,10 @@ def run_queries(
     modes: tuple[str, ...] = ("after",),
     indexes: dict[str, str] | None = None,
 ) -> dict:
-    """`repeats` timed queries per mode after `warmups`; with modes ("before", "after") every repeat runs both,
-    in alternating order, "before" under bench.scoring.BeforePatches (the code before item 6), "eager" under
-    EagerPatches (the code before the compiled kernel). `indexes`: mode -> its own index (variants)."""
+    """`repeats` timed queries per mode after `warmups`; with modes ("eager", "after") every repeat runs both,
+    in alternating order, "eager" under EagerPatches (the code before the compiled kernel), "all-threads" under
+    AllThreadsPatches. `indexes`: mode -> its own index (variants)."""
     import contextlib
-
-    from bench.scoring import BeforePatches
 
     validation = common.sst2_examples("validation")
     splits = Splits()
@@ -479,7 +478,6 @@ def run_queries(
             order = list(modes) if i % 2 == 0 else list(reversed(modes))
             for mode in order:
                 patches = {
-                    "before": BeforePatches,
                     "eager": lambda: EagerPatches(splits),
                     "all-threads": AllThreadsPatches,
                 }
@@ -530,7 +528,7 @@ def run_queries(
             out.update(entry)
         else:
             out[mode] = entry
-    for mode in ("before", "eager", "all-threads"):
+    for mode in ("eager", "all-threads"):
         if mode in rows:
             out[f"p50_speedup_vs_{mode}"] = out[mode]["p50_s"] / out["p50_s"]
     return out
@@ -608,18 +606,13 @@ class AllThreadsPatches:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m bench.query", description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
+    parser = common.argument_parser("query", __doc__)
     parser.add_argument("--sizes", default=None, help="comma-separated n (default 10000,100000,1000000)")
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--warmups", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=common.DEFAULT_THREADS)
     parser.add_argument("--no-faiss", action="store_true")
     parser.add_argument("--faiss-sizes", default="10000,100000,1000000")
     parser.add_argument("--fresh", action="store_true", help="delete the bench service folder first")
-    parser.add_argument(
-        "--compare-before", action="store_true", help="also run each query with the code before item 6"
-    )
     parser.add_argument(
         "--compare-eager",
         action="store_true",
@@ -666,7 +659,7 @@ def main(argv: list[str] | None = None) -> None:
                 continue
             index_id, info = ready_index(service, n)
             common.log(f"n={n}: index {index_id} ready ({info}); querying")
-            modes = (("before",) if args.compare_before else ()) + (("eager",) if args.compare_eager else ())
+            modes = ("eager",) if args.compare_eager else ()
             modes += ("all-threads",) if args.compare_threads else ()
             modes += ("after",)
             measured = run_queries(service, index_id, n, repeats, args.warmups, modes)
@@ -709,14 +702,13 @@ def main(argv: list[str] | None = None) -> None:
         headline[f"p50_ms_{n}"] = 1000 * r["p50_s"]
         headline[f"p95_ms_{n}"] = 1000 * r["p95_s"]
         headline[f"scoring_over_floor_{n}"] = r["scoring_over_floor"]
-        for mode in ("before", "eager", "all-threads"):
+        for mode in ("eager", "all-threads"):
             if mode in r:
                 headline[f"p50_ms_{mode}_{n}"] = 1000 * r[mode]["p50_s"]
     if "100000" in measured_sizes:
         result["target_p50_le_150ms_at_100k"] = measured_sizes["100000"]["p50_s"] <= 0.150
         headline["target_met_100k"] = result["target_p50_le_150ms_at_100k"]
-    name = "query" + ("-compare-before" if args.compare_before else "")
-    name += "-compare-eager" if args.compare_eager else ""
+    name = "query" + ("-compare-eager" if args.compare_eager else "")
     name += "-compare-threads" if args.compare_threads else ""
     name += "-variants" if args.variants else ""
     common.emit(name, result, args.quick, headline)

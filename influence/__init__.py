@@ -3,17 +3,18 @@
 The pure library under the influence service: torch, transformers, peft, numpy and faiss only. The method,
 formula by formula, lives in one place each:
 
-    layers.py       what a layer unit is, its name, role, block, groups; selectors       (method.md §1)
+    layers/         what a layer unit is, its name, role, block, groups; selectors       (method.md §1)
     gradients.py    per-sample gradients of a whole batch from hooks                       (§2)
     projection.py   identity / dense Gaussian, Rademacher / factorized (LoGra) projections  (§2)
     estimators.py   grad-dot (TracIn), cosine, DataInf, TracIn-CP as query transforms       (§2)
+    statistics.py   fitted estimators' state beside a feature store, restored per query
     aggregation.py  mean, rank, vote and friends over layers and test samples              (§3)
     metrics.py      NDR, AUC-NDR, cancellation                                             (§4, §5)
-    store.py        append-only memory-mapped feature store; index.py: FAISS per layer
+    store/          append-only memory-mapped feature store; index/: FAISS per layer
     featurize.py    example sets -> features (in memory or into a store)
     scoring.py      exact scores over the store, lazily per layer
-    report.py       the layer report: NDR / AUC-NDR per layer, group, aggregation and estimator
-    finetune.py     LoRA fine-tuning with seeded label noise, for experiments
+    report/         the layer report: NDR / AUC-NDR per layer, group, aggregation and estimator
+    finetune/       LoRA fine-tuning with seeded label noise, for experiments
 
 A minimal session::
 
@@ -26,7 +27,13 @@ A minimal session::
     agg = aggregate(LazyScores(train.features, test.features, estimators), "rank")   # low = detrimental
 """
 
-from influence.aggregation import AGGREGATORS, aggregate, average_ranks, register_aggregator
+from influence.aggregation import (
+    AGGREGATORS,
+    aggregate,
+    aggregation_names,
+    average_ranks,
+    register_aggregator,
+)
 from influence.data import (
     Batch,
     Example,
@@ -44,7 +51,15 @@ from influence.errors import (
     UnknownLayerError,
     UnsupportedModelError,
 )
-from influence.estimators import ESTIMATORS, Estimator, make_estimator, register_estimator
+from influence.estimators import (
+    ESTIMATORS,
+    Estimator,
+    estimator_class,
+    estimator_names,
+    fitted_estimator_names,
+    make_estimator,
+    register_estimator,
+)
 from influence.featurize import (
     CheckpointFeaturizer,
     FeatureSet,
@@ -71,6 +86,7 @@ from influence.metrics import (
 from influence.projection import DEFAULT_DIM, PROJECTORS, ProjectionSpec, make_projector
 from influence.report import LayerReport, layer_report
 from influence.scoring import LazyScores, score_layer, score_tensor, top_k
+from influence.statistics import fit_store_statistics, missing_statistics, store_estimators, zero_layers
 from influence.store import FeatureStore, LayerSpec, StoreManifest
 from influence.version import __version__
 
@@ -109,6 +125,7 @@ __all__ = [
     "UnsupportedModelError",
     "__version__",
     "aggregate",
+    "aggregation_names",
     "auc_ndr",
     "average_ranks",
     "build_store",
@@ -116,8 +133,12 @@ __all__ = [
     "cancellation",
     "discover_layers",
     "encode_examples",
+    "estimator_class",
+    "estimator_names",
     "featurize_examples",
     "finetune_lora",
+    "fit_store_statistics",
+    "fitted_estimator_names",
     "inject_label_noise",
     "iter_batches",
     "layer_cancellation",
@@ -128,6 +149,7 @@ __all__ = [
     "load_tokenizer",
     "make_estimator",
     "make_projector",
+    "missing_statistics",
     "ndr_at",
     "ndr_curve",
     "packaged_minilm_path",
@@ -142,7 +164,9 @@ __all__ = [
     "score_layer",
     "score_tensor",
     "select_layers",
+    "store_estimators",
     "store_manifest",
     "stratified_subsample",
     "top_k",
+    "zero_layers",
 ]

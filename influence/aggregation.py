@@ -59,6 +59,11 @@ def register_aggregator(name: str) -> Callable[[Aggregator], Aggregator]:
     return decorate
 
 
+def aggregation_names() -> list[str]:
+    """Registered aggregation methods, in registration order."""
+    return list(AGGREGATORS)
+
+
 def average_ranks(x: torch.Tensor) -> torch.Tensor:
     """0-based ranks along dim 0 in ascending order, ties sharing their average rank.
 

@@ -11,6 +11,9 @@ A new estimator is one class and one line::
 
     @register_estimator("my-estimator")
     class MyEstimator(Estimator): ...
+
+One with fitted statistics also sets requires_fit (and statistics_nbytes for the budget): every feature store
+the service builds then carries its state, restored for each query (influence.statistics).
 """
 
 from __future__ import annotations
@@ -38,6 +41,18 @@ class Estimator(ABC):
     needs_norms: ClassVar[bool] = False
     #: Why the estimator cannot score token rows (the exact embedding, influence.tokens); None when it can.
     token_rows_refusal: ClassVar[str | None] = None
+    #: True when it scores only after fit(): its state_dict() is then fitted once per layer of a feature store
+    #: and restored for every query (influence.statistics).
+    requires_fit: ClassVar[bool] = False
+    #: True when the features are per-checkpoint blocks it weighs (TracIn-CP): a store of one checkpoint's
+    #: features, as influence.featurize builds it, cannot serve it.
+    needs_checkpoints: ClassVar[bool] = False
+
+    @classmethod
+    def statistics_nbytes(cls, k: int, token_rows: bool = False) -> int:
+        """Bytes of the state fit() leaves for a unit of k features (token_rows: a token-row unit), to check a
+        budget before anything is fitted. Default: none."""
+        return 0
 
     def fit(self, train_chunks: TrainChunks, num_params: int) -> None:  # noqa: B027 (optional hook)
         """Fit layer statistics from the train features: train_chunks() yields (c, k) blocks, may be called
@@ -57,6 +72,10 @@ class Estimator(ABC):
 
     def fit_token_rows(self, rows: TokenRows, num_params: int) -> None:  # noqa: B027 (optional hook)
         """fit() for a token-row unit (its rows at once). Default: nothing to fit."""
+
+    def attach_token_rows(self, rows: TokenRows) -> None:  # noqa: B027 (optional hook)
+        """Bind, after load_state_dict(), the rows a token-row unit was fitted on: a state that sums over them
+        keeps them in the store, not in state_dict(). Default: nothing to bind."""
 
     def score_token_rows(
         self, train: TokenRows, queries: TokenRows, norms: torch.Tensor | None
@@ -149,14 +168,31 @@ def register_estimator(name: str) -> Callable[[E], E]:
     return decorate
 
 
-def make_estimator(name: str, **options: Any) -> Estimator:
-    """A new, unfitted estimator by registry name; options go to its constructor."""
+def estimator_class(name: str) -> type[Estimator]:
+    """The class registered under `name`, to ask what it needs (requires_fit, statistics_nbytes, ...)."""
     if name not in ESTIMATORS:
         raise InvalidInputError(f"unknown estimator {name!r}; expected one of {', '.join(ESTIMATORS)}")
+    return ESTIMATORS[name]
+
+
+def make_estimator(name: str, **options: Any) -> Estimator:
+    """A new, unfitted estimator by registry name; options go to its constructor."""
+    cls = estimator_class(name)
     try:
-        return ESTIMATORS[name](**options)
+        return cls(**options)
     except TypeError as error:  # an unknown or missing option
         raise InvalidInputError(f"bad options for estimator {name!r}: {error}") from error
+
+
+def estimator_names(*, one_checkpoint: bool = False) -> list[str]:
+    """Registered estimator names, in registration order; one_checkpoint: only those that score the features
+    of one checkpoint (what a feature store holds), without constructor options."""
+    return [name for name, cls in ESTIMATORS.items() if not (one_checkpoint and cls.needs_checkpoints)]
+
+
+def fitted_estimator_names() -> list[str]:
+    """Registered estimators whose requires_fit is set, in registration order."""
+    return [name for name, cls in ESTIMATORS.items() if cls.requires_fit]
 
 
 @register_estimator("grad-dot")
@@ -204,8 +240,10 @@ class DataInf(Estimator):
     c_i = (g_i . q) / (n (lambda + ||g_i||^2)) over the n rows it was fitted on (`token_rows`; the rows scored
     when none are attached), i.e. two joins per query: the fitted rows' scores, then the rows scored against
     the token-keyed table sum_i c_i g_i (influence.tokens). Its state is the damping and the row count; the
-    rows themselves stay in the store (attach them after load_state_dict).
+    rows themselves stay in the store (attach_token_rows after load_state_dict).
     """
+
+    requires_fit = True
 
     def __init__(self, damping: float | None = None, damping_ratio: float = 0.1):
         if damping is not None and not (math.isfinite(damping) and damping > 0):
@@ -218,6 +256,11 @@ class DataInf(Estimator):
         self.token_rows: TokenRows | None = None  # the rows M_u sums over, for a token-row unit
         self.damping: float | None = None
         self.num_samples = 0
+
+    @classmethod
+    def statistics_nbytes(cls, k: int, token_rows: bool = False) -> int:
+        """M_u, a k x k float64 matrix; token rows keep only the damping and the row count."""
+        return 0 if token_rows else k * k * 8
 
     def fit(self, train_chunks: TrainChunks, num_params: int) -> None:
         """Fit M_u: train_chunks() yields (c, k) train features; num_params = p_u (raw parameters of u)."""
@@ -271,6 +314,9 @@ class DataInf(Estimator):
         self.matrix = None
         self.damping = float(damping)
         self.num_samples = len(rows)
+        self.token_rows = rows
+
+    def attach_token_rows(self, rows: TokenRows) -> None:
         self.token_rows = rows
 
     def score_token_rows(
@@ -341,6 +387,7 @@ class TracInCP(Estimator):
     """
 
     token_rows_refusal = "TracIn-CP weights dense per-checkpoint blocks; token rows have none"
+    needs_checkpoints = True
 
     def __init__(self, checkpoint_dims: Sequence[int], learning_rates: Sequence[float]):
         dims = [int(d) for d in checkpoint_dims]

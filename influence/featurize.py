@@ -1,6 +1,6 @@
 """Featurising example sets: projected per-sample gradients in memory (queries) or into a feature store (builds).
 
-This is the glue between the hook machinery (gradients.py) and the store (store.py): batching with length
+This is the glue between the hook machinery (gradients.py) and the store (store/): batching with length
 bucketing, restoring input order, several checkpoints for TracIn-CP, and chunked, resumable store builds.
 """
 

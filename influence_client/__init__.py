@@ -2,10 +2,11 @@
 
     from influence_client import InfluenceClient, InfluenceAPIError
 
-It depends on httpx only (tqdm, when installed, draws the command line's progress bars).
+It depends on httpx only.
 """
 
-from influence_client.client import (
+from influence_client.client import InfluenceAPIError, InfluenceClient
+from influence_client.schemas import (
     Audit,
     AuditRow,
     AuditRowsPage,
@@ -18,8 +19,6 @@ from influence_client.client import (
     Health,
     Hit,
     Index,
-    InfluenceAPIError,
-    InfluenceClient,
     Job,
     Model,
     ModelLayers,

@@ -17,26 +17,17 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
-import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-for variable, value in {
-    "HF_HUB_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "TRANSFORMERS_VERBOSITY": "error",
-    "TOKENIZERS_PARALLELISM": "false",
-}.items():
-    os.environ.setdefault(variable, value)
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT))  # run as a file: the repository's packages (influence, bench)
 
-SST2 = ROOT / "data" / "sst2"  # ships with the repository (data/sst2/README.md)
+from bench.harness import SST2, free_port, start_service, stop_service, tsv_text  # noqa: E402
+
 DATA_DIR = Path(os.environ.get("INFLUENCE_DATA_DIR", ROOT / "var")).resolve()
 DEMO_DIR = DATA_DIR / "demo"
 TRAIN_ROWS = 2000
@@ -139,55 +130,14 @@ def finetune():
 def write_training_file(rows, mask) -> Path:
     """The noisy training set as TSV, with the ground-truth `noisy` flag the service can report per row."""
     path = DEMO_DIR / f"sst2-train-{len(rows)}-noise{int(NOISE_RATE * 100)}.tsv"
-    lines = ["sentence\tlabel\tnoisy"]
-    lines += [f"{e.text}\t{e.label}\t{'true' if flipped else 'false'}" for e, flipped in zip(rows, mask, strict=True)]
-    text = "\n".join(lines) + "\n"
+    flagged = [(e.text, e.label, "true" if flipped else "false") for e, flipped in zip(rows, mask, strict=True)]
+    text = tsv_text(("sentence", "label", "noisy"), flagged)
     if not path.exists() or path.read_text() != text:
         path.write_text(text)
     return path
 
 
 # ----------------------------------------------------------------------------------------------- service
-
-
-def free_port(preferred: int) -> int:
-    with socket.socket() as probe:
-        if probe.connect_ex(("127.0.0.1", preferred)) != 0:
-            return preferred
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def start_service(port: int, allowed: list[Path]) -> subprocess.Popen:
-    env = {
-        **os.environ,
-        "INFLUENCE_DATA_DIR": str(DATA_DIR),
-        "INFLUENCE_ALLOWED_ROOTS": json.dumps([str(p) for p in allowed]),
-        "INFLUENCE_DEVICE": os.environ.get("INFLUENCE_DEVICE", "auto"),
-    }
-    log = open(DEMO_DIR / "service.log", "ab")  # noqa: SIM115 - the child writes to it until it stops
-    process = subprocess.Popen(
-        [sys.executable, "-m", "app.embedded", "serve", "--host", "127.0.0.1", "--port", str(port)],
-        cwd=ROOT,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    log.close()
-    return process
-
-
-def stop_service(process: subprocess.Popen) -> None:
-    if process.poll() is not None:
-        return
-    process.send_signal(signal.SIGINT)  # uvicorn stops, then the runner stops its worker
-    try:
-        process.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
 
 
 def wait_ready(client, process: subprocess.Popen, timeout: float = 180.0) -> dict:
@@ -342,7 +292,13 @@ def main() -> None:
     port = free_port(args.port)
     say(f"[{elapsed()}] Starting the embedded service on 127.0.0.1:{port} (SQLite, artifacts and a filesystem "
         f"broker under {DATA_DIR}; log: {DEMO_DIR / 'service.log'})")
-    service = start_service(port, [packaged_minilm_path().parent, DEMO_DIR])
+    service = start_service(
+        port,
+        data_dir=DATA_DIR,
+        allowed_roots=[packaged_minilm_path().parent, DEMO_DIR],
+        log_path=DEMO_DIR / "service.log",
+        env={"INFLUENCE_DEVICE": os.environ.get("INFLUENCE_DEVICE", "auto")},
+    )
     try:
         say(f"[{elapsed()}] Fine-tuning MiniLM + LoRA on {TRAIN_ROWS} SST-2 rows, {NOISE_RATE:.0%} of labels flipped")
         result, train, mask, queries = finetune()

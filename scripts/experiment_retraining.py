@@ -23,28 +23,25 @@ State lives under var/experiment/ (delete it to start over; the service caches f
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
-import signal
-import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-for variable, value in {
-    "HF_HUB_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "TRANSFORMERS_VERBOSITY": "error",
-    "TOKENIZERS_PARALLELISM": "false",
-    "OMP_WAIT_POLICY": "PASSIVE",
-}.items():
-    os.environ.setdefault(variable, value)
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT))  # run as a file: the repository's packages (influence, influence_client, bench)
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # the service inherits it: see app/embedded.py
 
-SST2 = ROOT / "data" / "sst2"  # ships with the repository (data/sst2/README.md)
+from bench.harness import (  # noqa: E402
+    SST2,
+    free_port,
+    sst2_reproduction_split,
+    start_service,
+    stop_service,
+    tsv_text,
+)
+
 DATA_DIR = (ROOT / "var" / "experiment").resolve()
 OUT_DIR = ROOT / "docs" / "reproduction"
 N_TRAIN, N_REFERENCE = 4500, 500
@@ -56,56 +53,16 @@ def say(text: str) -> None:
 
 def load_data():
     """(train rows, validation rows, reference positions, held-out positions): the reproduction's split."""
-    from influence import read_labelled_tsv, stratified_subsample
-
-    train = stratified_subsample(read_labelled_tsv(SST2 / "train.tsv"), N_TRAIN, seed=0)
-    validation = read_labelled_tsv(SST2 / "validation.tsv")
-    chosen = {id(e) for e in stratified_subsample(validation, N_REFERENCE, seed=0)}
-    reference = [i for i, e in enumerate(validation) if id(e) in chosen]
-    heldout = [i for i, e in enumerate(validation) if id(e) not in chosen]
+    train, validation, reference, _ = sst2_reproduction_split(N_TRAIN, N_REFERENCE)
+    chosen = {id(e) for e in reference}
+    reference_rows = [i for i, e in enumerate(validation) if id(e) in chosen]
+    heldout_rows = [i for i, e in enumerate(validation) if id(e) not in chosen]
     as_rows = lambda examples: [(e.text, int(e.label)) for e in examples]  # noqa: E731
-    return as_rows(train), as_rows(validation), reference, heldout
+    return as_rows(train), as_rows(validation), reference_rows, heldout_rows
 
 
 def tsv_bytes(rows: list[tuple[str, int]]) -> bytes:
-    out = io.StringIO()
-    out.write("sentence\tlabel\n")
-    for text, label in rows:
-        out.write(f"{text}\t{label}\n")
-    return out.getvalue().encode("utf-8")
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def start_service(port: int, allowed: list[Path]) -> subprocess.Popen:
-    DATA_DIR.mkdir(parents=True, exist_ok=True)
-    env = {
-        **os.environ,
-        "INFLUENCE_DATA_DIR": str(DATA_DIR),
-        "INFLUENCE_ALLOWED_ROOTS": json.dumps([str(p) for p in allowed]),
-        "INFLUENCE_MAX_ACTIVE_JOBS_PER_TENANT": "8",
-    }
-    log = open(DATA_DIR / "service.log", "ab")  # noqa: SIM115 - the child writes to it until it stops
-    process = subprocess.Popen(
-        [sys.executable, "-m", "app.embedded", "serve", "--host", "127.0.0.1", "--port", str(port)],
-        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )  # fmt: skip
-    log.close()
-    return process
-
-
-def stop_service(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        process.send_signal(signal.SIGINT)
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+    return tsv_text(("sentence", "label"), rows).encode("utf-8")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -121,7 +78,14 @@ def main(argv: list[str] | None = None) -> int:
 
     started = time.perf_counter()
     port = free_port()
-    process = start_service(port, [SST2, packaged_minilm_path().parent, DATA_DIR])
+    DATA_DIR.mkdir(parents=True, exist_ok=True)
+    process = start_service(
+        port,
+        data_dir=DATA_DIR,
+        allowed_roots=[SST2, packaged_minilm_path().parent, DATA_DIR],
+        log_path=DATA_DIR / "service.log",
+        env={"INFLUENCE_MAX_ACTIVE_JOBS_PER_TENANT": "8"},
+    )
     try:
         key_file = DATA_DIR / "local-api-key"
         for _ in range(240):

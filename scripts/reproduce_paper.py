@@ -1,3 +1,4 @@
+# Over 600 lines: the whole reproduction (stages, caches, the summary and its markdown) as one script a clone runs.
 """Reproduce the paper's layer / aggregation study (Vitel & Chhabra, ICLR 2026) on real SST-2 with the packaged MiniLM.
 
 Protocol (method.md §6, scaled to this machine): per seed s,
@@ -34,19 +35,15 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-for variable, value in {
-    "HF_HUB_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "TRANSFORMERS_VERBOSITY": "error",
-    "TOKENIZERS_PARALLELISM": "false",
-}.items():
-    os.environ.setdefault(variable, value)
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT))  # run as a file: the repository's packages (influence, bench)
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-SST2 = ROOT / "data" / "sst2"  # ships with the repository (data/sst2/README.md)
+from bench.harness import SST2 as SST2  # noqa: E402  (the data this script reads: tests/test_self_contained.py)
+from bench.harness import cpu_name, sst2_reproduction_split  # noqa: E402
+from influence.report.results import jsonable  # noqa: E402
+
 CACHE = ROOT / "var" / "reproduction"
 DOCS_JSONS = {
     "auto": ROOT / "docs" / "reproduction" / "sst2-minilm.json",
@@ -83,14 +80,7 @@ def say(text: str = "") -> None:
 
 
 def machine() -> str:
-    cpu = platform.processor() or "cpu"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_name() or "cpu"
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     return (
         f"{cpu}, {os.cpu_count()} cores visible, torch {torch.__version__} with {torch.get_num_threads()} "
@@ -103,13 +93,7 @@ def machine() -> str:
 
 def load_data():
     """(train (4,500 clean), reference (500), held-out (rest of validation)) as influence Examples."""
-    from influence import read_labelled_tsv, stratified_subsample
-
-    train = stratified_subsample(read_labelled_tsv(SST2 / "train.tsv"), N_TRAIN, seed=SUBSAMPLE_SEED)
-    validation = read_labelled_tsv(SST2 / "validation.tsv")
-    reference = stratified_subsample(validation, N_REFERENCE, seed=SUBSAMPLE_SEED)
-    chosen = {id(e) for e in reference}
-    held_out = [e for e in validation if id(e) not in chosen]
+    train, _, reference, held_out = sst2_reproduction_split(N_TRAIN, N_REFERENCE, seed=SUBSAMPLE_SEED)
     return train, reference, held_out
 
 
@@ -861,26 +845,13 @@ def main(argv=None) -> int:
         summary, md = summarise(seeds, runs, command, wall, args.projection)
         docs_json = DOCS_JSONS[args.projection]
         docs_json.parent.mkdir(parents=True, exist_ok=True)
-        docs_json.write_text(json.dumps(_strict(summary), indent=1, allow_nan=False) + "\n")
+        docs_json.write_text(json.dumps(jsonable(summary), indent=1, allow_nan=False) + "\n")
         if args.projection == "auto":  # docs/reproduction.md tells the default's story
             DOCS_MD.write_text(md + "\n")
         written = f" and {DOCS_MD.relative_to(ROOT)}" if args.projection == "auto" else ""
         say(f"wrote {docs_json.relative_to(ROOT)}{written}")
     say(f"done in {wall / 60:.1f} min")
     return 0
-
-
-def _strict(value):
-    """JSON-safe copy: numpy scalars as Python numbers, NaN and infinities as None."""
-    if isinstance(value, dict):
-        return {str(k): _strict(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_strict(v) for v in value]
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
 
 
 if __name__ == "__main__":

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -27,6 +30,33 @@ def sst2_validation():
     from influence.data import read_labelled_tsv
 
     return read_labelled_tsv(SST2 / "validation.tsv")
+
+
+def every_noisy_mask(n: int, noisy: int) -> Iterator[np.ndarray]:
+    """Every (n,) bool mask with `noisy` rows set: the placements a random order makes equally likely."""
+    for chosen in itertools.combinations(range(n), noisy):
+        mask = np.zeros(n, dtype=bool)
+        mask[list(chosen)] = True
+        yield mask
+
+
+def manifest_for(featurizer, num_rows: int, chunk_size: int, *, max_length: int = 64, **identity):
+    """The manifest of a float32 classification store that `featurizer` fills. `identity` sets model_id,
+    weights_hash, tokenizer_name or dataset_hash; placeholders stand for those not given."""
+    # Here, not at the top: influence loads transformers, which reads the environment set above.
+    from influence.featurize import store_manifest
+
+    placeholders = {"model_id": "tiny", "weights_hash": "w", "tokenizer_name": "t", "dataset_hash": "d"}
+    return store_manifest(
+        featurizer,
+        revision=None,
+        **{**placeholders, **identity},
+        num_rows=num_rows,
+        task="classification",
+        max_length=max_length,
+        dtype="float32",
+        chunk_size=chunk_size,
+    )
 
 
 def build_word_tokenizer(folder: Path, texts: list[str], size: int = 400):
@@ -72,28 +102,20 @@ def tiny_config(arch: str, vocab_size: int, **overrides):
     from transformers import BertConfig, GPT2Config, LlamaConfig
 
     common = {"vocab_size": vocab_size, "pad_token_id": 0, "eos_token_id": 4, "bos_token_id": 2}
+    # BERT's and Llama's names for the sizes; GPT-2 names them its own way
+    sizes = {
+        "hidden_size": 16,
+        "num_hidden_layers": 3,
+        "num_attention_heads": 2,
+        "intermediate_size": 24,
+        "max_position_embeddings": 64,
+    }
     if arch == "bert":
-        cfg = BertConfig(
-            hidden_size=16,
-            num_hidden_layers=3,
-            num_attention_heads=2,
-            intermediate_size=24,
-            max_position_embeddings=64,
-            **common,
-        )
+        cfg = BertConfig(**sizes, **common)
     elif arch == "gpt2":
         cfg = GPT2Config(n_embd=16, n_layer=3, n_head=2, n_positions=64, **common)
     elif arch == "llama":
-        cfg = LlamaConfig(
-            hidden_size=16,
-            intermediate_size=24,
-            num_hidden_layers=3,
-            num_attention_heads=2,
-            num_key_value_heads=1,
-            head_dim=8,
-            max_position_embeddings=64,
-            **common,
-        )
+        cfg = LlamaConfig(**sizes, num_key_value_heads=1, head_dim=8, **common)
     else:
         raise ValueError(arch)
     for key, value in overrides.items():

@@ -13,23 +13,23 @@ import argparse
 import os
 import sys
 
-from worker.celery_app import CPU_QUEUE, GPU_QUEUE
+import torch
+
+from app.config import get_settings
+from app.jobs.celery_app import CPU_QUEUE, GPU_QUEUE
+from worker.celery_app import TASK_MODULES, get_app
 
 
 def plan(queues: str, concurrency: int | None, default_concurrency: int) -> tuple[str, int]:
     """(queues, concurrency) for this machine."""
     if queues != "auto":
         return queues, concurrency or default_concurrency
-    import torch
-
     if torch.cuda.is_available():
         return f"{GPU_QUEUE},{CPU_QUEUE}", concurrency or torch.cuda.device_count()
     return CPU_QUEUE, concurrency or default_concurrency
 
 
 def main(argv: list[str] | None = None) -> None:
-    from app.config import get_settings
-
     parser = argparse.ArgumentParser(prog="python -m worker", description=__doc__.splitlines()[0])
     parser.add_argument("--queues", default="auto", help="auto, or a comma list of cpu / gpu")
     parser.add_argument("--concurrency", type=int, default=None, help="worker processes (default: see above)")
@@ -54,9 +54,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.hostname:
         command += ["--hostname", args.hostname]
     command += [a for a in extra if a != "--"]
-    from worker.celery_app import get_app
-
-    get_app().worker_main(command)
+    get_app(include=TASK_MODULES).worker_main(command)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,4 @@
-"""Thin Celery tasks: ids in, one pipeline step, the outcome recorded in the database.
-
-Each task builds nothing itself: it hands its ids to app/services/pipelines.py, which is idempotent, so a
-task delivered twice (acks_late redelivery, a re-plan after a crash) does no harm. A step that raises marks
-its job (and index) failed; the task then ends normally, so the message is acknowledged and not retried.
-"""
+"""The one Celery task: ids in, one job step run (app/jobs/steps.py), its outcome recorded in the database."""
 
 from __future__ import annotations
 
@@ -11,71 +6,40 @@ import logging
 import os
 from functools import lru_cache
 
+import torch
+from billiard.process import current_process
 from celery.signals import worker_process_init, worker_ready
 
 from app.config import get_settings
 from app.db import make_engine, make_session_factory
-from app.services import pipelines
-from app.services.pipelines import resolve_device
-from worker.celery_app import BUILD_CHUNK, COMPACT_INDEX, FINALIZE_BUILD, PLAN_BUILD, RUN_JOB, get_app
-from worker.queue import CeleryDispatcher
+from app.jobs.celery_app import STEP_TASK
+from app.jobs.context import WorkerContext, configure_compute, resolve_device
+from app.jobs.dispatch import CeleryDispatcher
+from app.jobs.model_cache import ModelCache
+from app.jobs.steps import recover_interrupted, run_step
+from worker.celery_app import TASK_MODULES, get_app
 
 log = logging.getLogger(__name__)
-app = get_app()
+app = get_app(include=TASK_MODULES)
 
 
 @lru_cache(maxsize=1)
-def _context(pid: int) -> pipelines.BuildContext:
+def _context(pid: int) -> WorkerContext:
     # One per process (keyed by pid): a database engine must not cross a fork, and the model cache is what
     # makes every chunk after the first cheap.
     settings = get_settings()
     engine = make_engine(settings.resolved_database_url)
-    return pipelines.BuildContext(
+    return WorkerContext(
         settings=settings,
         session_factory=make_session_factory(engine),
-        models=pipelines.ModelCache(),
+        models=ModelCache(),
         dispatcher=CeleryDispatcher(app, settings),
     )
 
 
-def context() -> pipelines.BuildContext:
-    return _context(os.getpid())
-
-
-def _run(job_id: str, step, *args) -> str:
-    ctx = context()
-    try:
-        return step(ctx, job_id, *args)
-    except Exception as exc:
-        log.exception("job %s failed in %s", job_id, step.__name__)
-        pipelines.fail_job(ctx, job_id, pipelines.describe_error(exc))
-        return "failed"
-
-
-@app.task(name=PLAN_BUILD)
-def plan_build(job_id: str) -> str:
-    return _run(job_id, pipelines.plan_build)
-
-
-@app.task(name=BUILD_CHUNK)
-def build_chunk(job_id: str, chunk: int) -> str:
-    return _run(job_id, pipelines.build_chunk, int(chunk))
-
-
-@app.task(name=FINALIZE_BUILD)
-def finalize_build(job_id: str) -> str:
-    return _run(job_id, pipelines.finalize_build)
-
-
-@app.task(name=COMPACT_INDEX)
-def compact_index(job_id: str) -> str:
-    return _run(job_id, pipelines.compact_index)
-
-
-@app.task(name=RUN_JOB)
-def run_job(job_id: str) -> str:
-    """A workflow job (audit, layer report, batch check, experiment): app/services/runners.py."""
-    return _run(job_id, pipelines.run_workflow_job)
+@app.task(name=STEP_TASK)
+def step(name: str, job_id: str, *args) -> str:
+    return run_step(_context(os.getpid()), name, job_id, *args)
 
 
 @worker_process_init.connect
@@ -83,12 +47,9 @@ def _init_process(**_) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # The scoring kernel compiles at the first job that scores against a few reference rows (most never do), so
     # that such a job scores with the same kernel as the API's queries.
-    pipelines.configure_compute(get_settings(), compile_now=False)
+    configure_compute(get_settings(), compile_now=False)
     if resolve_device(get_settings().device) == "cuda":
         # One pool process per GPU (python -m worker): process i featurizes on GPU i.
-        import torch
-        from billiard.process import current_process
-
         index = getattr(current_process(), "index", 0) or 0
         torch.cuda.set_device(index % torch.cuda.device_count())
 
@@ -102,14 +63,14 @@ def _recover(**_) -> None:
     settings = get_settings()
     engine = make_engine(settings.resolved_database_url)
     try:
-        ctx = pipelines.BuildContext(
+        ctx = WorkerContext(
             settings=settings,
             session_factory=make_session_factory(engine),
-            models=pipelines.ModelCache(capacity=0),
+            models=ModelCache(capacity=0),
             dispatcher=CeleryDispatcher(app, settings),
             device="cpu",
         )
-        pipelines.recover_interrupted(ctx)
+        recover_interrupted(ctx)
     except Exception:  # a database that is not up yet must not keep the worker from starting
         log.exception("could not restart interrupted jobs")
     finally:

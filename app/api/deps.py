@@ -1,4 +1,5 @@
-"""Request dependencies: settings, the unit-of-work session, the tenant, the job queue and the readiness checks.
+"""Request dependencies: settings, the unit-of-work session, the tenant, the job queue, the readiness checks and
+the page of a list a request asks for.
 
 Everything comes from `request.app.state`, filled by `create_app`, so tests (and the embedded runner) build an
 app with their own settings, queue and checks without touching globals.
@@ -6,13 +7,12 @@ app with their own settings, queue and checks without touching globals.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, Any, TypeVar
 
-from fastapi import Depends, Request
+from fastapi import Depends, Query, Request
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
-from sqlalchemy import text
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
@@ -20,9 +20,13 @@ from sqlalchemy.orm import Session
 from app.config import Settings
 from app.db import session_scope
 from app.errors import Unauthorized, Unavailable
+from app.jobs.readiness import ReadinessCheck, database_check, unconfigured_worker_check
+from app.jobs.state import JobQueue
 from app.models import Tenant
+from app.schemas.common import MAX_OFFSET, Page
 from app.services import tenancy
-from app.services.jobs import JobQueue
+
+T = TypeVar("T")
 
 
 def get_settings(request: Request) -> Settings:
@@ -88,47 +92,45 @@ def get_job_queue(request: Request) -> JobQueue:
     return queue
 
 
-@dataclass(frozen=True)
-class ReadinessCheck:
-    """One dependency of readiness: `probe` returns a short detail when healthy and raises when not."""
-
-    name: str
-    probe: Callable[[], str]
-
-
-def database_check(engine: Engine) -> ReadinessCheck:
-    """The database answers and its schema is migrated (an `alembic_version` row exists)."""
-
-    def probe() -> str:
-        with engine.connect() as connection:
-            try:
-                version = connection.execute(text("SELECT version_num FROM alembic_version")).scalar()
-            except Exception as exc:
-                raise RuntimeError("the schema is not migrated (run `python -m app.migrate`)") from exc
-        if version is None:
-            raise RuntimeError("the schema is not migrated (run `python -m app.migrate`)")
-        return f"{engine.dialect.name}, schema revision {version}"
-
-    return ReadinessCheck("database", probe)
-
-
 def get_readiness_checks(request: Request) -> list[ReadinessCheck]:
     """The database check plus the checks the app was built with (broker, live worker: see create_app).
 
     An app built without `readiness_checks` has nothing that vouches for its workers, so it reports a failing
     `worker` check rather than claiming readiness it cannot know.
     """
-    checks = [database_check(request.app.state.engine)]
     extra = request.app.state.readiness_checks
     if extra is None:
+        extra = [unconfigured_worker_check()]
+    return [database_check(request.app.state.engine), *extra]
 
-        def unconfigured() -> str:
-            raise RuntimeError("no broker/worker readiness check is configured for this process")
 
-        checks.append(ReadinessCheck("worker", unconfigured))
-    else:
-        checks.extend(extra)
-    return checks
+@dataclass(frozen=True)
+class PageWindow:
+    """The part of a list a request asks for: at most `limit` items from `offset`."""
+
+    offset: int
+    limit: int
+
+    def page(self, items: Sequence[Any], total: int) -> Page[Any]:
+        """The page of these items (the route's response model checks their type), out of `total`."""
+        return Page(items=list(items), total=total, offset=self.offset, limit=self.limit)
+
+    def page_of(
+        self, session: Session, model: type[T], tenant_id: str, show: Callable[[T], Any], **equal: Any
+    ) -> Page[Any]:
+        """This window of the tenant's objects of `model`, newest first, each as `show` shows it; a keyword
+        keeps the objects whose column of that name holds its value (None: no filter)."""
+        rows, total = tenancy.owned_page(
+            session, model, tenant_id, offset=self.offset, limit=self.limit, **equal
+        )
+        return self.page([show(row) for row in rows], total)
+
+
+def page_window(
+    offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+) -> PageWindow:
+    return PageWindow(offset=offset, limit=limit)
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
@@ -137,3 +139,4 @@ TenantDep = Annotated[Tenant, Depends(get_tenant)]
 JobQueueDep = Annotated[JobQueue, Depends(get_job_queue)]
 ReadinessChecksDep = Annotated[list[ReadinessCheck], Depends(get_readiness_checks)]
 ValidKeyDep = Annotated[bool, Depends(presents_valid_key)]
+PageWindowDep = Annotated[PageWindow, Depends(page_window)]

@@ -7,6 +7,7 @@ arrive as text and are converted as usual.
 
 from __future__ import annotations
 
+import math
 from datetime import UTC, datetime
 from typing import Annotated, Any, Generic, TypeVar
 
@@ -24,6 +25,22 @@ def _utc(moment: datetime) -> datetime:
 
 
 UTCDateTime = Annotated[datetime, AfterValidator(_utc)]
+
+
+def strict_body_config(*examples: dict[str, Any]) -> ConfigDict:
+    """The config of a JSON request body model: strict, unknown fields refused, and the examples its OpenAPI
+    schema shows."""
+    config = ConfigDict(extra="forbid", strict=True)
+    if examples:
+        config["json_schema_extra"] = {"examples": list(examples)}
+    return config
+
+
+def finite(value: float) -> float:
+    """A float field's validator (`field_validator(name)(finite)`): JSON's NaN and Infinity are no numbers."""
+    if not math.isfinite(value):
+        raise ValueError("must be finite")
+    return value
 
 
 class Problem(BaseModel):

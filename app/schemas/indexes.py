@@ -12,13 +12,14 @@ Conventions of every query answer:
 
 from __future__ import annotations
 
-import math
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, Field
 
-from app.schemas.common import UTCDateTime
+from app.schemas.common import UTCDateTime, finite, strict_body_config
 from app.schemas.jobs import JobOut
+from influence.aggregation import aggregation_names
+from influence.estimators import estimator_class, estimator_names
 from influence.projection import AUTO_EXACT_MAX_PARAMS, DEFAULT_DIM
 
 ProjectionKind = Literal["auto", "factorized", "gaussian", "rademacher", "identity"]
@@ -29,9 +30,55 @@ UnitName = Annotated[str, Field(min_length=1, max_length=512)]
 Dtype = Literal["float16", "float32"]
 FaissKind = Literal["flat", "ivf", "hnsw"]
 IndexStatus = Literal["pending", "building", "ready", "failed", "cancelled"]
-EstimatorName = Literal["grad-dot", "cosine", "datainf"]
-AggregationName = Literal["mean", "rank", "vote", "zmean", "median", "rrf"]
+
+
+def _served_estimator(name: str) -> str:
+    """A registered estimator an index can serve, looked up when the request arrives (so that one registered
+    after startup is accepted)."""
+    served = estimator_names(one_checkpoint=True)
+    if name in served:
+        return name
+    if name in estimator_names() and estimator_class(name).needs_checkpoints:
+        raise ValueError(
+            f"estimator {name!r} needs per-checkpoint features, an index holds one checkpoint's; use one of "
+            f"{', '.join(served)}"
+        )
+    raise ValueError(f"unknown estimator {name!r}; registered: {', '.join(served)}")
+
+
+def _registered_aggregation(name: str) -> str:
+    """A registered aggregation method, looked up when the request arrives."""
+    if name not in aggregation_names():
+        raise ValueError(f"unknown aggregation {name!r}; registered: {', '.join(aggregation_names())}")
+    return name
+
+
+EstimatorName = Annotated[
+    str,
+    Field(
+        min_length=1,
+        max_length=64,
+        description="A registered estimator (influence.estimators): "
+        f"{', '.join(estimator_names(one_checkpoint=True))}, or one registered since the service started",
+    ),
+    AfterValidator(_served_estimator),
+]
+AggregationName = Annotated[
+    str,
+    Field(
+        min_length=1,
+        max_length=64,
+        description="A registered cross-layer aggregation (influence.aggregation): "
+        f"{', '.join(aggregation_names())}, or one registered since the service started",
+    ),
+    AfterValidator(_registered_aggregation),
+]
 Direction = Literal["helpful", "harmful", "both"]
+VoteK = Annotated[
+    float,
+    Field(gt=0, le=1, description="vote: share of the ranked rows each voter scores"),
+    AfterValidator(finite),
+]
 
 # A layer selector (influence.select_layers): an exact name, a glob, `re:<regex>`, `blocks:2-4`,
 # `role:attention`, `position:middle`, a group name (`WE`, `CL`, `middle`, `blocks.02-03`), terms joined by
@@ -47,7 +94,7 @@ CONVENTIONS = (
 class UnitProjectionIn(BaseModel):
     """How one layer unit is projected, overriding the projection's kind for that unit."""
 
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = strict_body_config()
 
     kind: UnitProjectionKind = Field(
         description="factorized (LoGra) | gaussian | rademacher (dense random) | identity (exact: the unit's "
@@ -66,7 +113,7 @@ class UnitProjectionIn(BaseModel):
 class ProjectionIn(BaseModel):
     """How per-sample gradients are projected before they are stored (influence.ProjectionSpec), per layer unit."""
 
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = strict_body_config()
 
     kind: ProjectionKind = Field(
         "auto",
@@ -105,26 +152,20 @@ class ProjectionIn(BaseModel):
 class IndexCreate(BaseModel):
     """Build an index: projected per-layer gradients of every row of a dataset under a model."""
 
-    model_config = ConfigDict(
-        extra="forbid",
-        strict=True,
-        json_schema_extra={
-            "examples": [
-                {
-                    "model_id": "3f0c...",
-                    "dataset_id": "9a1b...",
-                    "layers": "all",
-                    "projection": {
-                        "kind": "auto",
-                        "dim": 256,
-                        "seed": 0,
-                        "units": {"head": {"kind": "gaussian", "dim": 64}},
-                    },
-                    "dtype": "float16",
-                    "faiss_kind": "flat",
-                }
-            ]
-        },
+    model_config = strict_body_config(
+        {
+            "model_id": "3f0c...",
+            "dataset_id": "9a1b...",
+            "layers": "all",
+            "projection": {
+                "kind": "auto",
+                "dim": 256,
+                "seed": 0,
+                "units": {"head": {"kind": "gaussian", "dim": 64}},
+            },
+            "dtype": "float16",
+            "faiss_kind": "flat",
+        }
     )
 
     model_id: str = Field(min_length=1, max_length=32)
@@ -142,9 +183,7 @@ class IndexCreate(BaseModel):
 class RowsDelete(BaseModel):
     """Rows to delete from an index, by their row position in the dataset (as hits and dataset pages number them)."""
 
-    model_config = ConfigDict(
-        extra="forbid", strict=True, json_schema_extra={"examples": [{"row_ids": [17, 403]}]}
-    )
+    model_config = strict_body_config({"row_ids": [17, 403]})
 
     row_ids: list[Annotated[int, Field(ge=0, le=2**62)]] = Field(min_length=1, max_length=1_000_000)
 
@@ -248,7 +287,7 @@ class IndexOut(BaseModel):
 class QueryExample(BaseModel):
     """One input to explain: text (and text_pair) with the label whose prediction is explained."""
 
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = strict_body_config()
 
     text: str = Field(min_length=1)
     text_pair: str | None = None
@@ -260,21 +299,15 @@ class QueryExample(BaseModel):
 class QueryRequest(BaseModel):
     """Which training rows most helped / harmed each example, aggregated over the chosen layers."""
 
-    model_config = ConfigDict(
-        extra="forbid",
-        strict=True,
-        json_schema_extra={
-            "examples": [
-                {
-                    "examples": [{"text": "a gorgeous , witty , seductive movie .", "label": 1}],
-                    "layers": "middle",
-                    "estimator": "grad-dot",
-                    "aggregation": "rank",
-                    "top_k": 5,
-                    "direction": "both",
-                }
-            ]
-        },
+    model_config = strict_body_config(
+        {
+            "examples": [{"text": "a gorgeous , witty , seductive movie .", "label": 1}],
+            "layers": "middle",
+            "estimator": "grad-dot",
+            "aggregation": "rank",
+            "top_k": 5,
+            "direction": "both",
+        }
     )
 
     examples: list[QueryExample] = Field(min_length=1)
@@ -283,7 +316,7 @@ class QueryRequest(BaseModel):
     )
     estimator: EstimatorName = "grad-dot"
     aggregation: AggregationName = "rank"
-    vote_k: float = Field(0.2, gt=0, le=1, description="vote: share of the ranked rows each voter scores")
+    vote_k: VoteK = 0.2
     top_k: int = Field(10, ge=1)
     direction: Direction = "both"
     approximate: bool = Field(
@@ -294,13 +327,6 @@ class QueryRequest(BaseModel):
     candidates_per_layer: int | None = Field(
         None, ge=1, description="approximate only: rows FAISS proposes per layer and direction (default 4 x top_k)"
     )
-
-    @field_validator("vote_k")
-    @classmethod
-    def _finite(cls, value: float) -> float:
-        if not math.isfinite(value):
-            raise ValueError("must be finite")
-        return value
 
 
 class LayerScore(BaseModel):
@@ -337,6 +363,23 @@ class Approximation(BaseModel):
     candidates_per_layer: int
 
 
+def fidelity_field(layers: str) -> Any:
+    """The `fidelity` field of an answer (app/services/queries.answer_fidelity) over the layers it has `layers`
+    ("used", "scored")."""
+    return Field(
+        None,
+        description=f"Per layer {layers}: the Spearman correlation of its projected scores with exact gradient "
+        "scores, measured when the index was built (null for an index without that measurement)",
+    )
+
+
+def fidelity_warning_field(layers: str) -> Any:
+    """The `fidelity_warning` field of an answer over the layers it has `layers` ("used", "scored")."""
+    return Field(
+        None, description=f"Set when a layer {layers} ranks rows unlike its exact gradients (Spearman below 0.9)"
+    )
+
+
 class QueryResponse(BaseModel):
     index_id: str
     estimator: str
@@ -347,14 +390,8 @@ class QueryResponse(BaseModel):
     num_rows: int = Field(description="Rows in the index that answer queries (deleted rows excluded)")
     approximate: bool
     approximation: Approximation | None
-    fidelity: dict[str, float | None] | None = Field(
-        None,
-        description="Per layer used: the Spearman correlation of its projected scores with exact gradient scores, "
-        "measured when the index was built (null for an index without that measurement)",
-    )
-    fidelity_warning: str | None = Field(
-        None, description="Set when a layer used ranks rows unlike its exact gradients (Spearman below 0.9)"
-    )
+    fidelity: dict[str, float | None] | None = fidelity_field("used")
+    fidelity_warning: str | None = fidelity_warning_field("used")
     conventions: str = CONVENTIONS
     results: list[ExampleResult]
     seconds: float

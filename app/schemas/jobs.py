@@ -28,3 +28,15 @@ class JobOut(BaseModel):
     started_at: UTCDateTime | None
     finished_at: UTCDateTime | None
     duration_s: float | None = Field(description="Seconds from start to finish (to now while running)")
+
+
+class WorkflowOut(BaseModel):
+    """The fields a workflow resource (an audit, a layer report, a check) shows of its job, filled by
+    app/workflows/resources.job_fields; a subclass says in its own words what `id` and `params` are, and ends
+    with `created_at`."""
+
+    id: str
+    index_id: str | None
+    status: JobStatus
+    params: dict[str, Any]
+    job: JobOut

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import math
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from app.schemas.common import UTCDateTime
+from app.schemas.common import UTCDateTime, finite, strict_body_config
 
 Task = Literal["classification", "causal-lm"]
 
@@ -15,18 +14,13 @@ Task = Literal["classification", "causal-lm"]
 class CheckpointIn(BaseModel):
     """One training checkpoint (a PEFT adapter folder on the server) and the learning rate it was taken at."""
 
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = strict_body_config()
 
     adapter: str = Field(min_length=1, max_length=1000, description="Absolute path of a PEFT adapter folder")
     learning_rate: float = Field(gt=0, description="TracIn-CP weight of this checkpoint")
     name: str | None = Field(None, min_length=1, max_length=200, description="Defaults to the folder name")
 
-    @field_validator("learning_rate")
-    @classmethod
-    def _finite(cls, value: float) -> float:
-        if not math.isfinite(value):
-            raise ValueError("must be finite")
-        return value
+    _finite_rate = field_validator("learning_rate")(finite)
 
 
 class ModelCreate(BaseModel):
@@ -34,20 +28,14 @@ class ModelCreate(BaseModel):
     resolved from the local cache only. Layers are listed from the config, without loading weights. Strict:
     numbers are JSON numbers (`"2"` or `true` is no count)."""
 
-    model_config = ConfigDict(
-        extra="forbid",
-        strict=True,
-        json_schema_extra={
-            "examples": [
-                {
-                    "name": "minilm-sst2",
-                    "source": "/models/all-MiniLM-L6-v2",
-                    "task": "classification",
-                    "num_labels": 2,
-                    "adapter": "/models/runs/sst2-lora",
-                }
-            ]
-        },
+    model_config = strict_body_config(
+        {
+            "name": "minilm-sst2",
+            "source": "/models/all-MiniLM-L6-v2",
+            "task": "classification",
+            "num_labels": 2,
+            "adapter": "/models/runs/sst2-lora",
+        }
     )
 
     name: str = Field(min_length=1, max_length=200)

@@ -4,23 +4,18 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, Field, model_validator
 
+from app.schemas.common import strict_body_config
 from app.schemas.indexes import QueryExample
 
 
 class ReferenceSet(BaseModel):
     """Either rows of a registered dataset (`dataset_id`, optionally `rows` or `limit`) or inline `examples`."""
 
-    model_config = ConfigDict(
-        extra="forbid",
-        strict=True,
-        json_schema_extra={
-            "examples": [
-                {"dataset_id": "9a1b...", "limit": 500},
-                {"examples": [{"text": "a gorgeous , witty , seductive movie .", "label": 1}]},
-            ]
-        },
+    model_config = strict_body_config(
+        {"dataset_id": "9a1b...", "limit": 500},
+        {"examples": [{"text": "a gorgeous , witty , seductive movie .", "label": 1}]},
     )
 
     dataset_id: str | None = Field(None, min_length=1, max_length=32, description="A dataset of this tenant")

@@ -29,7 +29,7 @@ A crash (kill -9) anywhere leaves a consistent, queryable index:
     answer 409 (statistics / FAISS behind the store, as the library reports them) until the rerun brings them
     up (a compaction would too: it refits and rebuilds whatever is stale);
   - between 3 and 4: the index row's num_rows lags until the rerun.
-A worker that starts reruns the job (pipelines.recover_interrupted), and every step sees what is done. Appends to
+A worker that starts reruns the job (app/jobs/steps.py), and every step sees what is done. Appends to
 one dataset are serialised by an fcntl lock on datasets/<id>/.append.lock (the kernel drops it if the holder dies).
 Superseded versions are removed after the switch, except the previous one: a reader that loaded the dataset row
 just before the switch still finds the files it names.
@@ -38,7 +38,6 @@ just before the switch still finds the files it names.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import logging
@@ -59,7 +58,12 @@ from app.db import session_scope
 from app.errors import Conflict
 from app.models import Dataset, Index
 from app.services import datasets as dataset_files
-from app.services.pipelines import directory_size, fit_statistics, remove_tree, store_dir
+from app.stores import open_store
+from influence import build_store_indexes
+from influence.errors import ManifestMismatchError, StoreCorruptedError, StoreIncompleteError
+from influence.files import directory_size, fsync_path, locked, remove_tree
+from influence.index import stale_store_indexes, sync_store_indexes
+from influence.statistics import fit_store_statistics
 
 log = logging.getLogger(__name__)
 
@@ -90,12 +94,8 @@ def dataset_append_lock(settings: Settings, dataset_id: str) -> Iterator[None]:
     folder = dataset_files.dataset_dir(settings, dataset_id)
     if not folder.is_dir():
         raise Conflict(f"the rows of dataset {dataset_id!r} are missing from the artifact store")
-    with open(folder / APPEND_LOCK, "a+") as handle:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+    with locked(folder / APPEND_LOCK):
+        yield
 
 
 def rows_meta(settings: Settings, dataset: Dataset) -> dict[str, Any]:
@@ -173,15 +173,13 @@ def _revert_dataset(ctx: Any, dataset_id: str, before: tuple[str, int, list[Any]
 
 def _store_holds(ctx: Any, index_id: str, start: int, stop: int) -> bool:
     """Whether the index's store holds any of the dataset rows [start, stop) (True when it cannot be told)."""
-    from influence import FeatureStore
-
     try:
         with session_scope(ctx.session_factory) as session:
             index = session.get(Index, index_id)
             if index is None:
                 return False
-            path = ctx.settings.resolved_artifacts_dir / index.store_path
-        store = FeatureStore.open(path, verify=False)
+            session.expunge(index)
+        store = open_store(ctx.settings, index)
         return bool(np.isin(np.arange(start, stop), store.row_ids()).any())
     except Exception:
         return True
@@ -250,7 +248,7 @@ def _write_version(
     settings: Settings, dataset: Dataset, rows: Sequence[dict[str, Any]], job_id: str, folder: Path
 ) -> list[Any]:
     """Write the grown rows artifact as `folder` (staged, fsynced, renamed into place); the dataset's labels."""
-    old_rows, old_offsets = dataset_files._open_rows(settings, dataset)  # checksums verified
+    old_rows, old_offsets = dataset_files.open_rows(settings, dataset)  # checksums verified
     meta = rows_meta(settings, dataset)
     parent = folder.parent
     parent.mkdir(parents=True, exist_ok=True)
@@ -269,8 +267,7 @@ def _write_version(
                 shutil.copyfileobj(source, out, 1 << 20)
             position = out.tell()
             for i, row in enumerate(rows):
-                # The same serialisation as registration (datasets._write_rows).
-                line = (json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8")
+                line = dataset_files.encode_row(row)
                 offsets[i] = position
                 out.write(line)
                 digest.update(line)
@@ -284,7 +281,7 @@ def _write_version(
         np.concatenate([previous_offsets, offsets]).astype("<i8").tofile(staging / dataset_files.OFFSETS_FILE)
         files = {}
         for name in (dataset_files.ROWS_FILE, dataset_files.OFFSETS_FILE):
-            dataset_files._fsync(staging / name)
+            fsync_path(staging / name)
             files[name] = dataset_files.sha256_file(staging / name)
         if dataset.task == "classification":
             labels: list[Any] = sorted({*(dataset.labels or []), *(int(row["label"]) for row in rows)})
@@ -294,23 +291,15 @@ def _write_version(
         appends.append({"job_id": job_id, "start": start, "stop": stop, "sha256": digest.hexdigest()})
         meta.update(row_count=stop, labels=labels, files=files, appends=appends)
         (staging / dataset_files.META_FILE).write_text(json.dumps(meta, indent=1), encoding="utf-8")
-        dataset_files._fsync(staging / dataset_files.META_FILE)
-        _fsync_dir(staging)
+        fsync_path(staging / dataset_files.META_FILE)
+        fsync_path(staging)
         os.replace(staging, folder)
-        _fsync_dir(parent)
+        # A rename is durable only once its directory is: a crash must not bring back the old listing.
+        fsync_path(parent)
     except BaseException:
         remove_tree(staging)
         raise
     return labels
-
-
-def _fsync_dir(path: Path) -> None:
-    # A rename is durable only once its directory is: a crash must not bring back the old listing.
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _drop_superseded(appends: Path, keep: set[str]) -> None:
@@ -335,13 +324,10 @@ def grow_store(
 ) -> int:
     """Steps 2-4: dataset rows [start, stop) join the index's store (skipped when it holds them), statistics
     and FAISS indexes follow, the index row is updated. Returns the index's live row count."""
-    from influence import FeatureStore
-    from influence.errors import StoreCorruptedError
-
     settings = ctx.settings
     index = _index(ctx, index_id)
     try:
-        store = FeatureStore.open(store_dir(settings, index), verify=False)
+        store = open_store(settings, index)
         ids = np.arange(start, stop, dtype=np.int64)
         present = np.isin(ids, store.row_ids())
         if present.any() and not present.all():
@@ -351,7 +337,7 @@ def grow_store(
             )
         if not present.any():
             store.append(ids, features())
-        fit_statistics(store)
+        fit_store_statistics(store)
         _sync_faiss(store, index.faiss_kind)
         store.refresh()
         live, deleted = store.num_live_rows, int(store.deleted_row_ids().size)
@@ -374,10 +360,6 @@ def grow_store(
 
 def _sync_faiss(store: Any, kind: str) -> None:
     """Add the appended rows to each layer's FAISS index; rebuild the indexes that no longer match the store."""
-    from influence import build_store_indexes
-    from influence.errors import ManifestMismatchError, StoreIncompleteError
-    from influence.index import stale_store_indexes, sync_store_indexes
-
     with contextlib.suppress(ManifestMismatchError, StoreIncompleteError):
         sync_store_indexes(store)
     stale = stale_store_indexes(store)

@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from app.config import Settings
 from app.models import Dataset, Index, Job
 from app.services.datasets import REGISTERING_LOCK, STAGING_PREFIX
-from app.services.pipelines import remove_tree
+from influence.files import remove_tree
 
 log = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@
 An index stores each layer unit's per-sample gradient projected (`auto`: small units exactly, the others
 factorized). `influence.fidelity.measure_fidelity` tells, per unit, how well the projected scores keep the
 exact grad-dot scores on a sample. `measure_build_fidelity` runs it from the build's finalize step
-(app/services/pipelines.py), BEFORE the index is marked ready, and the result is stored on the Index row
+(app/jobs/index_build.py), BEFORE the index is marked ready, and the result is stored on the Index row
 (`Index.fidelity`, JSON):
 
     {"sample": {"train_rows", "query_rows", "seed", "dtype"[, "note"]},
@@ -33,6 +33,14 @@ from typing import Any
 
 import numpy as np
 
+from app.db import session_scope
+from app.jobs import state as job_state
+from app.models import RegisteredModel
+from app.services.datasets import read_rows
+from influence import ProjectionSpec
+from influence.data import Example, encode_examples
+from influence.fidelity import FIDELITY_WARNING, measure_fidelity
+
 log = logging.getLogger(__name__)
 
 FIDELITY_SEED = 0
@@ -44,8 +52,6 @@ FIDELITY_BATCH_ROWS = 16
 
 
 def threshold() -> float:
-    from influence.fidelity import FIDELITY_WARNING
-
     return float(FIDELITY_WARNING)
 
 
@@ -96,14 +102,11 @@ def _held_bytes(layers: Sequence[Any], query_lengths: Sequence[int], train_lengt
 def measure_build_fidelity(ctx: Any, rows: Any, store: Any) -> dict[str, Any] | None:
     """The fidelity record of a build (module docstring), or None when the job was asked to stop meanwhile.
 
-    ctx: the pipelines.BuildContext; rows: its _BuildRows snapshot of the job; store: the finalized store.
+    ctx: the step's WorkerContext; rows: its _BuildRows snapshot of the job; store: the finalized store.
     Never raises (but for the cancellation it reports): a failure is recorded as {"skipped": ...} and logged."""
-    from app.db import session_scope
-    from app.services import jobs as job_service
-
     def cancelled() -> bool:
         with session_scope(ctx.session_factory) as session:
-            return job_service.is_cancel_requested(session, rows.job_id)
+            return job_state.is_cancel_requested(session, rows.job_id)
 
     if cancelled():
         return None
@@ -119,11 +122,6 @@ def measure_build_fidelity(ctx: Any, rows: Any, store: Any) -> dict[str, Any] | 
 
 
 def _measure(ctx: Any, rows: Any, store: Any) -> dict[str, Any]:
-    from app.models import RegisteredModel
-    from app.services.datasets import read_rows
-    from influence import ProjectionSpec
-    from influence.data import Example, encode_examples
-    from influence.fidelity import measure_fidelity
 
     settings = ctx.settings
     chosen = sample_rows(rows.dataset.row_count, settings.fidelity_train_rows, settings.fidelity_query_rows)
@@ -203,8 +201,6 @@ def _measure(ctx: Any, rows: Any, store: Any) -> dict[str, Any]:
 
 
 def _checkpoint_note(ctx: Any, rows: Any, manifest: Any, registered: Any) -> str | None:
-    from app.db import session_scope
-
     with session_scope(ctx.session_factory) as session:
         model = session.get(registered, rows.model.id)
         checkpoints = len(model.checkpoints or ()) if model is not None else 0

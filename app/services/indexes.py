@@ -3,7 +3,7 @@ build job, and hand the job to the queue once both rows are committed.
 
 Everything checked here is cheap (no weights are loaded): the model's layers come from its registration, the
 feature dimensions from the projectors, which need only layer shapes. The build itself runs in the workers
-(app/services/pipelines.py).
+(app/jobs/index_build.py).
 """
 
 from __future__ import annotations
@@ -12,25 +12,35 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import func, select, update
+import numpy as np
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from app.config import Settings
 from app.db import after_commit
 from app.errors import Conflict, Invalid
-from app.models import INDEX_STATUSES, Index, Job, new_id, utcnow
+from app.jobs import state as job_state
+from app.jobs.kinds import INDEX_BUILD, INDEX_COMPACT
+from app.models import Dataset, Index, Job, RegisteredModel, new_id, utcnow
 from app.schemas.indexes import IndexCreate
-from app.services import jobs as job_service
 from app.services.datasets import get_dataset
 from app.services.models import get_model
-from app.services.pipelines import INDEX_BUILD, INDEX_COMPACT, index_dir, remove_tree, store_dir
 from app.services.tenancy import owned
+from app.stores import index_dir, open_store
+from influence import (
+    Layer,
+    ProjectionSpec,
+    estimator_class,
+    fitted_estimator_names,
+    make_projector,
+    select_layers,
+)
+from influence.errors import InvalidInputError
+from influence.files import remove_tree
 
 
 def layer_from_dict(data: dict[str, Any]):
     """An influence.Layer from the registration's Layer.to_dict() record."""
-    from influence import Layer
-
     fields = set(Layer.__dataclass_fields__)
     values = {key: value for key, value in data.items() if key in fields}
     values["groups"] = tuple(values.get("groups") or ())
@@ -39,6 +49,15 @@ def layer_from_dict(data: dict[str, Any]):
 
 def registered_layers(model) -> list:
     return [layer_from_dict(record) for record in model.layers]
+
+
+def index_sources(session: Session, index: Index) -> tuple[RegisteredModel, Dataset]:
+    """The model and dataset an index was built from (409 if either was removed since)."""
+    model = session.get(RegisteredModel, index.model_id)
+    dataset = session.get(Dataset, index.dataset_id)
+    if model is None or dataset is None:
+        raise Conflict(f"index {index.id!r} names a model or dataset that no longer exists")
+    return model, dataset
 
 
 def projection_of(index: Index) -> dict[str, Any]:
@@ -60,9 +79,6 @@ def projection_of(index: Index) -> dict[str, Any]:
 
 def projection_spec(projection: dict[str, Any]):
     """influence.ProjectionSpec of a projection mapping (InvalidInputError -> 422 naming `projection`)."""
-    from influence import ProjectionSpec
-    from influence.errors import InvalidInputError
-
     try:
         return ProjectionSpec.from_dict(projection)
     except InvalidInputError as exc:
@@ -73,8 +89,6 @@ def projection_spec(projection: dict[str, Any]):
 def feature_dims(layers: Sequence, projection: dict[str, Any]) -> dict[str, int]:
     """Feature size per layer under a projection, per-unit overrides included (InvalidInputError for impossible
     combinations, e.g. an identity projection too large)."""
-    from influence import make_projector
-
     spec = projection_spec(projection)
     return {layer.name: make_projector(spec, layer).dim for layer in layers}
 
@@ -127,33 +141,6 @@ def index_job(session: Session, index: Index) -> Job | None:
     return session.get(Job, index.job_id) if index.job_id else None
 
 
-def list_indexes(
-    session: Session,
-    *,
-    tenant_id: str,
-    model_id: str | None = None,
-    dataset_id: str | None = None,
-    status: str | None = None,
-    offset: int = 0,
-    limit: int = 50,
-) -> tuple[Sequence[Index], int]:
-    """A page of indexes, newest first, and the total matching."""
-    if status is not None and status not in INDEX_STATUSES:
-        raise Invalid(f"unknown index status {status!r}; expected one of {', '.join(INDEX_STATUSES)}")
-    query = select(Index).where(Index.tenant_id == tenant_id)
-    if model_id is not None:
-        query = query.where(Index.model_id == model_id)
-    if dataset_id is not None:
-        query = query.where(Index.dataset_id == dataset_id)
-    if status is not None:
-        query = query.where(Index.status == status)
-    total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
-    rows = session.scalars(
-        query.order_by(Index.created_at.desc(), Index.id).offset(offset).limit(limit)
-    ).all()
-    return rows, total
-
-
 def feature_bytes_estimate(index: Index, model) -> int:
     """Bytes of the stored features: rows x (sum of the layers' dims) x the dtype's size. A token-row layer (the
     exact embedding) holds one vector per distinct token of a row, so it counts here as one token per row: the
@@ -167,12 +154,10 @@ def feature_bytes_estimate(index: Index, model) -> int:
 
 
 def create_index(
-    session: Session, settings: Settings, queue: job_service.JobQueue, body: IndexCreate, tenant_id: str
+    session: Session, settings: Settings, queue: job_state.JobQueue, body: IndexCreate, tenant_id: str
 ) -> Index:
     """Record an index (pending) and its build job (queued); the job is enqueued after the commit. The model
     and the dataset must be the tenant's own; the tenant may have at most max_active_jobs_per_tenant jobs."""
-    from influence import select_layers
-
     model = get_model(session, body.model_id, tenant_id)
     dataset = get_dataset(session, body.dataset_id, tenant_id)
     if model.task != dataset.task:
@@ -222,11 +207,12 @@ def create_index(
     )
     session.add(index)
     session.flush()
-    job = job_service.create_job(
+    job = job_state.submit_job(
         session,
+        settings,
+        _FailIndexOnRefusal(queue, session, index_id),
         INDEX_BUILD,
         tenant_id=tenant_id,
-        max_active=settings.max_active_jobs_per_tenant,
         target_id=index_id,
         params={
             "chunk_size": chunk_size,
@@ -239,14 +225,11 @@ def create_index(
     )
     index.job_id = job.id
     session.flush()
-    job_service.enqueue_after_commit(session, _FailIndexOnRefusal(queue, session, index_id), job)
     return index
 
 
 def check_projection_units(spec, layers: Sequence) -> None:
     """Per-unit overrides must name units among the index's selected layers (422 naming projection.units)."""
-    from influence.errors import InvalidInputError
-
     names = [layer.name for layer in layers]
     try:
         spec.check_units(names)
@@ -266,8 +249,9 @@ def check_feature_budget(
     settings: Settings, spec, layers: Sequence, dims: dict[str, int], dtype: str, max_length: int
 ) -> None:
     """Refuse (422 naming `projection`) a projection whose features can take more than
-    max_feature_bytes_per_row bytes per row, all units together, at the index's dtype, or whose DataInf
-    statistics (fitted at build time) take more than max_statistics_bytes: exact units the budgets cannot hold."""
+    max_feature_bytes_per_row bytes per row, all units together, at the index's dtype, or whose fitted
+    estimators' statistics (DataInf's, fitted at build time) take more than max_statistics_bytes: exact units
+    the budgets cannot hold."""
     by_name = {layer.name: layer for layer in layers}
     sizes = {
         name: unit_row_bytes(spec.for_layer(by_name[name]).kind, dim, dtype, max_length)
@@ -277,16 +261,19 @@ def check_feature_budget(
     limit = settings.max_feature_bytes_per_row
     if per_row > limit:
         _refuse_row_bytes(spec, by_name, sizes, per_row, limit, dtype)
-    # DataInf's statistics: a k x k float64 matrix per dense unit (token rows keep only their damping).
-    matrices = {
-        name: dim * dim * 8 for name, dim in dims.items() if spec.for_layer(by_name[name]).kind != "tokens"
+    # The statistics every fitted estimator (DataInf: a k x k float64 matrix per dense unit) keeps per unit.
+    fitted = [estimator_class(name) for name in fitted_estimator_names()]
+    statistics = {
+        name: sum(cls.statistics_nbytes(dim, spec.for_layer(by_name[name]).kind == "tokens") for cls in fitted)
+        for name, dim in dims.items()
     }
-    if sum(matrices.values()) > settings.max_statistics_bytes:
-        largest = sorted(matrices.items(), key=lambda item: (-item[1], item[0]))[:3]
+    if sum(statistics.values()) > settings.max_statistics_bytes:
+        largest = sorted(statistics.items(), key=lambda item: (-item[1], item[0]))[:3]
         shown = ", ".join(f"{name} ({dims[name]} features, {size} bytes)" for name, size in largest)
         raise Invalid(
-            f"projection: DataInf's statistics of this choice take {sum(matrices.values())} bytes (a k x k float64 "
-            f"matrix per unit of k features), above max_statistics_bytes = {settings.max_statistics_bytes}; "
+            f"projection: the statistics of {', '.join(cls.name for cls in fitted)} for this choice take "
+            f"{sum(statistics.values())} bytes (fitted at build time per unit of k features, DataInf's a k x k "
+            f"float64 matrix), above max_statistics_bytes = {settings.max_statistics_bytes}; "
             f"largest units: {shown}. Project them (projection.units) or lower projection.exact_max_params"
         )
 
@@ -309,7 +296,7 @@ class _FailIndexOnRefusal:
     """Enqueues through `queue`; if the broker refuses the job, the index is marked failed too (the job
     helper marks the job failed and the request answers 503)."""
 
-    def __init__(self, queue: job_service.JobQueue, session: Session, index_id: str):
+    def __init__(self, queue: job_state.JobQueue, session: Session, index_id: str):
         self.queue, self.bind, self.index_id = queue, session.get_bind(), index_id
 
     def enqueue(self, job: Job) -> None:
@@ -328,7 +315,7 @@ class _FailIndexOnRefusal:
 def active_jobs(session: Session, index_id: str) -> Sequence[Job]:
     """The index's jobs that are queued or running (its build, a compaction)."""
     return session.scalars(
-        select(Job).where(Job.target_id == index_id, Job.status.in_(job_service.ACTIVE))
+        select(Job).where(Job.target_id == index_id, Job.status.in_(job_state.ACTIVE))
     ).all()
 
 
@@ -337,12 +324,12 @@ def delete_index(
 ) -> None:
     """Delete an index: its active jobs end (cancelled), the row goes, and once that commits its artifacts
     (feature store, statistics, FAISS indexes) are removed. A worker step still running on it finds the index
-    gone at its next check and cleans up after itself (pipelines._gone)."""
+    gone at its next check and cleans up after itself (index_build._gone)."""
     index = get_index(session, index_id, tenant_id)
     for job in active_jobs(session, index.id):
         session.execute(
             update(Job)
-            .where(Job.id == job.id, Job.status.in_(job_service.ACTIVE))
+            .where(Job.id == job.id, Job.status.in_(job_state.ACTIVE))
             .values(
                 status="cancelled", cancel_requested=True, finished_at=utcnow(), error="its index was deleted"
             )
@@ -378,14 +365,10 @@ def delete_rows(
     """Delete rows (dataset row ids) from a ready index: recorded as a tombstone in its store at once, so no
     later answer includes them; their features stay on disk until a compaction. Ids deleted before are
     counted as `already_deleted`; an id the index does not hold is 422, and so is deleting every row."""
-    import numpy as np
-
-    from influence import FeatureStore
-
     index = get_index(session, index_id, tenant_id)
     require_ready(index)
     wanted = np.unique(np.asarray(list(row_ids), dtype=np.int64))
-    store = FeatureStore.open(store_dir(settings, index), verify=False)
+    store = open_store(settings, index)
     known = np.isin(wanted, store.row_ids())
     if not known.all():
         raise Invalid(f"row ids {wanted[~known][:5].tolist()} are not rows of index {index.id!r}")
@@ -410,7 +393,7 @@ def delete_rows(
 
 
 def create_compaction(
-    session: Session, settings: Settings, queue: job_service.JobQueue, index_id: str, tenant_id: str
+    session: Session, settings: Settings, queue: job_state.JobQueue, index_id: str, tenant_id: str
 ) -> Job:
     """Queue a compaction of a ready index (one at a time per index: 409 while one is queued or running)."""
     index = get_index(session, index_id, tenant_id)
@@ -418,14 +401,13 @@ def create_compaction(
     running = [job for job in active_jobs(session, index.id) if job.kind == INDEX_COMPACT]
     if running:
         raise Conflict(f"index {index.id!r} is already being compacted by job {running[0].id!r}")
-    job = job_service.create_job(
+    return job_state.submit_job(
         session,
+        settings,
+        queue,
         INDEX_COMPACT,
         tenant_id=tenant_id,
-        max_active=settings.max_active_jobs_per_tenant,
         target_id=index.id,
         params={"deleted_rows": index.deleted_rows},
         total=1,
     )
-    job_service.enqueue_after_commit(session, queue, job)
-    return job

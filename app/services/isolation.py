@@ -35,7 +35,7 @@ T = TypeVar("T")
 # How often a child looks whether its parent is still there.
 PARENT_POLL_SECONDS = 0.2
 # Imported by every child as it starts, so the first request it serves does not pay for the imports.
-PRELOAD = ("app.services.datasets", "app.services.checks", "app.services.models")
+PRELOAD = ("app.services.datasets", "app.workflows.check.batch", "app.services.models")
 
 # Requests a pool process may have running or queued: more would each hold a server thread and a database
 # connection while they wait.

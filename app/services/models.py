@@ -15,7 +15,7 @@ Order of work, cheapest first, so a bad request fails fast and nothing heavy run
   5. weights hashes (sha256 over the safetensors), then the row.
 
 The folders can change after registration: `check_before_load` repeats the containment check right before a
-process loads the model (pipelines.ModelCache).
+process loads the model (app.jobs.model_cache.ModelCache).
 """
 
 from __future__ import annotations
@@ -28,18 +28,28 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import func, select
+import huggingface_hub.constants
+import torch
+from huggingface_hub import snapshot_download
+from huggingface_hub.errors import StrictDataclassError
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from app.config import Settings
+import influence
+from app.config import Settings, get_settings
 from app.db import after_commit
 from app.errors import Conflict, Invalid
-from app.models import RegisteredModel
+from app.models import Index, Job, RegisteredModel
 from app.schemas.models import ModelCreate
 from app.services import isolation
 from app.services.paths import resolve_allowed_path
+from app.services.sources import delete_unless_indexed, refuse_while_indexed
 from app.services.tenancy import owned
+from app.workflows.experiment import state as experiment_state
+from influence import discover_layers, layer_groups, load_tokenizer
 from influence.errors import InfluenceError, UnsupportedModelError
+from influence.files import remove_tree
+from influence.loading import check_safetensors_only, weights_hash
 
 log = logging.getLogger(__name__)
 
@@ -109,21 +119,6 @@ def get_model(session: Session, model_id: str, tenant_id: str) -> RegisteredMode
     return owned(session, RegisteredModel, model_id, tenant_id, "model")
 
 
-def list_models(
-    session: Session, *, tenant_id: str, offset: int = 0, limit: int = 50
-) -> tuple[Sequence[RegisteredModel], int]:
-    mine = RegisteredModel.tenant_id == tenant_id
-    total = session.scalar(select(func.count()).select_from(RegisteredModel).where(mine)) or 0
-    rows = session.scalars(
-        select(RegisteredModel)
-        .where(mine)
-        .order_by(RegisteredModel.created_at.desc(), RegisteredModel.id)
-        .offset(offset)
-        .limit(limit)
-    ).all()
-    return rows, total
-
-
 def num_blocks(model: RegisteredModel) -> int:
     blocks = [layer["block"] for layer in model.layers if layer.get("block") is not None]
     return max(blocks) + 1 if blocks else 0
@@ -145,8 +140,6 @@ def resolve_source(settings: Settings, source: str, revision: str | None) -> tup
         raise Invalid(
             f"model source {source!r} is neither an absolute folder path nor a hub id like 'org/name'"
         )
-    from huggingface_hub import snapshot_download
-
     try:
         folder = Path(snapshot_download(source, revision=revision, local_files_only=True))
     except Exception as exc:  # huggingface_hub raises many types; all mean "not in the local cache"
@@ -173,8 +166,6 @@ def allowed_roots(settings: Settings) -> list[Path]:
 
 
 def hub_cache_root() -> Path:
-    import huggingface_hub.constants
-
     return _real(huggingface_hub.constants.HF_HUB_CACHE)
 
 
@@ -274,8 +265,6 @@ def check_tokenizer_files(folder: Path, what: str) -> None:
 
 
 def check_model_folder(folder: Path, what: str, settings: Settings, roots: Sequence[Path], where: str) -> None:
-    from influence.loading import check_safetensors_only
-
     check_folder_files(folder, roots, what, where)
     config_path = folder / "config.json"
     if not config_path.is_file():
@@ -314,14 +303,10 @@ def check_before_load(source: str, revision: str | None, adapters: Iterable[str]
     changed since registration. The roots are those of this process' settings (a model cache serves requests of
     no one settings object); a local folder (and an adapter) is recorded resolved, so its own path is a root
     too, and a folder since swapped for a link resolves elsewhere and is refused."""
-    from app.config import get_settings
-
     roots = allowed_roots(get_settings())
     if source.startswith("/"):
         check_folder_files(Path(source), [*roots, Path(source)], "model source", "the allowed roots")
     else:
-        from huggingface_hub import snapshot_download
-
         try:
             folder = Path(snapshot_download(source, revision=revision, local_files_only=True))
         except Exception:  # not in the local cache: the loader reports that itself
@@ -336,13 +321,13 @@ def check_before_load(source: str, revision: str | None, adapters: Iterable[str]
 
 
 def _load_config(folder: Path, task: str, num_labels: int | None):
+    # transformers takes seconds to import and only a registration needs it: the API and its request processes
+    # start without it.
     from transformers import AutoConfig
 
     kwargs: dict[str, Any] = {"trust_remote_code": False}
     if task == "classification" and num_labels is not None:
         kwargs["num_labels"] = num_labels
-    from huggingface_hub.errors import StrictDataclassError
-
     try:
         return AutoConfig.from_pretrained(folder, **kwargs)
     except (ValueError, OSError, KeyError, TypeError, StrictDataclassError) as exc:
@@ -352,26 +337,23 @@ def _load_config(folder: Path, task: str, num_labels: int | None):
 
 def _meta_layers(config, task: str, adapter: Path | None):
     """Layer units of the architecture built on the meta device: shapes only, no memory, no weights."""
-    import torch
+    # transformers: a slow import that only a registration needs, as in _load_config.
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-
-    from influence import discover_layers
 
     auto = AutoModelForSequenceClassification if task == "classification" else AutoModelForCausalLM
     with torch.device("meta"):
         model = auto.from_config(config, trust_remote_code=False)
         if adapter is not None:
-            from peft import PeftConfig, get_peft_model
+            from peft import PeftConfig, get_peft_model  # slower still; only for a model with an adapter
 
             model = get_peft_model(model, PeftConfig.from_pretrained(str(adapter)))
     return discover_layers(model)
 
 
 def _loaded_layers(folder: Path, task: str, num_labels: int | None, adapter: Path | None):
-    from influence import discover_layers, load_model
-
     try:
-        loaded = load_model(folder, task=task, num_labels=num_labels or 2, adapter=adapter)
+        # Looked up on the package at each call: a test replaces it to prove the meta path loads no weights.
+        loaded = influence.load_model(folder, task=task, num_labels=num_labels or 2, adapter=adapter)
     except InfluenceError:
         raise
     except Exception as exc:
@@ -413,9 +395,6 @@ def register_model(session: Session, settings: Settings, spec: ModelCreate, tena
 
 def inspect_model(settings: Settings, spec: ModelCreate) -> dict[str, Any]:
     """Everything a model registration checks and records, as the RegisteredModel's fields (but its tenant)."""
-    from influence import layer_groups, load_tokenizer
-    from influence.loading import weights_hash
-
     if spec.task == "causal-lm" and spec.num_labels is not None:
         raise Invalid("num_labels applies to classification models only")
     if spec.num_labels is not None and spec.num_labels > settings.max_num_labels:
@@ -483,28 +462,25 @@ def inspect_model(settings: Settings, spec: ModelCreate) -> dict[str, Any]:
 
 def _experiments_using(session: Session, settings: Settings, model: RegisteredModel) -> list[str]:
     """Queued or running experiments of the model's tenant that fine-tune it or have registered it."""
-    from app.models import Job
-    from app.services import experiments
-
     active = session.scalars(
         select(Job).where(
-            Job.tenant_id == model.tenant_id, Job.kind == experiments.KIND, Job.status.in_(("queued", "running"))
+            Job.tenant_id == model.tenant_id,
+            Job.kind == experiment_state.KIND,
+            Job.status.in_(("queued", "running")),
         )
     ).all()
     return [
         job.id
         for job in active
         if (job.params or {}).get("base_model_id") == model.id
-        or experiments.describe(settings, job).get("model_id") == model.id
+        or experiment_state.describe(settings, job).get("model_id") == model.id
     ]
 
 
 def _service_adapters(session: Session, settings: Settings, model: RegisteredModel) -> list[Path]:
     """The adapter folders the service wrote for this model (an experiment's, under artifacts/adapters) that no
     other registration names. A folder anywhere else is the user's and is never removed."""
-    from app.services.experiments import ADAPTERS_DIR
-
-    home = settings.resolved_artifacts_dir / ADAPTERS_DIR
+    home = settings.resolved_artifacts_dir / experiment_state.ADAPTERS_DIR
     named = {model.adapter, *(checkpoint.get("adapter") for checkpoint in model.checkpoints or ())}
     ours = {raw for raw in named if raw and Path(raw).parent == home and not Path(raw).is_symlink()}
     if not ours:
@@ -528,18 +504,8 @@ def delete_model(
     """Delete a model and, once that commits, the adapter folders the service wrote for it; `on_deleted(id)`
     then drops it from the caller's caches. Conflict (409) while an index or a queued or running experiment
     uses it. The model's own folders (a local source, a user's adapter) are never touched."""
-    from sqlalchemy.exc import IntegrityError
-
-    from app.models import Index
-    from app.services.pipelines import remove_tree
-
     model = get_model(session, model_id, tenant_id)
-    indexes = session.scalars(select(Index.id).where(Index.model_id == model.id).limit(6)).all()
-    if indexes:
-        raise Conflict(
-            f"model {model.id!r} is used by index(es) {', '.join(indexes[:5])}; delete them first",
-            indexes=list(indexes[:5]),
-        )
+    refuse_while_indexed(session, "model", model.id, Index.model_id)
     experiments = _experiments_using(session, settings, model)
     if experiments:
         raise Conflict(
@@ -548,11 +514,7 @@ def delete_model(
             experiments=experiments[:5],
         )
     owned_folders = _service_adapters(session, settings, model)
-    session.delete(model)
-    try:
-        session.flush()
-    except IntegrityError:  # an index referencing it was committed meanwhile (the foreign key refuses)
-        raise Conflict(f"model {model_id!r} is used by an index; delete it first") from None
+    delete_unless_indexed(session, model, "model", model_id)
 
     def remove() -> None:
         for folder in owned_folders:

@@ -26,15 +26,37 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import torch
 
 from app.config import Settings
 from app.errors import Conflict, Invalid
+from app.jobs.context import resolve_device
+from app.jobs.model_cache import ModelCache
 from app.models import Dataset, Index, RegisteredModel
 from app.schemas.indexes import QueryRequest
 from app.services.datasets import read_rows
-from app.services.indexes import get_index, layer_from_dict
-from app.services.pipelines import ModelCache, index_sources, resolve_device
-from app.services.references import check_labels, featurize_for_index, to_examples
+from app.services.fidelity import fidelity_warning, record_threshold, unit_spearman
+from app.services.indexes import get_index, index_sources, layer_from_dict, require_ready
+from app.services.references import IndexSpace, check_labels, featurize_for_index, to_examples
+from app.stores import open_store
+from influence import (
+    InvalidInputError,
+    aggregate,
+    average_ranks,
+    load_store_indexes,
+    score_layer,
+    score_tensor,
+    select_layers,
+    store_estimators,
+)
+from influence import top_k as top_rows
+from influence.aggregation import combine_layer_aggregates
+from influence.errors import (
+    ManifestMismatchError,
+    StoreCorruptedError,
+    StoreIncompleteError,
+    UnknownLayerError,
+)
 
 # Scores held at once while scoring exactly (float32): n rows x U layers x g examples <= this.
 SCORE_BUDGET_ELEMENTS = 1 << 26
@@ -65,7 +87,7 @@ class StoreCache:
                 self._stores.move_to_end(index.id)
                 return cached
             known = set(self._verified.get(index.id, ()))
-        store, verified = self._open(settings.resolved_artifacts_dir / index.store_path, known)
+        store, verified = self._open(settings, index, known)
         with self._lock:
             self._stores[index.id] = store
             self._verified[index.id] = self._verified.get(index.id, set()) | verified
@@ -77,12 +99,11 @@ class StoreCache:
         return store
 
     @staticmethod
-    def _open(path, known: set[tuple[str, str]]) -> tuple[Any, set[tuple[str, str]]]:
-        from influence import FeatureStore
-        from influence.errors import StoreCorruptedError
-
+    def _open(
+        settings: Settings, index: Index, known: set[tuple[str, str]]
+    ) -> tuple[Any, set[tuple[str, str]]]:
         for attempt in range(3):
-            store = FeatureStore.open(path, verify=False)
+            store = open_store(settings, index)
             try:
                 verified = store.verify(known)
                 store.map_all()
@@ -101,9 +122,6 @@ class StoreCache:
             self._verified.pop(index_id, None)
 
     def faiss(self, index_id: str, store, layers: Sequence[str]) -> dict[str, Any]:
-        from influence import load_store_indexes
-        from influence.errors import ManifestMismatchError, StoreIncompleteError
-
         # Only indexes built over exactly this snapshot's segments serve it (another thread may hold a newer or
         # older snapshot of the same index at the same time).
         wanted = {name: tuple(store.layer_checksums(name)) for name in layers}
@@ -168,9 +186,6 @@ def check_query_limits(request: QueryRequest, settings: Settings) -> None:
 
 def select_query_layers(index: Index, model: RegisteredModel, selector: Any) -> list[str]:
     """The index's layers the selector picks (names, groups, selectors), in index order; 422 if it picks none."""
-    from influence import select_layers
-    from influence.errors import UnknownLayerError
-
     by_name = {record["name"]: record for record in model.layers}
     index_layers = [layer_from_dict(by_name[name]) for name in index.layers if name in by_name]
     if len(index_layers) != len(index.layers):
@@ -185,28 +200,9 @@ def select_query_layers(index: Index, model: RegisteredModel, selector: Any) -> 
 
 
 def index_estimators(store, layers: Sequence[str], name: str) -> dict[str, Any]:
-    """One estimator per layer, DataInf restored from the statistics fitted when the index was built."""
-    import torch
-
-    from influence import make_estimator
-    from influence.errors import StoreIncompleteError
-
-    out = {}
-    for layer in layers:
-        estimator = make_estimator(name)
-        if name == "datainf":
-            if not store.has_layer_statistics(layer):
-                raise StoreIncompleteError(
-                    f"the index has no DataInf statistics for layer {layer!r}; rebuild it to query with datainf"
-                )
-            state = store.load_layer_statistics(layer)
-            estimator.load_state_dict(
-                {key: torch.from_numpy(np.array(value)) for key, value in state.items()}
-            )
-            if store.layer_spec(layer).layout == "tokens":
-                estimator.token_rows = store.layer(layer)  # M_u of token rows sums over the store's rows
-        out[layer] = estimator
-    return out
+    """One estimator per layer, fitted ones (DataInf) restored from the statistics fitted when the index was
+    built (409 naming the layer when they are missing)."""
+    return store_estimators(store, layers, name)
 
 
 def prepare(
@@ -218,22 +214,13 @@ def prepare(
     request: QueryRequest,
 ) -> _Prepared:
     """Check the index against the model, featurize the examples, build the per-layer estimators."""
-    if index.status != "ready":
-        raise Conflict(
-            f"index {index.id!r} is not ready (status {index.status}); "
-            + (
-                f"follow its build job {index.job_id!r}"
-                if index.status in ("pending", "building")
-                else "rebuild it"
-            )
-        )
+    require_ready(index)
     layers = select_query_layers(index, model, request.layers)
     examples = to_examples(request.examples, dataset, model.task)
     check_labels(examples, model)
     store = runtime.stores.store(settings, index)
-    features = featurize_for_index(
-        settings, runtime.models, resolve_device(settings.device), store, model, dataset, examples, layers
-    )
+    space = IndexSpace(settings, runtime.models, resolve_device(settings.device), store, model, dataset)
+    features = featurize_for_index(space, examples, layers)
     return _Prepared(
         store=store,
         layers=layers,
@@ -277,11 +264,9 @@ def _ranked(
 
 
 def _pick(aggregated: np.ndarray, top_k: int, direction: str) -> tuple[np.ndarray | None, np.ndarray | None]:
-    from influence import top_k as take
-
     k = min(top_k, len(aggregated))
-    helpful = take(aggregated, k, "helpful") if direction in ("helpful", "both") else None
-    harmful = take(aggregated, k, "harmful") if direction in ("harmful", "both") else None
+    helpful = top_rows(aggregated, k, "helpful") if direction in ("helpful", "both") else None
+    harmful = top_rows(aggregated, k, "harmful") if direction in ("harmful", "both") else None
     return helpful, harmful
 
 
@@ -292,11 +277,6 @@ def _aggregate(scores: np.ndarray, request: QueryRequest) -> tuple[np.ndarray, n
     For rank, each layer's ranks are its own rank aggregate (one voter), and the layers' are combined exactly
     (influence.combine_layer_aggregates: bit for bit aggregate(scores, "rank")): the ranks are then at hand
     for the answer instead of being counted again for the shown rows."""
-    import torch
-
-    from influence import InvalidInputError, aggregate, average_ranks
-    from influence.aggregation import combine_layer_aggregates
-
     if request.aggregation == "rank" and len(scores):
         if np.isnan(scores.max()):  # what aggregate() refuses too
             raise InvalidInputError("scores contain NaN")
@@ -307,8 +287,6 @@ def _aggregate(scores: np.ndarray, request: QueryRequest) -> tuple[np.ndarray, n
 
 def exact_scores(prepared: _Prepared, columns: Sequence[int]) -> np.ndarray:
     """(n, U, len(columns)) float32 scores of every store row, per layer, for some examples."""
-    from influence import score_tensor
-
     store = prepared.store
     return score_tensor(
         {name: store.layer(name) for name in prepared.layers},
@@ -344,10 +322,6 @@ def rank_exact(prepared: _Prepared, request: QueryRequest) -> list[_Ranked]:
 def rank_approximate(
     prepared: _Prepared, request: QueryRequest, faiss: dict[str, Any], per_layer: int
 ) -> list[_Ranked]:
-    import torch
-
-    from influence import score_layer
-
     store = prepared.store
     k = min(per_layer, store.num_live_rows)
     deleted = store.deleted_positions()
@@ -469,8 +443,6 @@ def _hits(
 def answer_fidelity(index: Index, layers: Sequence[str]) -> dict[str, Any]:
     """What an answer says about the projection's fidelity on its layers (app/services/fidelity.py):
     {"fidelity": {layer: Spearman} or None, "fidelity_warning": a sentence when one is below the threshold}."""
-    from app.services.fidelity import fidelity_warning, record_threshold, unit_spearman
-
     spearman = unit_spearman(index.fidelity, layers)
     return {
         "fidelity": spearman,

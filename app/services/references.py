@@ -4,9 +4,10 @@ A reference ("test") set is what audits, layer reports and batch checks score tr
 rows of a registered dataset or inline examples (app/schemas/references.py). The API resolves it cheaply
 (`resolve_reference`: the dataset is this tenant's, the rows exist, labels fit the model, the size is within
 `max_reference_rows`) into a plain JSON spec kept in the job's params; the worker turns that spec into
-examples (`load_reference`) and featurizes them (`featurize_reference`) exactly as a query featurizes its
-examples (`featurize_for_index`): the model, tokenizer, dataset and projection checked against the index's
-manifest first, so reference and training features always live in the same projected space.
+examples (`load_reference`, or with the index's sources and store `load_index_reference`) and featurizes them
+(`featurize_reference`) exactly as a query featurizes its examples (`featurize_for_index`), both in the index's
+`IndexSpace`: the model, tokenizer, dataset and projection checked against the index's manifest first, so
+reference and training features always live in the same projected space.
 """
 
 from __future__ import annotations
@@ -20,11 +21,16 @@ from sqlalchemy.orm import Session
 
 from app.config import Settings
 from app.errors import Conflict, Invalid
+from app.jobs.context import WorkerContext
+from app.jobs.model_cache import ModelCache, ModelSpec
 from app.models import Dataset, Index, RegisteredModel
 from app.schemas.indexes import QueryExample
 from app.schemas.references import ReferenceSet
 from app.services.datasets import get_dataset, read_rows
-from app.services.pipelines import ModelCache, ModelSpec, store_dir
+from app.services.indexes import index_sources
+from app.stores import open_store
+from influence import ManifestMismatchError, featurize_examples
+from influence.data import Example
 
 
 @dataclass
@@ -55,8 +61,6 @@ class ReferenceFeatures:
 
 def to_examples(given: Sequence[QueryExample], dataset: Dataset, task: str, where: str = "examples") -> list:
     """API examples as influence.Example, label names mapped to the dataset's class indices (422 if unknown)."""
-    from influence.data import Example
-
     names = dataset.label_names or []
     out = []
     for i, example in enumerate(given):
@@ -170,8 +174,6 @@ def resolve_reference(
 
 def load_reference(settings: Settings, session: Session, spec: dict[str, Any]) -> list:
     """The examples of a resolved reference spec (rows of its dataset, or the inline examples)."""
-    from influence.data import Example
-
     if spec.get("examples") is not None:
         return [Example(text=e["text"], label=e["label"], text_pair=e.get("text_pair")) for e in spec["examples"]]
     dataset = session.get(Dataset, spec["dataset_id"])
@@ -191,25 +193,77 @@ def load_reference(settings: Settings, session: Session, spec: dict[str, Any]) -
     return out
 
 
-def featurize_for_index(
-    settings: Settings,
-    models: ModelCache,
-    device: str,
-    store: Any,
-    model: RegisteredModel,
-    dataset: Dataset,
-    examples: Sequence,
-    layers: Sequence[str],
-    progress=None,
-):
+@dataclass(frozen=True)
+class IndexSpace:
+    """Where examples are featurized for an index: under its model, in the projected space of its store (where
+    its training rows' features live), on these models and device."""
+
+    settings: Settings
+    models: ModelCache
+    device: str
+    store: Any
+    model: RegisteredModel
+    dataset: Dataset
+
+
+@dataclass
+class IndexSources:
+    """An index a worker scores against, with its model and dataset."""
+
+    index: Index
+    model: RegisteredModel
+    dataset: Dataset
+
+    @classmethod
+    def detached(cls, session: Session, index: Index) -> IndexSources:
+        """The index's model and dataset (409 if either was removed since), all three detached from `session`
+        so that they can be read once it has closed."""
+        model, dataset = index_sources(session, index)
+        for row in (index, model, dataset):
+            session.expunge(row)
+        return cls(index, model, dataset)
+
+    def space(self, ctx: WorkerContext, store: Any) -> IndexSpace:
+        """The space of the index's store, on the worker's models and device."""
+        return IndexSpace(ctx.settings, ctx.models, ctx.device, store, self.model, self.dataset)
+
+
+@dataclass
+class IndexReference(IndexSources):
+    """What an audit or a layer report starts from: the index's sources, its store (every checksum verified) and
+    the reference examples."""
+
+    store: Any
+    examples: list  # influence.Example
+
+    def featurize(self, ctx: WorkerContext, layers: Sequence[str], progress=None) -> ReferenceFeatures:
+        """The reference set featurized as a query featurizes its examples."""
+        return featurize_reference(self.space(ctx, self.store), self.examples, layers, progress)
+
+
+def load_index_reference(
+    settings: Settings, session: Session, index: Index, spec: dict[str, Any]
+) -> IndexReference:
+    """The index's sources and verified store (409 if its model or dataset is gone, or it is not ready) and the
+    examples of a resolved reference spec."""
+    sources = IndexSources.detached(session, index)
+    return IndexReference(
+        sources.index,
+        sources.model,
+        sources.dataset,
+        store=open_index_store(settings, index),
+        examples=load_reference(settings, session, spec),
+    )
+
+
+def featurize_for_index(space: IndexSpace, examples: Sequence, layers: Sequence[str], progress=None):
     """Projected per-layer gradients of `examples` in the space of the index's store: influence.FeatureSet.
 
     Checks first that what would be computed is what the store holds: model id, revision, weights hash,
     tokenizer, dataset hash, projection and task (ManifestMismatchError -> 409), and the per-layer dims."""
-    from influence import ManifestMismatchError, featurize_examples
-
+    store, model = space.store, space.model
     spec = ModelSpec.of(model)
-    cached = models.get(spec, device)
+    cached = space.models.get(spec, space.device)
     featurizer = cached.featurizer(list(layers), store.manifest.projection)
     store.manifest.check_compatible(
         {
@@ -217,7 +271,7 @@ def featurize_for_index(
             "revision": model.revision or "",
             "weights_hash": spec.weights_hash,
             "tokenizer": cached.tokenizer_id,
-            "dataset_hash": dataset.content_hash,
+            "dataset_hash": space.dataset.content_hash,
             "projection": featurizer.projection.to_dict(),
             "task": model.task,
         }
@@ -234,27 +288,19 @@ def featurize_for_index(
             cached.loaded.tokenizer,
             list(examples),
             model.task,
-            batch_size=settings.batch_size,
+            batch_size=space.settings.batch_size,
             max_length=store.manifest.max_length,
             progress=progress,
         )
 
 
 def featurize_reference(
-    settings: Settings,
-    models: ModelCache,
-    device: str,
-    store: Any,
-    model: RegisteredModel,
-    dataset: Dataset,
-    examples: Sequence,
-    layers: Sequence[str],
-    progress=None,
+    space: IndexSpace, examples: Sequence, layers: Sequence[str], progress=None
 ) -> ReferenceFeatures:
     """featurize_for_index for a reference set, with its labels (for correctness and accuracy)."""
-    features = featurize_for_index(settings, models, device, store, model, dataset, examples, layers, progress)
+    features = featurize_for_index(space, examples, layers, progress)
     labels = None
-    if model.task == "classification":
+    if space.model.task == "classification":
         labels = np.array([int(e.label) for e in examples], dtype=np.int64)
     return ReferenceFeatures(
         examples=list(examples),
@@ -267,10 +313,8 @@ def featurize_reference(
 
 def open_index_store(settings: Settings, index: Index):
     """The index's feature store, every checksum verified (a worker reads it whole; 409 if not ready)."""
-    from influence import FeatureStore
-
     if index.status != "ready":
         raise Conflict(f"index {index.id!r} is not ready (status {index.status})")
-    store = FeatureStore.open(store_dir(settings, index))
+    store = open_store(settings, index, verify=True)
     store.map_all()
     return store

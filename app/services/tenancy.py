@@ -6,7 +6,7 @@ up by prefix and compares the hash in constant time. A key is shown once, when i
 
 Isolation: every model, dataset, index and job carries `tenant_id`; services find objects with `owned(...)`,
 which answers NotFound (404) for an object of another tenant exactly as for an id that does not exist, so an
-id is never confirmed to someone who does not own it.
+id is never confirmed to someone who does not own it, and list them with `owned_page(...)`.
 """
 
 from __future__ import annotations
@@ -15,11 +15,12 @@ import hashlib
 import hmac
 import os
 import secrets
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from app.errors import Invalid, NotFound
@@ -112,6 +113,20 @@ def owned(session: Session, model: type[T], object_id: str, tenant_id: str, what
     if found is None or found.tenant_id != tenant_id:  # type: ignore[attr-defined]
         raise NotFound(f"{what} {object_id!r} does not exist")
     return found
+
+
+def owned_page(
+    session: Session, model: type[T], tenant_id: str, *, offset: int, limit: int, **equal: Any
+) -> tuple[Sequence[T], int]:
+    """A page of this tenant's objects of `model`, newest first (ties by id), and the total matching. Each
+    keyword keeps the objects whose column of that name holds the value; a None value filters nothing."""
+    query = select(model).where(model.tenant_id == tenant_id)  # type: ignore[attr-defined]
+    for column, value in equal.items():
+        if value is not None:
+            query = query.where(getattr(model, column) == value)
+    total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
+    newest_first = (model.created_at.desc(), model.id)  # type: ignore[attr-defined]
+    return session.scalars(query.order_by(*newest_first).offset(offset).limit(limit)).all(), total
 
 
 # --- the embedded runner's local key -----------------------------------------------------------------------

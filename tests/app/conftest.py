@@ -25,6 +25,13 @@ ROOT_DIR = Path(__file__).resolve().parents[2]
 PG_HOST = os.environ.get("INFLUENCE_TEST_PG_HOST", "127.0.0.1")
 PG_ADMIN_DB = "test"
 TABLES = ("indexes", "jobs", "datasets", "models", "api_keys", "tenants")
+# A reference set (or a query) of two reviews, one of each label.
+TWO_REVIEWS = {
+    "examples": [
+        {"text": "a gorgeous , witty , seductive movie .", "label": 1},
+        {"text": "unflinchingly bleak and desperate", "label": 0},
+    ]
+}
 
 
 class RecordingQueue:
@@ -191,6 +198,11 @@ class Api:
         client.tenant_id, client.token = tenant_id, token  # type: ignore[attr-defined]
         return client
 
+    def close(self) -> None:
+        """Close the client and the app's database connections (a fixture's teardown)."""
+        self.client.close()
+        self.app.state.engine.dispose()
+
     def count(self, model) -> int:
         from sqlalchemy import func, select
 
@@ -237,8 +249,7 @@ def api(tmp_path, sqlite_url, default_roots) -> Iterator[Api]:
     """The API over a migrated SQLite database."""
     built = build_api(make_settings(tmp_path, sqlite_url, default_roots))
     yield built
-    built.client.close()
-    built.app.state.engine.dispose()
+    built.close()
 
 
 @pytest.fixture
@@ -246,8 +257,7 @@ def any_api(tmp_path, any_db_url, default_roots) -> Iterator[Api]:
     """The API over SQLite and over PostgreSQL (parametrized)."""
     built = build_api(make_settings(tmp_path, any_db_url, default_roots))
     yield built
-    built.client.close()
-    built.app.state.engine.dispose()
+    built.close()
 
 
 # --- real data ------------------------------------------------------------------------------------------

@@ -10,11 +10,12 @@ import pytest
 from fastapi.testclient import TestClient
 
 import influence.errors as lib
-from app.api.deps import JobQueueDep, ReadinessCheck, SessionDep
+from app.api.deps import JobQueueDep, SessionDep
 from app.config import Settings
+from app.jobs import state as jobs
+from app.jobs.readiness import ReadinessCheck
 from app.main import create_app
 from app.models import Job
-from app.services import jobs
 from tests.app.conftest import RecordingQueue, build_api, make_settings, make_tenant
 from tests.app.test_datasets import PROBLEM, assert_problem
 

@@ -11,12 +11,13 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
+from app.jobs.steps import run_build_inline, run_job_inline
 from app.models import Job
-from app.services.pipelines import run_build_inline, run_job_inline
-from app.services.runners import job_dir
+from app.stores import job_dir
+from influence import load_model
 from tests.app.conftest import build_api, fresh_api, make_settings
+from tests.app.library import featurize_as_indexed, index_store, store_scores
 from tests.worker.support import assert_problem, register_dataset, register_model, tsv
 
 ROWS = 120
@@ -65,8 +66,7 @@ def served(tmp_path_factory, sqlite_template, tiny_model_dir, sst2_rows):
         "rows": sst2_rows,
         "features": {},
     }
-    built.client.close()
-    built.app.state.engine.dispose()
+    built.close()
 
 
 def _create(api, index_id, **body):
@@ -122,51 +122,13 @@ def _reference_examples(served, reference_body) -> list[tuple[str, int]]:
 def _library(served, index, layers, estimator, examples):
     """The library's exact computation on the same inputs: S over every store row, the store's row ids and
     deleted row ids, the reference predictions (the store and the model read directly, no service code)."""
-    from influence import (
-        FeatureStore,
-        Featurizer,
-        ProjectionSpec,
-        discover_layers,
-        featurize_examples,
-        load_model,
-        make_estimator,
-        score_tensor,
-    )
-    from influence.data import Example
-
-    api = served["api"]
-    store = FeatureStore.open(api.settings.resolved_artifacts_dir / f"indexes/{index['id']}/store")
+    store = index_store(served["api"], index["id"])
     key = (index["id"], tuple(layers), tuple(examples))
     if key not in served["features"]:
         loaded = load_model(served["folder"], num_labels=2)
-        chosen = [layer for layer in discover_layers(loaded.model) if layer.name in layers]
-        projection = store.manifest.projection
-        featurizer = Featurizer(
-            loaded.model, chosen, ProjectionSpec(projection["kind"], projection["dim"], projection["seed"])
-        )
-        served["features"][key] = featurize_examples(
-            featurizer,
-            loaded.tokenizer,
-            [Example(text, label) for text, label in examples],
-            "classification",
-            batch_size=32,
-            max_length=store.manifest.max_length,
-        )
+        served["features"][key] = featurize_as_indexed(store, loaded, layers, examples, batch_size=32)
     features = served["features"][key]
-    estimators = {}
-    for name in layers:
-        estimators[name] = make_estimator(estimator)
-        if estimator == "datainf":
-            estimators[name].fit(
-                lambda n=name: [torch.from_numpy(np.array(store.layer(n), dtype=np.float32))],
-                store.layer_spec(name).num_params,
-            )
-    scores = score_tensor(
-        {n: store.layer(n) for n in layers},
-        {n: features.features[n] for n in layers},
-        estimators,
-        {n: np.array(store.norms(n)) for n in layers},
-    )
+    scores = store_scores(store, features, layers, estimator)
     labels = np.array([label for _, label in examples])
     return (
         scores,
@@ -648,11 +610,11 @@ def test_a_rerun_replaces_what_a_killed_attempt_left(served):
 
 def test_a_running_audit_stops_at_its_next_step_when_cancelled(served, monkeypatch):
     """A cancel request reaches a running audit through its progress reports: it ends cancelled, no file."""
-    from app.services import runners
+    from app.jobs.run import JobRun
 
     api, index = served["api"], served["index"]
     created = _create(api, index["id"], reference={"examples": EXAMPLES}, layers="middle").json()
-    original = runners.JobRun.progress
+    original = JobRun.progress
     calls = []
 
     def progress(run, done, total=None):
@@ -662,7 +624,7 @@ def test_a_running_audit_stops_at_its_next_step_when_cancelled(served, monkeypat
         return original(run, done, total)
 
     # The real progress report, preceded by a cancel request once the audit is under way.
-    monkeypatch.setattr(runners.JobRun, "progress", progress)
+    monkeypatch.setattr(JobRun, "progress", progress)
     run_job_inline(api.settings, api.session_factory, created["id"])
     monkeypatch.undo()
     audit = api.client.get(f"/v1/audits/{created['id']}").json()

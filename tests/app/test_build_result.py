@@ -6,8 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
-from app.services.pipelines import fit_statistics, zero_layers
 from influence import FeatureStore
+from influence.statistics import fit_store_statistics, zero_layers
 from influence.store import LayerSpec, StoreManifest
 
 
@@ -29,5 +29,5 @@ def test_zero_layers_reads_the_stored_values_and_datainf_still_fits(tmp_path: Pa
     store.finalize()
     assert float(np.asarray(store.norms("block.0.attn.q.lora_A")).min()) > 0  # the norms do not show it
     assert zero_layers(store) == ["block.0.attn.q.lora_A"]
-    fit_statistics(store)  # DataInf of the zero layer fits (its scores are all zero) instead of failing
+    fit_store_statistics(store)  # DataInf of the zero layer fits (its scores are all zero) instead of failing
     assert all(store.has_layer_statistics(name) for name in layers)

@@ -15,10 +15,13 @@ import pytest
 import torch
 from sqlalchemy import update
 
+from app.jobs.model_cache import ModelCache
+from app.jobs.steps import run_build_inline, run_job_inline
 from app.models import Job
-from app.services.pipelines import ModelCache, run_build_inline, run_job_inline
-from tests.app.conftest import fresh_api, jsonl_bytes
-from tests.worker.support import assert_problem, register_dataset, register_model, tsv
+from influence import load_model
+from tests.app.conftest import TWO_REVIEWS, fresh_api, jsonl_bytes
+from tests.app.library import featurize_as_indexed, index_store, store_scores
+from tests.worker.support import assert_problem, built_index, register_dataset, tsv
 
 TRAIN_ROWS = 100
 MODELS = ModelCache()
@@ -35,27 +38,25 @@ class Env:
         return self.api.client
 
 
-def _make_env(tmp_path_factory, sqlite_template, tiny_model_dir, sst2_rows, name: str, **settings) -> Env:
+def _make_env(
+    tmp_path_factory, sqlite_template, tiny_model_dir, sst2_rows, name: str, rows: int, index_fields, **settings
+) -> Env:
+    """An API of its own with a ready tiny-BERT index over the first `rows` SST-2 rows and a reference dataset."""
     api = fresh_api(tmp_path_factory, sqlite_template, name, **settings)
     folder = tiny_model_dir("bert", "classification", num_labels=2)
-    model = register_model(api.client, folder)
-    dataset = register_dataset(api.client, sst2_rows[:TRAIN_ROWS], name="train")
+    model, dataset, index = built_index(api, folder, sst2_rows[:rows], models=MODELS, **index_fields)
     reference = register_dataset(api.client, sst2_rows[250:270], name="reference")
-    body = {"model_id": model["id"], "dataset_id": dataset["id"], "chunk_size": 50}
-    index = api.client.post("/v1/indexes", json=body).json()
-    run_build_inline(api.settings, api.session_factory, index["job"]["id"], models=MODELS)
-    index = api.client.get(f"/v1/indexes/{index['id']}").json()
-    assert index["status"] == "ready"
     return Env(api, folder, model, dataset, reference, index, sst2_rows)
 
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory, sqlite_template, tiny_model_dir, sst2_rows):
     """An API with a ready tiny-BERT index (every layer, float16) over 100 SST-2 rows and a reference dataset."""
-    built = _make_env(tmp_path_factory, sqlite_template, tiny_model_dir, sst2_rows, "checks")
+    built = _make_env(
+        tmp_path_factory, sqlite_template, tiny_model_dir, sst2_rows, "checks", TRAIN_ROWS, {"chunk_size": 50}
+    )
     yield built
-    built.api.client.close()
-    built.api.app.state.engine.dispose()
+    built.api.close()
 
 
 def _submit(client, index_id: str, rows, *, reference=None, filename="batch.tsv", content=None, **form):
@@ -85,35 +86,14 @@ def _check(env: Env, rows, **form) -> dict:
 
 
 def _store(env: Env, index_id: str | None = None):
-    from influence import FeatureStore
-
-    index_id = index_id or env.index["id"]
-    return FeatureStore.open(env.api.settings.resolved_artifacts_dir / f"indexes/{index_id}/store")
+    return index_store(env.api, index_id or env.index["id"])
 
 
 def _featurize(env: Env, store, layers, rows):
     """The library's features of (text, label) rows under the index's model and projection: float32."""
-    from influence import Featurizer, ProjectionSpec, discover_layers, featurize_examples, load_model
-    from influence.data import Example
-
     if env.folder not in LOADED:
         LOADED[env.folder] = load_model(env.folder, num_labels=2)
-    loaded = LOADED[env.folder]
-    chosen = [layer for layer in discover_layers(loaded.model) if layer.name in layers]
-    assert [layer.name for layer in chosen] == list(layers)
-    projection = store.manifest.projection
-    featurizer = Featurizer(
-        loaded.model, chosen, ProjectionSpec(projection["kind"], projection["dim"], projection["seed"])
-    )
-    examples = [Example(text, label) for text, label in rows]
-    return featurize_examples(
-        featurizer,
-        loaded.tokenizer,
-        examples,
-        "classification",
-        batch_size=env.api.settings.batch_size,
-        max_length=store.manifest.max_length,
-    )
+    return featurize_as_indexed(store, LOADED[env.folder], layers, rows, batch_size=env.api.settings.batch_size)
 
 
 def _brute_force(
@@ -227,17 +207,11 @@ def test_scores_and_percentiles_equal_the_brute_force(env, layers, estimator, ag
 def _existing_head_means(env: Env) -> np.ndarray:
     """The library's mean grad-dot score of every existing row on the head layer (what a check over the head
     layer with `mean` ranks the existing rows by: mean does not depend on the other rows)."""
-    from influence import aggregate, make_estimator, score_tensor
+    from influence import aggregate
 
     store = _store(env)
     reference = _featurize(env, store, ["head"], env.rows[REFERENCE])
-    scores = score_tensor(
-        {"head": store.layer("head")},
-        reference.features,
-        {"head": make_estimator("grad-dot")},
-        {"head": np.array(store.norms("head"))},
-    )
-    return aggregate(scores, "mean")
+    return aggregate(store_scores(store, reference, ["head"], "grad-dot"), "mean")
 
 
 def test_copies_of_detrimental_rows_are_flagged_and_the_threshold_is_strict(env):
@@ -298,34 +272,22 @@ def test_copies_of_detrimental_rows_are_flagged_and_the_threshold_is_strict(env)
 
 GROW_ROWS = 60
 GROW_LAYERS = ["head", "block.1.attn.v", "block.0.mlp.down"]
-QUERY = {
-    "examples": [
-        {"text": "a gorgeous , witty , seductive movie .", "label": 1},
-        {"text": "unflinchingly bleak and desperate", "label": 0},
-    ]
-}
 
 
 @pytest.fixture
 def grow(tmp_path_factory, sqlite_template, tiny_model_dir, sst2_rows):
     """An API with a small index (3 layers, float16, flat FAISS) over 60 rows: appends change it, so one per test."""
-    api = fresh_api(tmp_path_factory, sqlite_template, "grow", max_top_k=500)
-    folder = tiny_model_dir("bert", "classification", num_labels=2)
-    model = register_model(api.client, folder)
-    dataset = register_dataset(api.client, sst2_rows[:GROW_ROWS], name="grow")
-    reference = register_dataset(api.client, sst2_rows[250:270], name="reference")
-    body = {"model_id": model["id"], "dataset_id": dataset["id"], "chunk_size": 25, "layers": GROW_LAYERS}
-    index = api.client.post("/v1/indexes", json=body).json()
-    run_build_inline(api.settings, api.session_factory, index["job"]["id"], models=MODELS)
-    index = api.client.get(f"/v1/indexes/{index['id']}").json()
-    assert index["status"] == "ready" and index["num_rows"] == GROW_ROWS
-    yield Env(api, folder, model, dataset, reference, index, sst2_rows)
-    api.client.close()
-    api.app.state.engine.dispose()
+    index_fields = {"chunk_size": 25, "layers": GROW_LAYERS}
+    env = _make_env(
+        tmp_path_factory, sqlite_template, tiny_model_dir, sst2_rows, "grow", GROW_ROWS, index_fields, max_top_k=500
+    )
+    assert env.index["num_rows"] == GROW_ROWS
+    yield env
+    env.api.close()
 
 
 def _query(env: Env, index_id: str, **body):
-    response = env.client.post(f"/v1/indexes/{index_id}/query", json={**QUERY, "top_k": 500, **body})
+    response = env.client.post(f"/v1/indexes/{index_id}/query", json={**TWO_REVIEWS, "top_k": 500, **body})
     return response
 
 
@@ -478,8 +440,9 @@ def test_a_failing_batch_never_joins(grow):
 def test_a_crash_between_dataset_and_store_leaves_a_queryable_index(grow):
     """The job dies after the dataset switched (step 1), then after the store grew (step 2): each state answers
     queries consistently, and the rerun finishes the append without doubling anything."""
+    from app.jobs.context import WorkerContext
+    from app.jobs.dispatch import InlineDispatcher
     from app.services import appends
-    from app.services.pipelines import BuildContext, InlineDispatcher
 
     env = grow
     batch = env.rows[220:226]
@@ -495,7 +458,7 @@ def test_a_crash_between_dataset_and_store_leaves_a_queryable_index(grow):
     with env.api.session_factory() as session:
         session.execute(update(Job).where(Job.id == check["id"]).values(status="running", attempts=1))
         session.commit()
-    ctx = BuildContext(env.api.settings, env.api.session_factory, MODELS, InlineDispatcher())
+    ctx = WorkerContext(env.api.settings, env.api.session_factory, MODELS, InlineDispatcher())
     rows = [{"text": t, "text_pair": None, "label": label, "noisy": None} for t, label in batch]
     with appends.dataset_append_lock(ctx.settings, env.dataset["id"]):
         assert appends.grow_dataset(ctx, env.dataset["id"], check["id"], rows) == (60, 66)

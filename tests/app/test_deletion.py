@@ -7,8 +7,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from app.services import pipelines
-from app.services.pipelines import ModelCache, run_build_inline, run_job_inline
+from app.jobs import index_build
+from app.jobs.context import WorkerContext
+from app.jobs.dispatch import InlineDispatcher
+from app.jobs.model_cache import ModelCache
+from app.jobs.steps import run_build_inline, run_job_inline
 from tests.worker.support import assert_problem, register_dataset, register_model
 
 ROWS = 60
@@ -95,13 +98,13 @@ def test_delete_an_index_removes_its_artifacts_and_ends_its_job(built, sst2_rows
     running = client.post(
         "/v1/indexes", json={"model_id": model["id"], "dataset_id": dataset["id"], "layers": "head", "chunk_size": 20}
     ).json()
-    ctx = pipelines.BuildContext(api.settings, api.session_factory, api.models, pipelines.InlineDispatcher())
-    assert pipelines.plan_build(ctx, running["job"]["id"]) == "planned"
-    assert pipelines.build_chunk(ctx, running["job"]["id"], 0) == "written"
+    ctx = WorkerContext(api.settings, api.session_factory, api.models, InlineDispatcher())
+    assert index_build.plan_build(ctx, running["job"]["id"]) == "planned"
+    assert index_build.build_chunk(ctx, running["job"]["id"], 0) == "written"
     assert client.delete(f"/v1/indexes/{running['id']}").status_code == 204
     job = client.get(f"/v1/jobs/{running['job']['id']}").json()
     assert job["status"] == "cancelled" and job["error"] == "its index was deleted"
-    assert pipelines.build_chunk(ctx, running["job"]["id"], 1) == "skipped"
+    assert index_build.build_chunk(ctx, running["job"]["id"], 1) == "skipped"
     assert not (api.settings.resolved_artifacts_dir / "indexes" / running["id"]).exists()
     # A queued build whose index is deleted never starts.
     queued = client.post(
@@ -109,7 +112,7 @@ def test_delete_an_index_removes_its_artifacts_and_ends_its_job(built, sst2_rows
     ).json()
     assert client.delete(f"/v1/indexes/{queued['id']}").status_code == 204
     assert client.get(f"/v1/jobs/{queued['job']['id']}").json()["status"] == "cancelled"
-    assert pipelines.plan_build(ctx, queued["job"]["id"]) == "skipped"
+    assert index_build.plan_build(ctx, queued["job"]["id"]) == "skipped"
     assert not (api.settings.resolved_artifacts_dir / "indexes" / queued["id"]).exists()
 
 
@@ -238,7 +241,7 @@ def test_a_failed_compaction_is_retried_and_finishes(built, monkeypatch):
         raise OSError("disk full")
 
     # Dies after the store was rewritten, before statistics and FAISS were redone.
-    monkeypatch.setattr(pipelines, "fit_statistics", crash)
+    monkeypatch.setattr(index_build, "fit_store_statistics", crash)
     with pytest.raises(OSError):
         run_job_inline(api.settings, api.session_factory, job["id"], api.models)
     monkeypatch.undo()

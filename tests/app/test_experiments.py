@@ -13,10 +13,12 @@ import time
 import numpy as np
 import pytest
 
+from app.jobs.steps import run_job_inline
 from app.models import Dataset, Index, Job, RegisteredModel
-from app.services.pipelines import run_job_inline
-from app.services.runners import job_dir, sha256_file
+from app.stores import job_dir
+from influence.files import sha256_file
 from tests.app.conftest import fresh_api
+from tests.app.library import featurize_as_indexed, index_store, store_scores
 from tests.worker.support import assert_problem, register_dataset, register_model
 
 TRAIN_ROWS = 120
@@ -105,8 +107,7 @@ def ran(tmp_path_factory, sqlite_template, tiny_model_dir, sst2_rows, one_thread
         "seconds": seconds,
         "rows": sst2_rows,
     }
-    api.client.close()
-    api.app.state.engine.dispose()
+    api.close()
 
 
 def test_the_experiment_runs_every_stage(ran):
@@ -183,41 +184,17 @@ def test_the_index_is_ready_over_the_noisy_dataset_and_the_new_model(ran):
 
 def _brute_force_scores(ran, index):
     """The (n, U, m) grad-dot score tensor from the index's store and the reference featurized independently."""
-    from influence import (
-        FeatureStore,
-        Featurizer,
-        ProjectionSpec,
-        discover_layers,
-        featurize_examples,
-        load_model,
-        make_estimator,
-        score_tensor,
-    )
+    from influence import load_model
 
     api = ran["api"]
     model = api.client.get(f"/v1/models/{index['model_id']}").json()
-    store = FeatureStore.open(api.settings.resolved_artifacts_dir / f"indexes/{index['id']}/store")
+    store = index_store(api, index["id"])
     loaded = load_model(ran["folder"], adapter=model["adapter"], num_labels=2)
-    chosen = [layer for layer in discover_layers(loaded.model) if layer.name in index["layers"]]
-    projection = store.manifest.projection
-    featurizer = Featurizer(
-        loaded.model, chosen, ProjectionSpec(projection["kind"], projection["dim"], projection["seed"])
-    )
-    reference = featurize_examples(
-        featurizer,
-        loaded.tokenizer,
-        _train_examples(ran["rows"][200:240]),
-        "classification",
-        batch_size=api.settings.batch_size,
-        max_length=store.manifest.max_length,
-    )
     names = list(index["layers"])
-    scores = score_tensor(
-        {n: store.layer(n) for n in names},
-        {n: reference.features[n] for n in names},
-        {n: make_estimator("grad-dot") for n in names},
-        {n: np.array(store.norms(n)) for n in names},
+    reference = featurize_as_indexed(
+        store, loaded, names, ran["rows"][200:240], batch_size=api.settings.batch_size
     )
+    scores = store_scores(store, reference, names, "grad-dot")
     return names, scores, reference
 
 

@@ -19,8 +19,8 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from app.services.pipelines import run_build_inline, run_job_inline
-from app.services.report_page import CONTENT_SECURITY_POLICY
+from app.jobs.steps import run_build_inline, run_job_inline
+from app.web.report_page import CONTENT_SECURITY_POLICY
 from tests.app.conftest import ROOT_DIR, build_api, csv_bytes, fresh_api, make_settings
 from tests.worker.support import assert_problem, free_port, register_model
 
@@ -69,8 +69,7 @@ def served(tmp_path_factory, sqlite_template, tiny_model_dir):
     ).json()
     run_job_inline(built.settings, built.session_factory, report["id"])
     yield {"api": built, "model": model, "dataset": dataset, "index": index, "audit": created, "report": report}
-    built.client.close()
-    built.app.state.engine.dispose()
+    built.close()
 
 
 def _neutralized(value: str) -> str:
@@ -273,8 +272,7 @@ def test_echoed_input_is_cut_short(tmp_path, sqlite_url, default_roots):
             assert len(error["msg"]) < 700 and all(len(part) < 700 for part in error["loc"])
     detail = cases[0].json()["detail"]
     assert "characters dropped)" in detail and "Extra inputs" in detail
-    api.client.close()
-    api.app.state.engine.dispose()
+    api.close()
 
 
 # ------------------------------------------------------------------------------------------ strict types

@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
+from app.jobs.steps import run_build_inline, run_job_inline
 from app.services.fidelity import sample_rows, sample_sizes
-from app.services.pipelines import run_build_inline, run_job_inline
 from tests.app.conftest import fresh_api
 from tests.worker.support import register_dataset, register_model
 
@@ -53,8 +53,7 @@ def served(tmp_path_factory, sqlite_template, tiny_model_dir, sst2_rows):
     exact = _build(api, model, dataset, dtype="float32")
     tiny = _build(api, model, dataset, projection={"kind": "factorized", "dim": 4})
     yield Served(api, model, dataset, reference, exact, tiny)
-    api.client.close()
-    api.app.state.engine.dispose()
+    api.close()
 
 
 def _lowest(index: dict) -> tuple[str, float]:
@@ -171,7 +170,8 @@ def test_query_and_audit_answers_carry_fidelity(served):
 
 
 def test_the_cli_shows_a_short_fidelity_table(served):
-    from influence_client.cli import FIDELITY_ROWS, Console, _show_fidelity
+    from influence_client.cli.indexes import FIDELITY_ROWS, _show_fidelity
+    from influence_client.cli.output import Console
 
     out = io.StringIO()
     _show_fidelity(types.SimpleNamespace(console=Console(False, out, io.StringIO())), served.tiny)
@@ -232,7 +232,7 @@ def test_disabled_failed_or_cancelled_measurements(
         def boom(*args, **kwargs):
             raise RuntimeError("boom")
 
-        monkeypatch.setattr("influence.fidelity.measure_fidelity", boom)
+        monkeypatch.setattr("app.services.fidelity.measure_fidelity", boom)
         index = _build(api, model, dataset, layers=["head"])
         assert index["status"] == "ready" and index["job"]["status"] == "succeeded"
         assert index["fidelity"] == {
@@ -254,13 +254,12 @@ def test_disabled_failed_or_cancelled_measurements(
                     job.cancel_requested = True
             raise RuntimeError("not measured")
 
-        monkeypatch.setattr("influence.fidelity.measure_fidelity", cancel_meanwhile)
+        monkeypatch.setattr("app.services.fidelity.measure_fidelity", cancel_meanwhile)
         index = _build(api, model, dataset, layers=["head"])
         assert index["status"] == "cancelled" and index["job"]["status"] == "cancelled"
         assert index["fidelity"] is None
     finally:
-        api.client.close()
-        api.app.state.engine.dispose()
+        api.close()
 
 
 def test_the_sample_is_seeded_disjoint_and_shrinks_with_the_dataset():

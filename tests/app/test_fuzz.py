@@ -30,8 +30,7 @@ def fuzzed(tmp_path_factory, pg_url, allowed_root):
     tmp = tmp_path_factory.mktemp("fuzz")
     api = build_api(make_settings(tmp, pg_url, [allowed_root], max_top_k=50, max_query_examples=4))
     yield api
-    api.client.close()
-    api.app.state.engine.dispose()
+    api.close()
 
 
 @pytest.fixture(scope="module")

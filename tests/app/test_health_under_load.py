@@ -41,8 +41,7 @@ def served_index(tmp_path, sqlite_url, default_roots, tiny_model_dir, sst2_rows)
         yield server, api, model, dataset, index
     finally:
         server.stop()
-        api.client.close()
-        api.app.state.engine.dispose()
+        api.close()
 
 
 def _probe(served_index, mix):
@@ -117,7 +116,7 @@ def test_readyz_without_a_key_says_ready_and_nothing_else(api):
 
 
 def test_a_failing_readyz_hides_its_details_without_a_key(tmp_path, sqlite_url, default_roots):
-    from app.api.deps import ReadinessCheck
+    from app.jobs.readiness import ReadinessCheck
 
     def broker() -> str:
         raise RuntimeError(f"no broker at {tmp_path / 'secret-broker-dir'}")

@@ -5,8 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from app.jobs import index_build
+from app.jobs.context import WorkerContext
+from app.jobs.dispatch import InlineDispatcher
+from app.jobs.kinds import INDEX_BUILD
+from app.jobs.model_cache import ModelCache
+from app.jobs.steps import run_build_inline
 from app.models import Index, Job
-from app.services.pipelines import INDEX_BUILD, InlineDispatcher, ModelCache, run_build_inline
+from app.stores import index_dir
+from influence.files import try_locked
 from tests.app.conftest import RecordingQueue, build_api, make_settings
 from tests.worker.support import assert_problem, register_dataset, register_model
 
@@ -109,8 +116,6 @@ def test_an_inline_build_makes_a_ready_index(api, tiny, sst2_rows):
 
 def test_cancelling_stops_a_build_and_the_index_follows(api, tiny, sst2_rows):
     from app.db import session_scope
-    from app.services import pipelines
-
     client = api.client
     model = register_model(client, tiny)
     dataset = register_dataset(client, sst2_rows[:40])
@@ -118,18 +123,18 @@ def test_cancelling_stops_a_build_and_the_index_follows(api, tiny, sst2_rows):
     queued = _create(client, model, dataset, layers="head", chunk_size=10).json()
     assert client.post(f"/v1/jobs/{queued['job']['id']}/cancel").json()["status"] == "cancelled"
     dispatcher = InlineDispatcher()
-    ctx = pipelines.BuildContext(api.settings, api.session_factory, ModelCache(), dispatcher)
-    assert pipelines.plan_build(ctx, queued["job"]["id"]) == "skipped"
+    ctx = WorkerContext(api.settings, api.session_factory, ModelCache(), dispatcher)
+    assert index_build.plan_build(ctx, queued["job"]["id"]) == "skipped"
     assert client.get(f"/v1/indexes/{queued['id']}").json()["status"] == "cancelled"
     # Cancelled while running: the next chunk step ends the job.
     running = _create(client, model, dataset, layers="head", chunk_size=10).json()
     job_id = running["job"]["id"]
-    assert pipelines.plan_build(ctx, job_id) == "planned"
+    assert index_build.plan_build(ctx, job_id) == "planned"
     assert [step for step, _, _ in dispatcher.steps] == ["chunk"] * 4
-    assert pipelines.build_chunk(ctx, job_id, 0) == "written"
+    assert index_build.build_chunk(ctx, job_id, 0) == "written"
     assert client.post(f"/v1/jobs/{job_id}/cancel").json()["cancel_requested"] is True
-    assert pipelines.build_chunk(ctx, job_id, 1) == "cancelled"
-    assert pipelines.build_chunk(ctx, job_id, 2) == "skipped"
+    assert index_build.build_chunk(ctx, job_id, 1) == "cancelled"
+    assert index_build.build_chunk(ctx, job_id, 2) == "skipped"
     after = client.get(f"/v1/indexes/{running['id']}").json()
     assert after["status"] == "cancelled" and after["job"]["status"] == "cancelled" and after["job"]["done"] == 1
     with session_scope(api.session_factory) as session:
@@ -137,34 +142,32 @@ def test_cancelling_stops_a_build_and_the_index_follows(api, tiny, sst2_rows):
 
 
 def test_build_steps_are_idempotent(api, tiny, sst2_rows):
-    from app.services import pipelines
-
     client = api.client
     model = register_model(client, tiny)
     dataset = register_dataset(client, sst2_rows[:30])
     index = _create(client, model, dataset, layers="head", chunk_size=10).json()
     job_id = index["job"]["id"]
     dispatcher = InlineDispatcher()
-    ctx = pipelines.BuildContext(api.settings, api.session_factory, ModelCache(), dispatcher)
-    pipelines.plan_build(ctx, job_id)
-    assert pipelines.build_chunk(ctx, job_id, 1) == "written"
-    assert pipelines.build_chunk(ctx, job_id, 1) == "done"  # delivered twice: nothing recomputed
+    ctx = WorkerContext(api.settings, api.session_factory, ModelCache(), dispatcher)
+    index_build.plan_build(ctx, job_id)
+    assert index_build.build_chunk(ctx, job_id, 1) == "written"
+    assert index_build.build_chunk(ctx, job_id, 1) == "done"  # delivered twice: nothing recomputed
     # A chunk held by another live process (its lock taken) is left to it.
-    lock = pipelines.index_dir(api.settings, index["id"]) / "locks" / "chunk-000000.lock"
-    with pipelines.exclusive(lock) as held:
+    lock = index_dir(api.settings, index["id"]) / "locks" / "chunk-000000.lock"
+    with try_locked(lock) as held:
         assert held
-        assert pipelines.build_chunk(ctx, job_id, 0) == "busy"
+        assert index_build.build_chunk(ctx, job_id, 0) == "busy"
     # Planning again hands out only what is missing; finalize with a chunk missing re-plans it.
     dispatcher.steps.clear()
-    pipelines.plan_build(ctx, job_id)
-    assert sorted(c for _, _, c in dispatcher.steps) == [0, 2]
+    index_build.plan_build(ctx, job_id)
+    assert sorted(c for _, _, (c,) in dispatcher.steps) == [0, 2]
     dispatcher.steps.clear()
-    assert pipelines.finalize_build(ctx, job_id) == "replanned"
-    assert sorted(c for _, _, c in dispatcher.steps) == [0, 2]
+    assert index_build.finalize_build(ctx, job_id) == "replanned"
+    assert sorted(c for _, _, (c,) in dispatcher.steps) == [0, 2]
     for chunk in (0, 2):
-        pipelines.build_chunk(ctx, job_id, chunk)
+        index_build.build_chunk(ctx, job_id, chunk)
     assert dispatcher.steps[-1][0] == "finalize"
-    assert pipelines.finalize_build(ctx, job_id) == "finalized"
-    assert pipelines.finalize_build(ctx, job_id) == "skipped"
+    assert index_build.finalize_build(ctx, job_id) == "finalized"
+    assert index_build.finalize_build(ctx, job_id) == "skipped"
     job = client.get(f"/v1/jobs/{job_id}").json()
     assert job["status"] == "succeeded" and job["done"] == 3 and job["attempts"] == 2

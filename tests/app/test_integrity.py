@@ -9,8 +9,8 @@ import shutil
 
 import pytest
 
+from app.jobs.steps import run_build_inline
 from app.services.artifacts import sweep_orphans
-from app.services.pipelines import run_build_inline
 from tests.app.conftest import build_api, make_settings
 from tests.worker.support import assert_problem, register_dataset, register_model
 

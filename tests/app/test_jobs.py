@@ -8,8 +8,8 @@ import pytest
 
 from app.db import session_scope
 from app.errors import NotFound, Unavailable
+from app.jobs import state as jobs
 from app.models import Job
-from app.services import jobs
 from tests.app.conftest import RecordingQueue
 from tests.app.test_datasets import assert_problem
 

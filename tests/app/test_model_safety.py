@@ -52,8 +52,7 @@ def narrow(tmp_path, sqlite_url):
     outside.mkdir()
     built = build_api(make_settings(tmp_path, sqlite_url, [root]))
     yield built, root, outside
-    built.client.close()
-    built.app.state.engine.dispose()
+    built.close()
 
 
 @pytest.fixture(scope="module")
@@ -184,7 +183,11 @@ def test_hub_snapshots_may_link_into_the_cache_only(api, linked_hub, tmp_path):
 
 def test_a_link_swapped_in_after_registration_fails_the_build(api, tiny_bert, tmp_path, sst2_rows):
     from app.errors import Invalid
-    from app.services import pipelines
+    from app.jobs import index_build
+    from app.jobs.context import WorkerContext
+    from app.jobs.dispatch import InlineDispatcher
+    from app.jobs.model_cache import ModelCache
+    from app.jobs.steps import describe_error, fail_job
 
     folder = copy_model(tiny_bert, tmp_path / "m")
     model = register(api, folder, num_labels=2).json()
@@ -198,13 +201,13 @@ def test_a_link_swapped_in_after_registration_fails_the_build(api, tiny_bert, tm
     try:
         os.replace(folder / "tokenizer.json", outside / "tokenizer.json")
         (folder / "tokenizer.json").symlink_to(outside / "tokenizer.json")
-        ctx = pipelines.BuildContext(
-            api.settings, api.session_factory, pipelines.ModelCache(), pipelines.InlineDispatcher()
+        ctx = WorkerContext(
+            api.settings, api.session_factory, ModelCache(), InlineDispatcher()
         )
         # As the worker's task runs a step: what it raises fails the job with its message.
         with pytest.raises(Invalid, match=r"'tokenizer\.json' resolves outside the allowed roots") as raised:
-            pipelines.plan_build(ctx, job_id)
-        pipelines.fail_job(ctx, job_id, pipelines.describe_error(raised.value))
+            index_build.plan_build(ctx, job_id)
+        fail_job(ctx, job_id, describe_error(raised.value))
     finally:
         shutil.rmtree(outside)
     job = api.client.get(f"/v1/jobs/{job_id}").json()
@@ -280,8 +283,7 @@ def test_the_layer_unit_count_is_bounded(tmp_path, sqlite_url, default_roots, ti
         assert_problem(register(built, tiny_bert), 422, "layer units", "max_model_layer_units")
         assert built.count(RegisteredModel) == 0
     finally:
-        built.client.close()
-        built.app.state.engine.dispose()
+        built.close()
 
 
 # --- tokenizer files --------------------------------------------------------------------------------------

@@ -265,24 +265,12 @@ def test_bad_model_registration(api, bad_folders, minilm, body, status, fragment
 
 def test_checkpoints_with_another_layout_are_refused(api, adapters):
     base, made = adapters
-    response = register(
-        api,
-        source=str(base),
-        checkpoints=[
-            {"adapter": str(made["ckpt-1"]), "learning_rate": 0.1},
-            {"adapter": str(made["other"]), "learning_rate": 0.1},
-        ],
-    )
-    assert_problem(response, 422, "checkpoint 'other' exposes different layer units")
-    duplicate = register(
-        api,
-        source=str(base),
-        checkpoints=[
-            {"adapter": str(made["ckpt-1"]), "learning_rate": 0.1},
-            {"adapter": str(made["ckpt-1"]), "learning_rate": 0.2},
-        ],
-    )
-    assert_problem(duplicate, 422, "used twice")
+    for checkpoints, fragment in (
+        ((("ckpt-1", 0.1), ("other", 0.1)), "checkpoint 'other' exposes different layer units"),
+        ((("ckpt-1", 0.1), ("ckpt-1", 0.2)), "used twice"),
+    ):
+        body = [{"adapter": str(made[name]), "learning_rate": rate} for name, rate in checkpoints]
+        assert_problem(register(api, source=str(base), checkpoints=body), 422, fragment)
     assert api.count(RegisteredModel) == 0
 
 
@@ -357,7 +345,7 @@ def test_delete_while_an_experiment_uses_the_model_is_409(api, tiny_model_dir, s
 
 
 def test_delete_removes_the_adapter_the_service_wrote_for_the_model(api, adapters):
-    from app.services.experiments import ADAPTERS_DIR
+    from app.workflows.experiment.state import ADAPTERS_DIR
 
     base, made = adapters
     home = api.settings.resolved_artifacts_dir / ADAPTERS_DIR
@@ -380,7 +368,7 @@ def test_delete_removes_the_adapter_the_service_wrote_for_the_model(api, adapter
 
 
 def test_delete_drops_the_model_from_the_apis_model_cache(api, tiny_model_dir):
-    from app.services.pipelines import ModelSpec
+    from app.jobs.model_cache import ModelSpec
     from app.services.queries import QueryRuntime
 
     body = register(api, source=str(tiny_model_dir("bert", "classification", num_labels=2))).json()

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from app.jobs.steps import run_build_inline
 from app.models import Index, Job
-from app.services.pipelines import run_build_inline
 from tests.app.conftest import build_api, fresh_api, make_settings
 from tests.worker.support import assert_problem, register_dataset, register_model
 
@@ -46,8 +46,7 @@ def served(tmp_path_factory, sqlite_template, wide_lora, sst2_rows):
     model = register_model(built.client, base, adapter=adapter)
     dataset = register_dataset(built.client, sst2_rows[:40], name="train")
     yield built, model, dataset
-    built.client.close()
-    built.app.state.engine.dispose()
+    built.close()
 
 
 def _create(client, model, dataset, **body):
@@ -241,8 +240,7 @@ def test_a_budget_that_cannot_hold_the_exact_units_is_422(
         # The default (LoRA and head exact, the rest factorized) fits the same budget.
         assert _create(api.client, model, dataset).status_code == 202
     finally:
-        api.client.close()
-        api.app.state.engine.dispose()
+        api.close()
 
 
 def test_statistics_that_the_budget_cannot_hold_are_422(served):
@@ -273,7 +271,7 @@ def test_projection_of_an_index_row_from_before_per_unit_projections():
 def test_cli_unit_overrides_parse():
     import argparse
 
-    from influence_client.cli import _unit_projection
+    from influence_client.cli.indexes import _unit_projection
 
     assert _unit_projection("head=gaussian:64") == ("head", {"kind": "gaussian", "dim": 64})
     assert _unit_projection("block.0.attn.q=identity") == ("block.0.attn.q", {"kind": "identity"})

@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from app.services.pipelines import run_build_inline
+from app.jobs.steps import run_build_inline
 from tests.app.conftest import build_api, fresh_api, make_settings
-from tests.worker.support import assert_problem, register_dataset, register_model
+from tests.app.library import featurize_as_indexed, index_store, store_scores
+from tests.worker.support import assert_problem, built_index, register_dataset, register_model
 
 EXAMPLES = [
     {"text": "it 's a charming and often affecting journey . ", "label": 1},
@@ -32,8 +33,7 @@ def served(tmp_path_factory, sqlite_template, tiny_model_dir, sst2_rows):
     index = built.client.post("/v1/indexes", json=body).json()
     run_build_inline(built.settings, built.session_factory, index["job"]["id"])
     yield built, folder, model, dataset, index
-    built.client.close()
-    built.app.state.engine.dispose()
+    built.close()
 
 
 def _query(client, index_id, **body):
@@ -42,44 +42,13 @@ def _query(client, index_id, **body):
 
 def _library(served, layers, estimator, aggregation, vote_k=0.2):
     """The library's exact computation on the same inputs: the index's store, the examples, the model."""
-    from influence import (
-        FeatureStore,
-        Featurizer,
-        ProjectionSpec,
-        aggregate,
-        average_ranks,
-        discover_layers,
-        featurize_examples,
-        load_model,
-        make_estimator,
-        score_tensor,
-        top_k,
-    )
-    from influence.data import Example
+    from influence import aggregate, average_ranks, load_model, top_k
 
     built, folder, _, _, index = served
-    store = FeatureStore.open(built.settings.resolved_artifacts_dir / f"indexes/{index['id']}/store")
-    loaded = load_model(folder, num_labels=2)
-    chosen = [layer for layer in discover_layers(loaded.model) if layer.name in layers]
-    projection = store.manifest.projection
-    featurizer = Featurizer(loaded.model, chosen, ProjectionSpec(projection["kind"], projection["dim"],
-                                                                 projection["seed"]))
-    examples = [Example(e["text"], e["label"]) for e in EXAMPLES]
-    features = featurize_examples(
-        featurizer, loaded.tokenizer, examples, "classification", batch_size=32, max_length=store.manifest.max_length
-    )
-    estimators = {}
-    for name in layers:
-        estimators[name] = make_estimator(estimator)
-        if estimator == "datainf":
-            estimators[name].fit(lambda n=name: [torch.from_numpy(np.array(store.layer(n), dtype=np.float32))],
-                                 store.layer_spec(name).num_params)
-    scores = score_tensor(
-        {n: store.layer(n) for n in layers},
-        {n: features.features[n] for n in layers},
-        estimators,
-        {n: np.array(store.norms(n)) for n in layers},
-    )
+    store = index_store(built, index["id"])
+    examples = [(e["text"], e["label"]) for e in EXAMPLES]
+    features = featurize_as_indexed(store, load_model(folder, num_labels=2), layers, examples, batch_size=32)
+    scores = store_scores(store, features, layers, estimator)
     out = []
     for j in range(len(EXAMPLES)):
         agg = aggregate(scores[:, :, j : j + 1], aggregation, vote_k=vote_k)
@@ -245,12 +214,7 @@ def test_an_index_whose_model_changed_is_409(tmp_path, sqlite_url, default_roots
     built = build_api(make_settings(tmp_path, sqlite_url, default_roots))
     folder = tmp_path / "model"
     shutil.copytree(tiny_model_dir("bert", "classification", num_labels=2), folder)
-    model = register_model(built.client, folder)
-    dataset = register_dataset(built.client, sst2_rows[:20])
-    index = built.client.post(
-        "/v1/indexes", json={"model_id": model["id"], "dataset_id": dataset["id"], "layers": "head"}
-    ).json()
-    run_build_inline(built.settings, built.session_factory, index["job"]["id"])
+    _, _, index = built_index(built, folder, sst2_rows[:20], layers="head")
     weights = folder / "model.safetensors"
     tensors = load_file(weights)
     name = next(iter(tensors))

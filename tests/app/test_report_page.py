@@ -25,7 +25,7 @@ from typing import Any, ClassVar
 import numpy as np
 import pytest
 
-from app.services.report_page import CONTENT_SECURITY_POLICY, render_report_html
+from app.web.report_page import CONTENT_SECURITY_POLICY, render_report_html
 from influence.layers import Layer, block_positions, block_range_groups
 from influence.metrics import Cancellation
 from influence.report import layer_report

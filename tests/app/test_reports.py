@@ -11,10 +11,10 @@ from typing import Any
 
 import numpy as np
 import pytest
-import torch
 
-from app.services.pipelines import run_build_inline, run_job_inline
+from app.jobs.steps import run_build_inline, run_job_inline
 from tests.app.conftest import fresh_api
+from tests.app.library import featurize_as_indexed, index_store
 from tests.worker.support import assert_problem, register_dataset, register_model
 
 N_TRAIN, N_REFERENCE = 120, 24
@@ -47,8 +47,7 @@ def served(tmp_path_factory, sqlite_template, tiny_model_dir, sst2_rows):
     reference = register_dataset(built.client, reference_rows, name="reference")
     index = _build_index(built, model, dataset)
     yield Served(built, folder, model, dataset, reference, index, train_rows, reference_rows)
-    built.client.close()
-    built.app.state.engine.dispose()
+    built.close()
 
 
 def _build_index(api, model: dict, dataset: dict, **body) -> dict:
@@ -101,30 +100,20 @@ def _library(
     """influence.layer_report on the index's store, the reference featurized here from the model folder, the
     mask given, cancellation over the same seeded draw of live rows: the library's own computation."""
     from influence import (
-        FeatureStore,
-        Featurizer,
-        ProjectionSpec,
         discover_layers,
         encode_examples,
-        featurize_examples,
         iter_batches,
         layer_cancellation,
         load_model,
-        make_estimator,
+        store_estimators,
     )
     from influence.data import Example, pad_token_id
     from influence.report import layer_report
 
-    api = served.api
-    store = FeatureStore.open(api.settings.resolved_artifacts_dir / f"indexes/{index['id']}/store")
+    store = index_store(served.api, index["id"])
     loaded = load_model(served.folder, num_labels=2)
     layers = [layer for layer in discover_layers(loaded.model) if layer.name in index["layers"]]
-    projection = store.manifest.projection
-    featurizer = Featurizer(loaded.model, layers, ProjectionSpec.from_dict(projection))
-    examples = [Example(text, label) for text, label in reference]
-    features = featurize_examples(
-        featurizer, loaded.tokenizer, examples, "classification", batch_size=32, max_length=store.manifest.max_length
-    )
+    features = featurize_as_indexed(store, loaded, index["layers"], reference, batch_size=32)
     correct = features.predictions == np.array([label for _, label in reference])
 
     cancellation = None
@@ -137,15 +126,8 @@ def _library(
         cancellation = layer_cancellation(loaded.model, layers, batches, max_samples=len(rows))
 
     fitted = None
-    if stored_datainf:
-        fitted = {"datainf": {}}
-        for layer in layers:
-            estimator = make_estimator("datainf")
-            state = store.load_layer_statistics(layer.name)
-            estimator.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state.items()})
-            if store.layer_spec(layer.name).layout == "tokens":  # token rows: M_u sums over the store's rows
-                estimator.token_rows = store.layer(layer.name)
-            fitted["datainf"][layer.name] = estimator
+    if stored_datainf:  # restored from the build's statistics (token rows: bound to the store's rows)
+        fitted = {"datainf": store_estimators(store, [layer.name for layer in layers], "datainf")}
     report = layer_report(
         store,
         features.features,

@@ -18,10 +18,10 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 
+from app.jobs.steps import run_job_inline
 from app.models import ApiKey, Index, Job
-from app.services.pipelines import run_build_inline, run_job_inline
 from tests.app.conftest import ROOT_DIR, build_api, fresh_api, make_settings
-from tests.worker.support import assert_problem, register_dataset, register_model, tsv
+from tests.worker.support import assert_problem, built_index, register_dataset, register_model, tsv
 
 
 @pytest.fixture(scope="module")
@@ -29,12 +29,7 @@ def owner(tmp_path_factory, sqlite_template, tiny_model_dir, sst2_rows):
     """Tenant A's resources (model, dataset, a ready index, a finished and a queued job) and tenant B's client."""
     api = fresh_api(tmp_path_factory, sqlite_template, "tenancy")
     folder = tiny_model_dir("bert", "classification", num_labels=2)
-    model = register_model(api.client, folder)
-    dataset = register_dataset(api.client, sst2_rows[:30])
-    index = api.client.post(
-        "/v1/indexes", json={"model_id": model["id"], "dataset_id": dataset["id"], "layers": "head"}
-    ).json()
-    run_build_inline(api.settings, api.session_factory, index["job"]["id"])
+    model, dataset, index = built_index(api, folder, sst2_rows[:30], dataset_name="sst2", layers="head")
     queued = api.client.post(
         "/v1/indexes", json={"model_id": model["id"], "dataset_id": dataset["id"], "layers": "CL"}
     ).json()
@@ -73,30 +68,34 @@ def owner(tmp_path_factory, sqlite_template, tiny_model_dir, sst2_rows):
         "queued_index": queued["id"],
     }
     yield api, other, mine, folder
-    api.client.close()
+    api.close()
     other.close()
-    api.app.state.engine.dispose()
 
 
 EXAMPLES = {"examples": [{"text": "a fine film", "label": 1}]}
 
+
+def _reads(noun: str, plural: str, *below: str, deletable: bool = True) -> dict:
+    """The cross-tenant cases of a collection: its list (none of A's), and its item, the `below` routes under
+    the item and (when `deletable`) its DELETE: each 404 for A's id. `noun` is the key of A's id."""
+    item = f"/v1/{plural}/{{{noun}_id}}"
+    cases = {("GET", f"/v1/{plural}"): lambda b, a: ("list", b.get(f"/v1/{plural}"))}
+    for tail in ("", *below):
+        cases[("GET", item + tail)] = lambda b, a, tail=tail: (404, b.get(f"/v1/{plural}/{a[noun]}{tail}"))
+    if deletable:
+        cases[("DELETE", item)] = lambda b, a: (404, b.delete(f"/v1/{plural}/{a[noun]}"))
+    return cases
+
+
 # (method, route path) -> what tenant B does there with tenant A's ids, and what it must get.
 CROSS_TENANT = {
-    ("GET", "/v1/models"): lambda b, a: ("list", b.get("/v1/models")),
-    ("GET", "/v1/models/{model_id}"): lambda b, a: (404, b.get(f"/v1/models/{a['model']}")),
-    ("GET", "/v1/models/{model_id}/layers"): lambda b, a: (404, b.get(f"/v1/models/{a['model']}/layers")),
-    ("DELETE", "/v1/models/{model_id}"): lambda b, a: (404, b.delete(f"/v1/models/{a['model']}")),
-    ("GET", "/v1/datasets"): lambda b, a: ("list", b.get("/v1/datasets")),
-    ("GET", "/v1/datasets/{dataset_id}"): lambda b, a: (404, b.get(f"/v1/datasets/{a['dataset']}")),
-    ("GET", "/v1/datasets/{dataset_id}/rows"): lambda b, a: (404, b.get(f"/v1/datasets/{a['dataset']}/rows")),
-    ("DELETE", "/v1/datasets/{dataset_id}"): lambda b, a: (404, b.delete(f"/v1/datasets/{a['dataset']}")),
-    ("GET", "/v1/indexes"): lambda b, a: ("list", b.get("/v1/indexes")),
+    **_reads("model", "models", "/layers"),
+    **_reads("dataset", "datasets", "/rows"),
+    **_reads("index", "indexes"),
     ("POST", "/v1/indexes"): lambda b, a: (
         404,
         b.post("/v1/indexes", json={"model_id": a["model"], "dataset_id": a["dataset"]}),
     ),
-    ("GET", "/v1/indexes/{index_id}"): lambda b, a: (404, b.get(f"/v1/indexes/{a['index']}")),
-    ("DELETE", "/v1/indexes/{index_id}"): lambda b, a: (404, b.delete(f"/v1/indexes/{a['index']}")),
     ("POST", "/v1/indexes/{index_id}/query"): lambda b, a: (
         404,
         b.post(f"/v1/indexes/{a['index']}/query", json=EXAMPLES),
@@ -110,19 +109,12 @@ CROSS_TENANT = {
         404,
         b.post(f"/v1/indexes/{a['index']}/audits", json={"reference": EXAMPLES}),
     ),
-    ("GET", "/v1/audits"): lambda b, a: ("list", b.get("/v1/audits")),
-    ("GET", "/v1/audits/{audit_id}"): lambda b, a: (404, b.get(f"/v1/audits/{a['audit']}")),
-    ("DELETE", "/v1/audits/{audit_id}"): lambda b, a: (404, b.delete(f"/v1/audits/{a['audit']}")),
-    ("GET", "/v1/audits/{audit_id}/rows"): lambda b, a: (404, b.get(f"/v1/audits/{a['audit']}/rows")),
-    ("GET", "/v1/audits/{audit_id}/scores"): lambda b, a: (404, b.get(f"/v1/audits/{a['audit']}/scores")),
+    **_reads("audit", "audits", "/rows", "/scores"),
     ("POST", "/v1/indexes/{index_id}/reports"): lambda b, a: (
         404,
         b.post(f"/v1/indexes/{a['index']}/reports", json={"reference": EXAMPLES}),
     ),
-    ("GET", "/v1/reports"): lambda b, a: ("list", b.get("/v1/reports")),
-    ("GET", "/v1/reports/{report_id}"): lambda b, a: (404, b.get(f"/v1/reports/{a['report']}")),
-    ("GET", "/v1/reports/{report_id}/html"): lambda b, a: (404, b.get(f"/v1/reports/{a['report']}/html")),
-    ("DELETE", "/v1/reports/{report_id}"): lambda b, a: (404, b.delete(f"/v1/reports/{a['report']}")),
+    **_reads("report", "reports", "/html"),
     ("POST", "/v1/indexes/{index_id}/checks"): lambda b, a: (
         404,
         b.post(
@@ -131,9 +123,7 @@ CROSS_TENANT = {
             data={"text_column": "sentence", "reference": json.dumps(EXAMPLES)},
         ),
     ),
-    ("GET", "/v1/checks"): lambda b, a: ("list", b.get("/v1/checks")),
-    ("GET", "/v1/checks/{check_id}"): lambda b, a: (404, b.get(f"/v1/checks/{a['check']}")),
-    ("DELETE", "/v1/checks/{check_id}"): lambda b, a: (404, b.delete(f"/v1/checks/{a['check']}")),
+    **_reads("check", "checks"),
     ("POST", "/v1/experiments"): lambda b, a: (
         404,
         b.post(
@@ -145,17 +135,8 @@ CROSS_TENANT = {
             },
         ),
     ),
-    ("GET", "/v1/experiments"): lambda b, a: ("list", b.get("/v1/experiments")),
-    ("GET", "/v1/experiments/{experiment_id}"): lambda b, a: (
-        404,
-        b.get(f"/v1/experiments/{a['experiment']}"),
-    ),
-    ("DELETE", "/v1/experiments/{experiment_id}"): lambda b, a: (
-        404,
-        b.delete(f"/v1/experiments/{a['experiment']}"),
-    ),
-    ("GET", "/v1/jobs"): lambda b, a: ("list", b.get("/v1/jobs")),
-    ("GET", "/v1/jobs/{job_id}"): lambda b, a: (404, b.get(f"/v1/jobs/{a['job']}")),
+    **_reads("experiment", "experiments"),
+    **_reads("job", "jobs", deletable=False),
     ("POST", "/v1/jobs/{job_id}/cancel"): lambda b, a: (404, b.post(f"/v1/jobs/{a['queued_job']}/cancel")),
 }
 # Routes that only create the caller's own resource: B's own creation must not touch or reveal A's.

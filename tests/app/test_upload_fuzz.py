@@ -18,8 +18,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import func, select
 
+from app.jobs.model_cache import ModelCache
 from app.models import Job
-from app.services.pipelines import ModelCache
 from tests.app.conftest import fresh_api
 from tests.worker.support import built_index, register_dataset
 
@@ -286,8 +286,7 @@ def assert_answer(response, success: int) -> None:
 def fuzz_api(tmp_path_factory, sqlite_template):
     api = fresh_api(tmp_path_factory, sqlite_template, "upload-fuzz", **LIMITS)
     yield api
-    api.client.close()
-    api.app.state.engine.dispose()
+    api.close()
 
 
 def _one_upload(api, data: bytes, fmt: str, form: dict) -> None:
@@ -322,8 +321,7 @@ def check_target(tmp_path_factory, sqlite_template, tiny_model_dir, sst2_rows):
     _, _, index = built_index(api, folder, sst2_rows[:20], models=MODELS)
     reference = register_dataset(api.client, sst2_rows[250:255], name="reference")
     yield api, index["id"], json.dumps({"dataset_id": reference["id"]})
-    api.client.close()
-    api.app.state.engine.dispose()
+    api.close()
 
 
 def _checks_left(api) -> tuple[int, list[str]]:

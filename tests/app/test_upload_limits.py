@@ -18,8 +18,8 @@ import pyarrow.parquet as pq
 import pytest
 from sqlalchemy import func, select
 
+from app.jobs.model_cache import ModelCache
 from app.models import Job
-from app.services.pipelines import ModelCache
 from tests.app.conftest import (
     ROOT_DIR,
     build_api,
@@ -302,8 +302,7 @@ def check_env(tmp_path_factory, sqlite_template, tiny_model_dir, sst2_rows):
     _, _, index = built_index(api, folder, sst2_rows[:40], models=MODELS)
     reference = register_dataset(api.client, sst2_rows[250:260], name="reference")
     yield api, index["id"], reference["id"]
-    api.client.close()
-    api.app.state.engine.dispose()
+    api.close()
 
 
 def submit_check(check_env, filename: str, content: bytes):

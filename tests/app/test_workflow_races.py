@@ -9,40 +9,33 @@ import threading
 
 import pytest
 
-from app.services.pipelines import ModelCache, run_build_inline, run_job_inline
-from tests.app.conftest import fresh_api
-from tests.worker.support import assert_problem, register_dataset, register_model, tsv
+from app.jobs.model_cache import ModelCache
+from app.jobs.steps import run_job_inline
+from tests.app.conftest import TWO_REVIEWS, fresh_api
+from tests.worker.support import assert_problem, built_index, tsv
 
 MODELS = ModelCache()
 ROWS = 60
 LAYERS = ["embed", "block.1.attn.v", "head"]
-REFERENCE = {
-    "examples": [
-        {"text": "a gorgeous , witty , seductive movie .", "label": 1},
-        {"text": "unflinchingly bleak and desperate", "label": 0},
-    ]
-}
 
 
 @pytest.fixture
 def grow(tmp_path_factory, sqlite_template, tiny_model_dir, sst2_rows):
     """A fresh API with one ready tiny-BERT index over 60 SST-2 rows (appends change it: one per test)."""
     api = fresh_api(tmp_path_factory, sqlite_template, "races")
-    model = register_model(api.client, tiny_model_dir("bert", "classification", num_labels=2))
-    dataset = register_dataset(api.client, sst2_rows[:ROWS], name="grow")
-    body = {"model_id": model["id"], "dataset_id": dataset["id"], "chunk_size": 30, "layers": LAYERS}
-    index = api.client.post("/v1/indexes", json=body).json()
-    run_build_inline(api.settings, api.session_factory, index["job"]["id"], models=MODELS)
+    folder = tiny_model_dir("bert", "classification", num_labels=2)
+    _, dataset, index = built_index(
+        api, folder, sst2_rows[:ROWS], models=MODELS, dataset_name="grow", chunk_size=30, layers=LAYERS
+    )
     yield api, dataset, index, sst2_rows
-    api.client.close()
-    api.app.state.engine.dispose()
+    api.close()
 
 
 def _submit(api, index_id, rows):
     data = {
         "text_column": "sentence",
         "label_column": "label",
-        "reference": json.dumps(REFERENCE),
+        "reference": json.dumps(TWO_REVIEWS),
         "append": "true",
         "max_flagged": "1000",
     }
@@ -124,12 +117,12 @@ def test_a_failed_append_leaves_the_dataset_as_it_was(grow, monkeypatch):
 
 def test_a_reader_keeps_its_version_of_the_rows_while_appends_go_on(grow):
     from app.db import session_scope
-    from app.services import audits
+    from app.workflows.audit import service as audits
 
     api, _, index, rows = grow
     first = _submit(api, index["id"], rows[190:193])  # the dataset is on an appended version from here
     run_job_inline(api.settings, api.session_factory, first["id"], models=MODELS)
-    audit = api.client.post(f"/v1/indexes/{index['id']}/audits", json={"reference": REFERENCE, "layers": "head"})
+    audit = api.client.post(f"/v1/indexes/{index['id']}/audits", json={"reference": TWO_REVIEWS, "layers": "head"})
     run_job_inline(api.settings, api.session_factory, audit.json()["id"], models=MODELS)
     with session_scope(api.session_factory) as session:
         ranked = audits.open_ranking(session, api.settings, audit.json()["id"], api.tenant_id)  # a download starts

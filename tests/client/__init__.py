@@ -4,7 +4,9 @@ through the worker's own code (`run_job_inline`) in this process."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -52,12 +54,21 @@ class InlineQueue:
         self.models = None
 
     def bind(self, api: Api) -> None:
-        from app.services.pipelines import ModelCache
+        from app.jobs.model_cache import ModelCache
 
         self.settings, self.session_factory, self.models = api.settings, api.session_factory, ModelCache()
 
+    @contextlib.contextmanager
+    def holding(self) -> Iterator[None]:
+        """Jobs created meanwhile stay queued."""
+        self.hold = True
+        try:
+            yield
+        finally:
+            self.hold = False
+
     def enqueue(self, job) -> None:
-        from app.services.pipelines import run_job_inline
+        from app.jobs.steps import run_job_inline
 
         self.enqueued.append(job.id)
         if self.hold:
@@ -87,8 +98,3 @@ def client_for(api: Api, token: str | None = None) -> InfluenceClient:
     return InfluenceClient(
         BASE_URL, token if token is not None else api.token, transport=AppTransport(api.app)
     )
-
-
-def stop_api(api: Api) -> None:
-    api.client.close()
-    api.app.state.engine.dispose()

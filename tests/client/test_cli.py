@@ -16,7 +16,7 @@ import pytest
 
 from influence_client.cli import main, render_table, with_default_actions
 from tests.app.conftest import make_settings, make_tenant
-from tests.client import AppTransport, InlineQueue, start_api, stop_api
+from tests.client import AppTransport, InlineQueue, start_api
 from tests.worker.support import ApiProcess, free_port, tsv
 
 
@@ -54,7 +54,7 @@ def cli(tmp_path_factory, tiny_model_dir, sst2_train):
     run.dataset = run.json(f"datasets upload {data} --text-column sentence --noisy-column noisy --name sst2")
     run.queue = queue
     yield run
-    stop_api(api)
+    api.close()
 
 
 @pytest.fixture(scope="module")
@@ -176,6 +176,16 @@ def test_query_command(cli, index, tmp_path):
     assert code == 2 and "--text TEXT --label LABEL" in err
     code, _, err = cli(f"query {index['id']} --text a --text b --label 1 --label 0 --label 1")
     assert code == 2 and "one --label" in err
+
+
+def test_unknown_estimator_or_aggregation_is_the_services_422(cli, index):
+    """The command line leaves names to the service's registries: its 422 names the field, once."""
+    for option, field in (("--estimator", "estimator"), ("--aggregation", "aggregation")):
+        code, out, err = cli(f"query {index['id']} --text x --label 1 {option} nope")
+        assert (code, out) == (2, "")
+        assert err.splitlines()[0] == "influence: error 422 Invalid request:", err
+        assert len(err.splitlines()) == 2 and err.splitlines()[1].startswith(f"  body.{field}: ")
+        assert "nope" in err and "Value error" not in err
 
 
 def test_row_deletion_compaction_and_index_deletion(cli, index):

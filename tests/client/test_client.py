@@ -10,9 +10,9 @@ import threading
 import httpx
 import pytest
 
-from app.services.pipelines import run_build_inline, run_job_inline
+from app.jobs.steps import run_build_inline, run_job_inline
 from influence_client import InfluenceAPIError, InfluenceClient
-from tests.client import client_for, start_api, stop_api
+from tests.client import client_for, start_api
 from tests.worker.support import tsv
 
 EXAMPLES = [
@@ -48,7 +48,7 @@ def served(tmp_path_factory, tiny_model_dir, sst2_train):
         finally:
             builder.join()
         yield api, client, model, dataset, client.get_index(index["id"]), job, seen
-    stop_api(api)
+    api.close()
 
 
 def test_health_and_readiness(served):

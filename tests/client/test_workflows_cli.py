@@ -13,7 +13,7 @@ import pytest
 
 from influence_client import InfluenceAPIError
 from influence_client.cli import main
-from tests.client import AppTransport, InlineQueue, client_for, start_api, stop_api
+from tests.client import AppTransport, InlineQueue, client_for, start_api
 from tests.worker.support import tsv
 
 N_TRAIN = 40
@@ -65,7 +65,7 @@ def served(tmp_path_factory, tiny_model_dir, sst2_train, sst2_validation):
         index = client.get_index(index["id"])
         assert index["status"] == "ready", index
         yield api, queue, client, Cli(api), model, train, reference, index
-    stop_api(api)
+    api.close()
 
 
 def test_audit_create_waits_prints_the_top_rows_and_downloads(served, tmp_path):
@@ -220,6 +220,43 @@ def test_jobs_created_without_waiting_and_cancelled(served):
     assert cli.json(f"jobs cancel {audit['id']}")["status"] == "cancelled"
     code, _, err = cli(f"audit show {audit['id']}")
     assert code == 2 and f"audit {audit['id']} cancelled" in err
+
+
+def test_workflows_wait_cancel_and_download(served, tmp_path):
+    _, queue, client, cli, _, _, reference, index = served
+    with queue.holding():
+        held = cli.json(f"report {index['id']} --reference-dataset {reference['id']} --no-wait")
+    code, _, err = cli(f"report wait {held['id']} --wait-timeout 0.2 --poll 0.05")
+    assert code == 2 and "still queued" in err
+    assert cli.json(f"report cancel {held['id']}")["status"] == "cancelled"
+    code, out, err = cli(f"report wait {held['id']}")
+    assert code == 2 and f"report {held['id']} cancelled" in err and ["status", "cancelled"] in [
+        line.split() for line in out.splitlines()
+    ]
+    # A finished audit: `wait` prints what `show` prints; `download` saves its rows or its score tensor.
+    audit = cli.json(f"audit {index['id']} --reference-dataset {reference['id']} --top 0 --no-wait")
+    waited = cli.json(f"audit wait {audit['id']} --top 2")
+    assert waited["audit"]["status"] == "succeeded" and [r["rank"] for r in waited["rows"]] == [0, 1]
+    rows, scores = tmp_path / "rows.jsonl", tmp_path / "scores.safetensors"
+    saved = cli.json(f"audit download {audit['id']} {rows}")
+    assert saved == {"id": audit["id"], "saved": "every row", "path": str(rows)}
+    assert [json.loads(line)["row"] for line in rows.read_text().splitlines()] == [
+        r["row"] for r in client.iter_audit_rows(audit["id"])
+    ]
+    code, out, _ = cli(f"audit download {audit['id']} {scores}")
+    assert code == 0 and out == f"saved the score tensor to {scores}\n" and scores.stat().st_size > 0
+    code, _, err = cli(f"audit download {audit['id']} {tmp_path / 'rows.txt'}")
+    assert code == 2 and "FILE must end in .csv, .jsonl" in err
+    code, _, err = cli(f"audit cancel {audit['id']}")
+    assert code == 2 and "409" in err
+    # A report's page; experiments and checks make no file of their own.
+    report = cli.json(f"report {index['id']} --reference-dataset {reference['id']} --cancellation-rows 0")
+    page = tmp_path / "report.html"
+    cli.json(f"report download {report['id']} {page}")
+    assert page.read_text(encoding="utf-8") == client.report_html(report["id"])
+    for workflow in ("check", "experiment"):  # `download` is no action of theirs: a usage error
+        code, _, err = cli(f"{workflow} download {report['id']} {page}")
+        assert code == 2 and err.startswith("usage: ")
 
 
 def test_workflow_errors_exit_2(served, tmp_path):

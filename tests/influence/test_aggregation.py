@@ -16,6 +16,7 @@ from influence.aggregation import (
     AGGREGATORS,
     _average_ranks_torch,
     aggregate,
+    aggregation_names,
     average_ranks,
     register_aggregator,
 )
@@ -270,6 +271,7 @@ def test_registry_dispatch():
         return out
 
     try:
+        assert aggregation_names()[-1] == "test-max"
         scores = np.random.default_rng(0).standard_normal((9, 2, 3))
         np.testing.assert_array_equal(aggregate(scores, "test-max"), scores.max(axis=(1, 2)))
         with pytest.raises(ValueError, match="already registered"):
@@ -277,6 +279,7 @@ def test_registry_dispatch():
     finally:
         AGGREGATORS.pop("test-max")
     assert set(METHODS) <= set(AGGREGATORS)
+    assert aggregation_names() == list(AGGREGATORS) and "test-max" not in aggregation_names()
 
 
 # ---------------------------------------------------------------- errors

@@ -6,14 +6,9 @@ import numpy as np
 import pytest
 import torch
 
+from influence import estimators
 from influence.errors import InvalidInputError
-from influence.estimators import (
-    ESTIMATORS,
-    DataInf,
-    Estimator,
-    make_estimator,
-    register_estimator,
-)
+from influence.estimators import DataInf, make_estimator
 
 
 def features(seed: int, n: int, m: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -168,7 +163,7 @@ def test_tracin_cp_is_the_weighted_sum_over_checkpoints():
 
 
 def test_registry():
-    assert {"grad-dot", "cosine", "datainf", "tracin-cp"} <= set(ESTIMATORS)
+    assert {"grad-dot", "cosine", "datainf", "tracin-cp"} <= set(estimators.ESTIMATORS)
     with pytest.raises(InvalidInputError, match="unknown estimator"):
         make_estimator("nope")
     with pytest.raises(InvalidInputError, match="bad options"):
@@ -176,8 +171,8 @@ def test_registry():
     with pytest.raises(InvalidInputError, match="bad options"):
         make_estimator("tracin-cp")
 
-    @register_estimator("test-doubled")
-    class Doubled(Estimator):
+    @estimators.register_estimator("test-doubled")
+    class Doubled(estimators.Estimator):
         def transform_query(self, queries):
             return 2 * queries
 
@@ -185,14 +180,33 @@ def test_registry():
         train, queries = features(6, 4, 2, 3)
         estimator = make_estimator("test-doubled")
         assert estimator.name == "test-doubled"
+        assert estimators.estimator_names()[-1] == "test-doubled"
+        assert estimators.estimator_class("test-doubled") is Doubled
+        assert "test-doubled" not in estimators.fitted_estimator_names() and Doubled.statistics_nbytes(3) == 0
         np.testing.assert_allclose(estimator.score(train, queries).numpy(), 2 * (train @ queries.T).numpy())
         assert estimator.state_dict() == {}
         with pytest.raises(InvalidInputError):
             estimator.load_state_dict({"x": torch.zeros(1)})
         with pytest.raises(ValueError, match="already registered"):
-            register_estimator("test-doubled")(Doubled)
+            estimators.register_estimator("test-doubled")(Doubled)
     finally:
-        ESTIMATORS.pop("test-doubled")
+        estimators.ESTIMATORS.pop("test-doubled")
+    assert "test-doubled" not in estimators.estimator_names()
+
+
+def test_what_estimators_declare_they_need():
+    """What the service asks instead of comparing names: who is fitted (and how large its state), who needs
+    per-checkpoint features."""
+    assert estimators.estimator_names()[:4] == ["grad-dot", "cosine", "datainf", "tracin-cp"]
+    assert estimators.estimator_names(one_checkpoint=True)[:3] == ["grad-dot", "cosine", "datainf"]
+    assert "tracin-cp" not in estimators.estimator_names(one_checkpoint=True)
+    assert estimators.fitted_estimator_names() == ["datainf"]
+    assert estimators.estimator_class("datainf") is DataInf and DataInf.requires_fit
+    assert DataInf.statistics_nbytes(128) == 128 * 128 * 8  # M_u: k x k float64
+    assert DataInf.statistics_nbytes(128, token_rows=True) == 0  # the damping and the row count only
+    assert all(estimators.estimator_class(name).statistics_nbytes(128) == 0 for name in ("grad-dot", "cosine"))
+    with pytest.raises(InvalidInputError, match="unknown estimator"):
+        estimators.estimator_class("nope")
 
 
 def test_shape_errors():

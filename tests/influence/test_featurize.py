@@ -9,13 +9,14 @@ import torch
 from influence.data import Example, collate, encode_examples
 from influence.errors import InvalidInputError
 from influence.estimators import make_estimator
-from influence.featurize import CheckpointFeaturizer, build_store, featurize_examples, store_manifest
+from influence.featurize import CheckpointFeaturizer, build_store, featurize_examples
 from influence.gradients import Featurizer, layer_cancellation, per_sample_gradients
 from influence.layers import discover_layers, select_layers
 from influence.loading import load_model
 from influence.metrics import cancellation
 from influence.projection import ProjectionSpec
 from influence.store import FeatureStore
+from tests.conftest import manifest_for
 
 
 @pytest.fixture(scope="module")
@@ -80,33 +81,17 @@ def test_tracin_cp_over_two_checkpoints_equals_the_weighted_sum(tiny_model_dir, 
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-9)
 
 
-def _manifest(featurizer, n, chunk_size):
-    return store_manifest(
-        featurizer,
-        model_id="tiny",
-        revision=None,
-        weights_hash="w",
-        tokenizer_name="t",
-        dataset_hash="d",
-        num_rows=n,
-        task="classification",
-        max_length=64,
-        dtype="float32",
-        chunk_size=chunk_size,
-    )
-
-
 def test_store_build_resumes_after_a_crash_with_identical_features(tiny, sst2_train, tmp_path):
     model, tokenizer = tiny
     layers = discover_layers(model)
     examples = _examples(sst2_train, 40)
     featurizer = Featurizer(model, layers, ProjectionSpec("factorized", 16, seed=5))
 
-    whole = FeatureStore.create(tmp_path / "whole", _manifest(featurizer, 40, 8))
+    whole = FeatureStore.create(tmp_path / "whole", manifest_for(featurizer, 40, 8))
     build_store(featurizer, tokenizer, examples, whole, batch_size=5)
     whole.finalize()
 
-    crashed = FeatureStore.create(tmp_path / "crashed", _manifest(featurizer, 40, 8))
+    crashed = FeatureStore.create(tmp_path / "crashed", manifest_for(featurizer, 40, 8))
     calls = {"n": 0}
 
     def stop_after_two() -> bool:  # a worker that dies after two chunks
@@ -114,9 +99,8 @@ def test_store_build_resumes_after_a_crash_with_identical_features(tiny, sst2_tr
         return calls["n"] > 2
 
     assert build_store(featurizer, tokenizer, examples, crashed, should_stop=stop_after_two) == [0, 1]
-    resumed = FeatureStore.create(
-        tmp_path / "crashed", _manifest(featurizer, 40, 8)
-    )  # a new worker reopens it
+    # a new worker reopens it
+    resumed = FeatureStore.create(tmp_path / "crashed", manifest_for(featurizer, 40, 8))
     assert resumed.pending_chunks() == [2, 3, 4]
     assert build_store(featurizer, tokenizer, examples, resumed, batch_size=7) == [2, 3, 4]
     resumed.finalize()
@@ -128,7 +112,7 @@ def test_store_build_resumes_after_a_crash_with_identical_features(tiny, sst2_tr
             featurizer,
             tokenizer,
             examples[:10],
-            FeatureStore.create(tmp_path / "x", _manifest(featurizer, 40, 8)),
+            FeatureStore.create(tmp_path / "x", manifest_for(featurizer, 40, 8)),
         )
 
 

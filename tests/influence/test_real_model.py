@@ -9,13 +9,14 @@ import torch
 from scipy.stats import spearmanr
 
 from influence.data import Example, encode_examples, iter_batches, stratified_subsample
-from influence.featurize import build_store, featurize_examples, store_manifest
+from influence.featurize import build_store, featurize_examples
 from influence.finetune import LoraSettings, TrainSettings, finetune_lora
 from influence.gradients import Featurizer, per_sample_gradients
 from influence.layers import discover_layers, select_layers
 from influence.loading import load_model, packaged_minilm_path
 from influence.projection import DEFAULT_DIM, ProjectionSpec
 from influence.store import FeatureStore
+from tests.conftest import manifest_for
 
 N_TRAIN, N_TEST, MAX_LENGTH = 256, 32, 64
 
@@ -50,18 +51,15 @@ def test_all_layers_end_to_end_and_factorized_matches_exact(
     featurizer = Featurizer(model, layers, ProjectionSpec("factorized", DEFAULT_DIM, seed=0))
 
     # every layer, end to end into a store: chunks, finalize, reopen with checksums
-    manifest = store_manifest(
+    manifest = manifest_for(
         featurizer,
+        N_TRAIN,
+        96,
+        max_length=MAX_LENGTH,
         model_id="minilm",
-        revision=None,
         weights_hash=tuned.weights_hash,
         tokenizer_name="minilm",
         dataset_hash="sst2-256",
-        num_rows=N_TRAIN,
-        task="classification",
-        max_length=MAX_LENGTH,
-        dtype="float32",
-        chunk_size=96,
     )
     store = FeatureStore.create(tmp_path / "store", manifest)
     assert build_store(featurizer, tokenizer, train, store, batch_size=32) == [0, 1, 2]

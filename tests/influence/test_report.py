@@ -32,6 +32,7 @@ from influence.report import (
 )
 from influence.scoring import score_tensor, top_k
 from influence.store import FeatureStore, LayerSpec, StoreManifest
+from tests.conftest import every_noisy_mask, tiny_config
 
 SIGNAL = "block.1.attn.v"
 NAMES = ["embed", "block.0.attn.q", SIGNAL, "block.2.attn.v", "head"]
@@ -41,18 +42,10 @@ N, M, K = 200, 30, 8
 @pytest.fixture(scope="module")
 def layers():
     """Real Layer objects (names, groups, positions) of a 3-block BERT: WE, one unit per block, CL."""
-    from transformers import BertConfig, BertForSequenceClassification
+    from transformers import BertForSequenceClassification
 
     torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=50,
-        hidden_size=16,
-        num_hidden_layers=3,
-        num_attention_heads=2,
-        intermediate_size=24,
-        max_position_embeddings=32,
-        num_labels=2,
-    )
+    config = tiny_config("bert", vocab_size=50, max_position_embeddings=32, num_labels=2)
     return select_layers(discover_layers(BertForSequenceClassification(config)), NAMES)
 
 
@@ -79,6 +72,16 @@ def correct_mask(seed: int = 1) -> np.ndarray:
     return correct
 
 
+# One estimator and one aggregation: enough for the tests of a report's warnings and reasons.
+GRAD_DOT_RANK = {"estimators": ("grad-dot",), "aggregations": ("rank",)}
+
+
+def report_on(layers, features, **options):
+    """layer_report of synthetic features: (train, reference, noisy mask), as synthetic() returns them."""
+    train, reference, noisy = features
+    return layer_report(train, reference, layers=layers, noisy=noisy, **options)
+
+
 def brute(train, reference, layers, members, estimator, method, correct=None):
     """aggregate() over the members' materialised (n, U, m) scores, estimators fitted directly."""
     by_name = {layer.name: layer for layer in layers}
@@ -101,15 +104,8 @@ def all_scores(train, reference, layers, estimator) -> np.ndarray:
 
 
 def test_the_separating_layer_ranks_first_and_is_recommended(layers):
-    train, reference, noisy = synthetic()
-    report = layer_report(
-        train,
-        reference,
-        layers=layers,
-        noisy=noisy,
-        reference_correct=correct_mask(),
-        num_classes=2,
-        reference_accuracy=0.9,
+    report = report_on(
+        layers, synthetic(), reference_correct=correct_mask(), num_classes=2, reference_accuracy=0.9
     )
     assert report.recommendation is not None and report.warnings == []
     rec = report.recommendation
@@ -167,11 +163,9 @@ def test_group_scores_equal_aggregate_over_their_members(layers, estimator):
         sets=sets,
         reference_correct=correct,
     )
-    report = layer_report(
-        train,
-        reference,
-        layers=layers,
-        noisy=noisy,
+    report = report_on(
+        layers,
+        (train, reference, noisy),
         reference_correct=correct,
         estimators=[estimator],
         aggregations=aggregations,
@@ -196,9 +190,7 @@ def test_group_scores_equal_aggregate_over_their_members(layers, estimator):
 def test_random_baseline_moments_are_exact():
     n, a = 7, 3
     aucs, ndrs = [], []
-    for noisy_positions in itertools.combinations(range(n), a):
-        mask = np.zeros(n, dtype=bool)
-        mask[list(noisy_positions)] = True
+    for mask in every_noisy_mask(n, a):
         order = np.arange(n, dtype=float)  # every subset of positions is equally likely under a random order
         aucs.append(auc_ndr(order, mask))
         ndrs.append(ndr_at(order, mask, (30, 50)))
@@ -213,12 +205,9 @@ def test_random_baseline_moments_are_exact():
 
 
 def test_random_features_give_no_recommendation_and_a_warning(layers):
-    train, reference, noisy = synthetic(seed=3, signal=False)
-    report = layer_report(
-        train,
-        reference,
-        layers=layers,
-        noisy=noisy,
+    report = report_on(
+        layers,
+        synthetic(seed=3, signal=False),
         reference_correct=correct_mask(),
         reference_accuracy=0.9,
         estimators=("grad-dot",),
@@ -230,39 +219,20 @@ def test_random_features_give_no_recommendation_and_a_warning(layers):
 
 
 def test_near_chance_or_unknown_accuracy_withholds_the_recommendation(layers):
-    train, reference, noisy = synthetic()
-    near = layer_report(
-        train,
-        reference,
-        layers=layers,
-        noisy=noisy,
-        reference_accuracy=0.55,
-        estimators=("grad-dot",),
-        aggregations=("rank",),
-    )
+    features = synthetic()
+    near = report_on(layers, features, reference_accuracy=0.55, **GRAD_DOT_RANK)
     assert near.near_chance is True and near.recommendation is None
     assert any("near chance" in w and "uninformative" in w for w in near.warnings)
     assert near.entry("grad-dot", "rank", SIGNAL, "layer").ndr["20"] == 1.0  # the metrics are still there
     # m = 30: chance + 3 binomial standard deviations = 0.5 + 3 * sqrt(0.25 / 30)
     assert near.criteria.accuracy_threshold == pytest.approx(0.5 + 3 * math.sqrt(0.25 / 30))
-    unknown = layer_report(
-        train, reference, layers=layers, noisy=noisy, estimators=("grad-dot",), aggregations=("rank",)
-    )
+    unknown = report_on(layers, features, **GRAD_DOT_RANK)
     assert unknown.near_chance is None and unknown.recommendation is None
     assert any("accuracy" in w and "unknown" in w for w in unknown.warnings)
     # the accuracy follows from reference_correct when not given
     correct = np.zeros(M, dtype=bool)
     correct[:20] = True  # 3 classes, 30 rows: needs 1/3 + 3 sqrt((2/9) / 30) = 59.1%
-    from_correct = layer_report(
-        train,
-        reference,
-        layers=layers,
-        noisy=noisy,
-        reference_correct=correct,
-        estimators=("grad-dot",),
-        aggregations=("rank",),
-        num_classes=3,
-    )
+    from_correct = report_on(layers, features, reference_correct=correct, num_classes=3, **GRAD_DOT_RANK)
     assert from_correct.reference_accuracy == pytest.approx(20 / 30) and from_correct.near_chance is False
     assert from_correct.recommendation is not None
 
@@ -271,14 +241,8 @@ def test_without_a_mask_the_rest_is_still_reported(layers):
     train, reference, _ = synthetic()
     cancellation = {name: Cancellation(1.5 + i, 30.0 + i, 64) for i, name in enumerate(NAMES)}
     cancellation["head"] = Cancellation(math.inf, math.inf, 64)
-    report = layer_report(
-        train,
-        reference,
-        layers=layers,
-        noisy=None,
-        reference_accuracy=0.9,
-        cancellation=cancellation,
-        top_rows=7,
+    report = report_on(
+        layers, (train, reference, None), reference_accuracy=0.9, cancellation=cancellation, top_rows=7
     )
     assert report.unavailable[:3] == ["ndr", "auc_ndr", "recommendation"]
     assert "rank-c" in report.unavailable and "vote-c" in report.unavailable
@@ -316,26 +280,16 @@ def test_without_a_mask_the_rest_is_still_reported(layers):
 
 def test_a_mask_without_noise_is_unavailable_and_cancellation_correlates(layers):
     train, reference, noisy = synthetic()
-    empty = layer_report(
-        train,
-        reference,
-        layers=layers,
-        noisy=np.zeros(N, dtype=bool),
-        estimators=("grad-dot",),
-        aggregations=("rank",),
-        reference_accuracy=0.9,
-    )
+    no_noise = np.zeros(N, dtype=bool)
+    empty = report_on(layers, (train, reference, no_noise), reference_accuracy=0.9, **GRAD_DOT_RANK)
     assert "no training row" in empty.unavailable_reasons["ndr"] and empty.entries == []
     # cancellation ordered like the noise-detection quality of the layers: Spearman -1 / +1
-    report = layer_report(
-        train,
-        reference,
-        layers=layers,
-        noisy=noisy,
-        estimators=("grad-dot",),
-        aggregations=("rank",),
+    report = report_on(
+        layers,
+        (train, reference, noisy),
         reference_accuracy=0.9,
         cancellation={n: Cancellation(10.0 if n == SIGNAL else 1.0 + i, 1.0, 8) for i, n in enumerate(NAMES)},
+        **GRAD_DOT_RANK,
     )
     row = report.cancellation.correlation_with_auc_ndr[0]
     singles = {e.layers.name: e.auc_ndr for e in report.entries if e.layers.kind == "layer"}

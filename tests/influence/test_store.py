@@ -3,6 +3,7 @@ renames at the exact step a killed process would stop."""
 
 from __future__ import annotations
 
+import inspect
 import multiprocessing
 import os
 import shutil
@@ -18,7 +19,7 @@ from influence.errors import (
     StoreIncompleteError,
     UnknownLayerError,
 )
-from influence.store import FeatureStore, LayerSpec, StoreManifest, layer_file_stem
+from influence.store import FeatureStore, LayerSpec, StoreManifest, StoreReader, layer_file_stem
 
 LAYERS = (("block.3.attn.v.lora_B", 24), ("embed_tokens", 16))
 
@@ -80,6 +81,17 @@ def build(path: Path, manifest: StoreManifest | None = None) -> FeatureStore:
 def segment_files(store: FeatureStore) -> dict[str, bytes]:
     root = store.path / "segments"
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_feature_store_provides_the_reader_protocol() -> None:
+    members = [name for name in vars(StoreReader) if not name.startswith("_")]
+    assert {"layer", "norms", "row_ids", "live_positions", "iter_layer_chunks", "manifest"} <= set(members)
+    for name in members:
+        declared, provided = vars(StoreReader)[name], inspect.getattr_static(FeatureStore, name)
+        assert isinstance(provided, property) == isinstance(declared, property), name
+        if not isinstance(declared, property):
+            wanted = inspect.signature(declared).parameters.keys()
+            assert inspect.signature(provided).parameters.keys() == wanted, name
 
 
 # ---------------------------------------------------------------------------------------------- manifest

@@ -3,6 +3,7 @@ and compaction (the rows gone for good, crash-safe at each step, statistics made
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,19 @@ def _flip_byte(path: Path, offset: int = -3) -> None:
 
 def _all_bytes(root: Path) -> bytes:
     return b"".join(p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file() and p.suffix == ".npy")
+
+
+def _meanwhile(monkeypatch: pytest.MonkeyPatch, other_process: Callable[[Path], None]) -> None:
+    """Each time a compaction has written its new segment files (before it switches to them), `other_process`
+    acts on the store's folder, as a request of another process would."""
+    original = FeatureStore._write_segment_files
+
+    def write_then_act(self, *args, **kwargs):
+        record = original(self, *args, **kwargs)
+        other_process(self.path)
+        return record
+
+    monkeypatch.setattr(FeatureStore, "_write_segment_files", write_then_act)
 
 
 def test_tombstones_are_recorded_checksummed_and_excluded(tmp_path: Path) -> None:
@@ -78,7 +92,7 @@ def test_tombstones_are_recorded_checksummed_and_excluded(tmp_path: Path) -> Non
 
 
 def test_incremental_verify_reads_only_new_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import influence.store as module
+    import influence.store.read as module
 
     store = build(tmp_path / "s")
     known = store.verify()
@@ -140,14 +154,8 @@ def test_rows_deleted_during_a_compaction_stay_deleted(
 ) -> None:
     store = build(tmp_path / "s")
     store.delete_rows([1001])
-    original = FeatureStore._write_segment_files
-
-    def write_then_delete(self, *args, **kwargs):
-        record = original(self, *args, **kwargs)
-        FeatureStore.open(self.path, verify=False).delete_rows([1002])  # another request, meanwhile
-        return record
-
-    monkeypatch.setattr(FeatureStore, "_write_segment_files", write_then_delete)
+    # Another request, meanwhile.
+    _meanwhile(monkeypatch, lambda path: FeatureStore.open(path, verify=False).delete_rows([1002]))
     assert store.compact() == 1
     monkeypatch.undo()
     assert store.num_rows == 49 and store.deleted_row_ids().tolist() == [1002]
@@ -160,17 +168,14 @@ def test_compaction_refuses_a_store_appended_meanwhile(
 ) -> None:
     store = build(tmp_path / "s")
     store.delete_rows([1001])
-    original = FeatureStore._write_segment_files
     calls = []
 
-    def write_then_append(self, *args, **kwargs):
-        record = original(self, *args, **kwargs)
+    def append_once(path: Path) -> None:
         if not calls:
             calls.append(1)
-            FeatureStore.open(self.path, verify=False).append(*chunk_data(700, 701))
-        return record
+            FeatureStore.open(path, verify=False).append(*chunk_data(700, 701))
 
-    monkeypatch.setattr(FeatureStore, "_write_segment_files", write_then_append)
+    _meanwhile(monkeypatch, append_once)
     with pytest.raises(StoreIncompleteError, match="compact again"):
         store.compact()
     monkeypatch.undo()
@@ -182,14 +187,14 @@ def test_compaction_refuses_a_store_appended_meanwhile(
 def test_a_crashed_compaction_leaves_old_or_new_state_and_reruns(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, dies_at: str
 ) -> None:
-    import influence.store as module
+    import influence.store.build as module
 
     store = build(tmp_path / "s")
     store.save_layer_statistics("embed_tokens", {"M": np.eye(16)})
     store.delete_rows([1004, 1005])
     if dies_at == "before_switch":
         # Killed after the new segment was renamed into place, before segments.json named it.
-        monkeypatch.setattr(module, "_write_json_atomic", _die_on_segments(module._write_json_atomic))
+        monkeypatch.setattr(module, "write_json_atomic", _die_on_segments(module.write_json_atomic))
     else:
         # Killed right after the switch: old segments, tombstones and statistics are still on disk.
         monkeypatch.setattr(FeatureStore, "_remove_orphans", _die_after_first(FeatureStore._remove_orphans))

@@ -13,6 +13,10 @@ from pathlib import Path
 
 import httpx
 
+from app.jobs.dispatch import CeleryJobQueue
+from app.jobs.readiness import readiness_checks
+from tests.app.conftest import build_api
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -45,13 +49,15 @@ def register_dataset(client, rows, *, name="sst2", noisy=None) -> dict:
     return response.json()
 
 
-def built_index(api, model_folder, rows, *, models=None, **index_fields) -> tuple[dict, dict, dict]:
+def built_index(
+    api, model_folder, rows, *, models=None, dataset_name="train", **index_fields
+) -> tuple[dict, dict, dict]:
     """(model, dataset, index): `model_folder` and the SST-2 `rows` registered through `api` (a tests.app Api) and
     an index over them built in this process, ready."""
-    from app.services.pipelines import run_build_inline
+    from app.jobs.steps import run_build_inline
 
     model = register_model(api.client, model_folder)
-    dataset = register_dataset(api.client, rows, name="train")
+    dataset = register_dataset(api.client, rows, name=dataset_name)
     body = {"model_id": model["id"], "dataset_id": dataset["id"], **index_fields}
     created = api.client.post("/v1/indexes", json=body)
     assert created.status_code == 202, created.text
@@ -70,6 +76,25 @@ def wait_for_job(client, job_id: str, timeout: float = 120.0, until=("succeeded"
         if time.monotonic() > deadline:
             raise AssertionError(f"job {job_id} still {job['status']} after {timeout}s: {job}")
         time.sleep(0.2)
+
+
+def wait_for_progress(client, job_id: str, at_least: int, timeout: float = 120.0) -> dict:
+    """The job once it has done `at_least` steps (or stopped running): where a test kills its worker."""
+    deadline = time.monotonic() + timeout
+    while True:
+        job = client.get(f"/v1/jobs/{job_id}").json()
+        if job["done"] >= at_least or job["status"] not in ("queued", "running"):
+            return job
+        if time.monotonic() > deadline:
+            raise AssertionError(f"job {job_id} made no progress in {timeout}s: {job}")
+        time.sleep(0.05)
+
+
+def celery_api(settings):
+    """A tests.app Api whose jobs go to real Celery workers through the broker of `settings`, with the
+    broker and live-worker checks at /readyz: the service as deployed."""
+    queue = CeleryJobQueue(settings)
+    return build_api(settings, queue=queue, readiness_checks=readiness_checks(queue.app, settings))
 
 
 def worker_env(settings, **extra) -> dict[str, str]:

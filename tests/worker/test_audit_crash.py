@@ -5,36 +5,25 @@ meanwhile, nothing of it is served, and nothing half-written is left behind."""
 from __future__ import annotations
 
 import json
-import time
 
 import numpy as np
 
-from app.services.pipelines import run_build_inline
-from tests.app.conftest import build_api, make_settings
-from tests.worker.support import WorkerProcess, assert_problem, register_dataset, register_model, wait_for_job
+from app.jobs.steps import run_build_inline
+from tests.app.conftest import make_settings
+from tests.worker.support import (
+    WorkerProcess,
+    assert_problem,
+    celery_api,
+    register_dataset,
+    register_model,
+    wait_for_job,
+    wait_for_progress,
+)
 
 TRAIN_ROWS = 60
 # The reference set is what makes the audit last: featurizing it is most of the work, reported batch by batch.
 REFERENCE_ROWS = 1500
 BATCH = 16
-
-
-def _service(settings):
-    from worker.queue import CeleryJobQueue, readiness_checks
-
-    queue = CeleryJobQueue(settings)
-    return build_api(settings, queue=queue, readiness_checks=readiness_checks(queue.app, settings))
-
-
-def _wait_progress(api, job_id, at_least: int, timeout=120.0) -> dict:
-    deadline = time.monotonic() + timeout
-    while True:
-        job = api.client.get(f"/v1/jobs/{job_id}").json()
-        if job["done"] >= at_least or job["status"] not in ("queued", "running"):
-            return job
-        if time.monotonic() > deadline:
-            raise AssertionError(f"job {job_id} made no progress in {timeout}s: {job}")
-        time.sleep(0.05)
 
 
 def _outcome(api, audit_id) -> tuple[dict, list, dict]:
@@ -53,7 +42,7 @@ def test_an_audit_killed_mid_run_is_run_again_to_the_same_result(
 ):
     settings = make_settings(tmp_path, sqlite_url, default_roots, batch_size=BATCH)
     assert settings.uses_filesystem_broker
-    api = _service(settings)
+    api = celery_api(settings)
     worker = WorkerProcess(settings, "audit", tmp_path / "worker-1.log")
     restarted = WorkerProcess(settings, "audit", tmp_path / "worker-2.log")
     try:
@@ -81,7 +70,7 @@ def test_an_audit_killed_mid_run_is_run_again_to_the_same_result(
         done = wait_for_job(api.client, uninterrupted["id"], timeout=120)
         assert done["status"] == "succeeded" and done["attempts"] == 1, (done, worker.output()[-3000:])
 
-        job = _wait_progress(api, interrupted["id"], at_least=REFERENCE_ROWS // 3)
+        job = wait_for_progress(api.client, interrupted["id"], at_least=REFERENCE_ROWS // 3)
         assert job["status"] == "running" and job["done"] < job["total"], job
         worker.kill()
         killed = api.client.get(f"/v1/jobs/{interrupted['id']}").json()

@@ -9,18 +9,18 @@ import time
 import numpy as np
 import pytest
 
-from tests.app.conftest import build_api, make_settings
-from tests.worker.support import WorkerProcess, register_dataset, register_model, wait_for_job
+from tests.app.conftest import make_settings
+from tests.worker.support import (
+    WorkerProcess,
+    celery_api,
+    register_dataset,
+    register_model,
+    wait_for_job,
+    wait_for_progress,
+)
 
 ROWS = 240
 CHUNK = 8  # 30 chunks: long enough to kill a worker in the middle
-
-
-def _service(settings):
-    from worker.queue import CeleryJobQueue, readiness_checks
-
-    queue = CeleryJobQueue(settings)
-    return build_api(settings, queue=queue, readiness_checks=readiness_checks(queue.app, settings))
 
 
 def _wait_ready(api, timeout=120.0) -> dict:
@@ -40,17 +40,6 @@ def _start_build(api, model, dataset) -> dict:
     )
     assert response.status_code == 202, response.text
     return response.json()
-
-
-def _wait_progress(api, job_id, at_least: int, timeout=120.0) -> dict:
-    deadline = time.monotonic() + timeout
-    while True:
-        job = api.client.get(f"/v1/jobs/{job_id}").json()
-        if job["done"] >= at_least or job["status"] not in ("queued", "running"):
-            return job
-        if time.monotonic() > deadline:
-            raise AssertionError(f"job {job_id} made no progress in {timeout}s: {job}")
-        time.sleep(0.05)
 
 
 def _assert_same_features(settings, reference_id: str, other_id: str) -> None:
@@ -84,7 +73,7 @@ def _query(api, index_id) -> dict:
 def _interrupted_build(api, settings, model, dataset, kill, restart) -> dict:
     """Start a build, kill -9 a worker once a few chunks are done, start it again; returns the finished job."""
     index = _start_build(api, model, dataset)
-    job = _wait_progress(api, index["job"]["id"], at_least=4)
+    job = wait_for_progress(api.client, index["job"]["id"], at_least=4)
     assert job["status"] == "running" and job["done"] < job["total"], job
     kill()
     killed_at = api.client.get(f"/v1/jobs/{index['job']['id']}").json()
@@ -99,7 +88,7 @@ def test_embedded_filesystem_broker_build_kill_and_resume(tmp_path, sqlite_url, 
                                                           sst2_rows):
     settings = make_settings(tmp_path, sqlite_url, default_roots, chunk_size=CHUNK)
     assert settings.uses_filesystem_broker
-    api = _service(settings)
+    api = celery_api(settings)
     # No worker yet: the broker answers, the worker check does not.
     not_ready = api.client.get("/readyz")
     assert not_ready.status_code == 503
@@ -133,7 +122,7 @@ def test_two_workers_on_redis_and_postgresql_kill_and_resume(tmp_path, pg_url, r
     settings = make_settings(
         tmp_path, pg_url, default_roots, broker_url=redis_url, chunk_size=CHUNK, broker_visibility_timeout=10
     )
-    api = _service(settings)
+    api = celery_api(settings)
     first = WorkerProcess(settings, "redis-a", tmp_path / "a-1.log").start()
     second = WorkerProcess(settings, "redis-b", tmp_path / "b.log").start()
     first_again = WorkerProcess(settings, "redis-a", tmp_path / "a-2.log")
@@ -156,15 +145,14 @@ def test_two_workers_on_redis_and_postgresql_kill_and_resume(tmp_path, pg_url, r
     finally:
         for worker in (first, second, first_again):
             worker.kill()
-        api.client.close()
-        api.app.state.engine.dispose()
+        api.close()
 
 
 @pytest.mark.parametrize("broker", ["filesystem", "redis"])
 def test_readiness_names_the_broker_it_cannot_reach(tmp_path, sqlite_url, default_roots, broker):
     url = "redis://127.0.0.1:1/0" if broker == "redis" else None
     settings = make_settings(tmp_path, sqlite_url, default_roots, broker_url=url)
-    api = _service(settings)
+    api = celery_api(settings)
     if broker == "filesystem":
         import shutil
 

@@ -9,17 +9,11 @@ import time
 from sqlalchemy import func, select
 
 from app.models import Dataset, Index, Job, RegisteredModel
-from tests.app.conftest import build_api, make_settings
-from tests.worker.support import WorkerProcess, register_dataset, register_model
+from tests.app.conftest import make_settings
+from tests.worker.support import WorkerProcess, celery_api, register_dataset, register_model
 
 ROWS = 240
 CHUNK = 4  # 60 chunks: the build lasts long enough to kill the worker in the middle of it
-
-
-def _service(settings):
-    from worker.queue import CeleryJobQueue
-
-    return build_api(settings, queue=CeleryJobQueue(settings))
 
 
 def _count(api, model, *where) -> int:
@@ -53,7 +47,7 @@ def test_a_killed_worker_resumes_the_experiment_without_duplicates(
 ):
     settings = make_settings(tmp_path, sqlite_url, default_roots)
     assert settings.uses_filesystem_broker
-    api = _service(settings)
+    api = celery_api(settings)
     first = WorkerProcess(settings, "experiment", tmp_path / "worker-1.log").start()
     second = WorkerProcess(settings, "experiment", tmp_path / "worker-2.log")
     try:
@@ -118,5 +112,4 @@ def test_a_killed_worker_resumes_the_experiment_without_duplicates(
     finally:
         first.kill()
         second.stop()
-        api.client.close()
-        api.app.state.engine.dispose()
+        api.close()

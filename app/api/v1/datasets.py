@@ -6,7 +6,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, File, Form, Query, Response, UploadFile
 
-from app.api.deps import SessionDep, SettingsDep, TenantDep
+from app.api.deps import PageWindowDep, SessionDep, SettingsDep, TenantDep
 from app.errors import Invalid
 from app.models import Dataset
 from app.schemas.common import MAX_OFFSET, Page, problems
@@ -36,10 +36,6 @@ compression) get 413. A failed request leaves nothing behind.
 
 def dataset_out(dataset: Dataset) -> DatasetOut:
     return DatasetOut.model_validate(dataset)
-
-
-def _blank_to_none(value: str | None) -> str | None:
-    return value.strip() or None if value is not None else None
 
 
 @router.post(
@@ -78,19 +74,15 @@ def create_dataset(
         Form(max_length=200, description="Column of a true/false or 1/0 flag (e.g. known label noise)"),
     ] = None,
 ) -> DatasetOut:
-    path = _blank_to_none(path)
-    label = _blank_to_none(label_column) or ("label" if task == "classification" else None)
-    spec = service.DatasetSpec(
-        columns=service.ColumnSpec(
-            text=text_column.strip(),
-            text_pair=_blank_to_none(text_pair_column),
-            label=label,
-            noisy=_blank_to_none(noisy_column),
-        ),
-        task=task,
-        name=_blank_to_none(name),
-        format=format,
+    path = service.blank_to_none(path)
+    columns = service.ColumnSpec.from_form(
+        text_column,
+        text_pair_column,
+        label_column,
+        noisy_column,
+        default_label="label" if task == "classification" else None,
     )
+    spec = service.DatasetSpec(columns=columns, task=task, name=service.blank_to_none(name), format=format)
     if (file is None) == (path is None):
         raise Invalid("give exactly one of `file` (an upload) and `path` (a server-side file)")
     if file is not None:
@@ -101,14 +93,8 @@ def create_dataset(
 
 
 @router.get("", response_model=Page[DatasetOut], summary="List datasets, newest first")
-def list_datasets(
-    session: SessionDep,
-    tenant: TenantDep,
-    offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
-    limit: Annotated[int, Query(ge=1, le=500)] = 50,
-) -> Page[DatasetOut]:
-    rows, total = service.list_datasets(session, tenant_id=tenant.id, offset=offset, limit=limit)
-    return Page[DatasetOut](items=[dataset_out(d) for d in rows], total=total, offset=offset, limit=limit)
+def list_datasets(session: SessionDep, tenant: TenantDep, window: PageWindowDep) -> Page[DatasetOut]:
+    return window.page_of(session, Dataset, tenant.id, dataset_out)
 
 
 @router.get("/{dataset_id}", response_model=DatasetOut, responses=problems(404), summary="Read a dataset")

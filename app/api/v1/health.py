@@ -18,6 +18,8 @@ from pydantic import BaseModel, Field
 from app.api.deps import ReadinessChecksDep, ValidKeyDep
 from app.errors import problem_response
 from app.schemas.common import problems
+from influence.kernels import compiled_scoring_status
+from influence.threads import ONE_THREAD
 
 log = logging.getLogger(__name__)
 
@@ -111,9 +113,6 @@ def readyz(checks: ReadinessChecksDep, with_details: ValidKeyDep):
         )
     if not with_details:
         return JSONResponse({"status": "ready"})
-    from influence.kernels import compiled_scoring_status
-    from influence.threads import ONE_THREAD
-
     readiness = Readiness(
         status="ready",
         checks=results,

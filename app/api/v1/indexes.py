@@ -8,10 +8,10 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Query, Request, Response
 from sqlalchemy.orm import Session
 
-from app.api.deps import JobQueueDep, SessionDep, SettingsDep, TenantDep
+from app.api.deps import JobQueueDep, PageWindowDep, SessionDep, SettingsDep, TenantDep
 from app.api.v1.jobs import job_out
 from app.models import Index, RegisteredModel
-from app.schemas.common import MAX_OFFSET, Page, problems
+from app.schemas.common import Page, problems
 from app.schemas.indexes import (
     IndexCreate,
     IndexOut,
@@ -91,22 +91,20 @@ def create_index(
 def list_indexes(
     session: SessionDep,
     tenant: TenantDep,
+    window: PageWindowDep,
     model_id: Annotated[str | None, Query(max_length=32)] = None,
     dataset_id: Annotated[str | None, Query(max_length=32)] = None,
     status: Annotated[IndexStatus | None, Query()] = None,
-    offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
-    limit: Annotated[int, Query(ge=1, le=500)] = 50,
 ) -> Page[IndexOut]:
-    rows, total = service.list_indexes(
+    return window.page_of(
         session,
-        tenant_id=tenant.id,
+        Index,
+        tenant.id,
+        lambda index: index_out(session, index),
         model_id=model_id,
         dataset_id=dataset_id,
         status=status,
-        offset=offset,
-        limit=limit,
     )
-    return Page[IndexOut](items=[index_out(session, i) for i in rows], total=total, offset=offset, limit=limit)
 
 
 @router.get("/{index_id}", response_model=IndexOut, responses=problems(404), summary="Read an index")

@@ -6,11 +6,11 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query
 
-from app.api.deps import SessionDep, TenantDep
+from app.api.deps import PageWindowDep, SessionDep, TenantDep
+from app.jobs import state as service
 from app.models import Job
-from app.schemas.common import MAX_OFFSET, Page, problems
+from app.schemas.common import Page, problems
 from app.schemas.jobs import JobOut, JobStatus
-from app.services import jobs as service
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 
@@ -40,16 +40,12 @@ def job_out(job: Job) -> JobOut:
 def list_jobs(
     session: SessionDep,
     tenant: TenantDep,
+    window: PageWindowDep,
     status: Annotated[JobStatus | None, Query()] = None,
     kind: Annotated[str | None, Query(max_length=32)] = None,
     target_id: Annotated[str | None, Query(max_length=32)] = None,
-    offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
-    limit: Annotated[int, Query(ge=1, le=500)] = 50,
 ) -> Page[JobOut]:
-    rows, total = service.list_jobs(
-        session, tenant_id=tenant.id, status=status, kind=kind, target_id=target_id, offset=offset, limit=limit
-    )
-    return Page[JobOut](items=[job_out(j) for j in rows], total=total, offset=offset, limit=limit)
+    return window.page_of(session, Job, tenant.id, job_out, status=status, kind=kind, target_id=target_id)
 
 
 @router.get("/{job_id}", response_model=JobOut, responses=problems(404), summary="Read a job")

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from fastapi import APIRouter, Request, Response
 
-from fastapi import APIRouter, Query, Request, Response
-
-from app.api.deps import SessionDep, SettingsDep, TenantDep
+from app.api.deps import PageWindowDep, SessionDep, SettingsDep, TenantDep
 from app.models import RegisteredModel
-from app.schemas.common import MAX_OFFSET, Page, problems
+from app.schemas.common import Page, problems
 from app.schemas.models import LayerOut, ModelCreate, ModelLayers, ModelOut
 from app.services import models as service
 
@@ -52,14 +50,8 @@ def create_model(body: ModelCreate, session: SessionDep, settings: SettingsDep, 
 
 
 @router.get("", response_model=Page[ModelOut], summary="List models, newest first")
-def list_models(
-    session: SessionDep,
-    tenant: TenantDep,
-    offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
-    limit: Annotated[int, Query(ge=1, le=500)] = 50,
-) -> Page[ModelOut]:
-    rows, total = service.list_models(session, tenant_id=tenant.id, offset=offset, limit=limit)
-    return Page[ModelOut](items=[_out(m) for m in rows], total=total, offset=offset, limit=limit)
+def list_models(session: SessionDep, tenant: TenantDep, window: PageWindowDep) -> Page[ModelOut]:
+    return window.page_of(session, RegisteredModel, tenant.id, _out)
 
 
 @router.get("/{model_id}", response_model=ModelOut, responses=problems(404), summary="Read a model")

@@ -1,0 +1,1 @@
+"""The audit workflow (see app/workflows/__init__.py for the layout)."""

@@ -1,0 +1,1 @@
+"""The experiment workflow (see app/workflows/__init__.py for the layout)."""

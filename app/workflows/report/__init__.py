@@ -1,0 +1,1 @@
+"""The report workflow (see app/workflows/__init__.py for the layout)."""
