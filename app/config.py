@@ -118,6 +118,23 @@ class Settings(BaseSettings):
         900, description="Seconds before Redis hands an unacknowledged task (a dead worker's) to another worker"
     )
     port: int = Field(8000, description="Port of `make serve`")
+    metrics_enabled: bool = Field(
+        True,
+        description="Serve GET /metrics (Prometheus text format: request, job, queue, worker and store counts "
+        "and sizes, never ids or names); false answers 404",
+    )
+    worker_metrics_port: int | None = Field(
+        None,
+        ge=1,
+        le=65535,
+        description="Port on which each worker (`python -m worker`) serves its own metrics (steps run and failed, "
+        "step durations, every pool process together); empty: none",
+    )
+    log_format: Literal["text", "json"] = Field(
+        "text",
+        description="text | json: json writes one JSON object per log line, with the request id of the request "
+        "(or of the job's creating request, in the worker) that logged it",
+    )
 
     @property
     def resolved_database_url(self) -> str:

@@ -18,6 +18,7 @@ from urllib.parse import parse_qsl, unquote_plus
 
 from fastapi import Depends, FastAPI, HTTPException
 from fastapi.openapi.utils import get_openapi
+from sqlalchemy.orm import Session, sessionmaker
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -27,8 +28,13 @@ from app.config import Settings, get_settings
 from app.db import make_engine, make_session_factory
 from app.errors import PROBLEM_MEDIA_TYPE, install_error_handlers, problem_response
 from app.jobs.context import configure_compute
+from app.jobs.dispatch import CeleryJobQueue
+from app.jobs.metrics import JobEngineCollector, LiveWorkers
 from app.jobs.readiness import ReadinessCheck
 from app.jobs.state import JobQueue
+from app.logs import RequestIdMiddleware, configure_logging
+from app.metrics import HttpMetricsMiddleware, ServiceMetrics
+from app.metrics import router as metrics_router
 from app.schemas.common import Problem, problems
 from app.services import isolation
 from app.services.artifacts import sweep_orphans
@@ -205,6 +211,7 @@ def create_app(
         previous_umask = os.umask(int(settings.umask, 8))
         # Again here: a server configures logging after building the app.
         install_access_log_redaction()
+        configure_logging(settings.log_format)
         # What a killed process left (a half-registered dataset, a deleted index's files) goes at start.
         try:
             sweep_orphans(settings, started.state.session_factory)
@@ -214,6 +221,8 @@ def create_app(
         isolation.start(settings.request_processes)  # spawned from this thread, after the umask is set
         yield
         isolation.stop()
+        if started.state.metrics is not None:
+            started.state.metrics.close()
         engine.dispose()
         os.umask(previous_umask)
 
@@ -232,6 +241,7 @@ def create_app(
     app.state.session_factory = make_session_factory(engine)
     app.state.job_queue = job_queue
     app.state.readiness_checks = list(readiness_checks) if readiness_checks is not None else None
+    app.state.metrics = _service_metrics(settings, app.state.session_factory, job_queue)
 
     app.openapi = lambda: _openapi_with_problems(app)  # type: ignore[method-assign]
     install_error_handlers(app)
@@ -244,12 +254,28 @@ def create_app(
         SecurityHeadersMiddleware,
         open_paths=[url for url in (app.docs_url, app.redoc_url, app.swagger_ui_oauth2_redirect_url) if url],
     )
+    app.add_middleware(RequestIdMiddleware)
+    if app.state.metrics is not None:
+        # Added last, so outermost: it counts the answers of every other middleware too.
+        app.add_middleware(HttpMetricsMiddleware, metrics=app.state.metrics)
+        app.include_router(metrics_router)
     install_access_log_redaction()
+    configure_logging(settings.log_format)
     app.include_router(health.router)
     for module in (models, datasets, indexes, jobs, audits, reports, checks, experiments):
         # Every /v1 route authenticates (its own TenantDep resolves to the same, cached, dependency).
         app.include_router(module.router, prefix="/v1", dependencies=[Depends(get_tenant)])
     return app
+
+
+def _service_metrics(
+    settings: Settings, session_factory: sessionmaker[Session], job_queue: JobQueue | None
+) -> ServiceMetrics | None:
+    """The app's metrics (None when disabled); live workers are counted when jobs go over Celery."""
+    if not settings.metrics_enabled:
+        return None
+    workers = LiveWorkers(job_queue.app) if isinstance(job_queue, CeleryJobQueue) else None
+    return ServiceMetrics(JobEngineCollector(settings, session_factory, workers))
 
 
 def _openapi_with_problems(app: FastAPI) -> dict[str, Any]:

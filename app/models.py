@@ -144,3 +144,5 @@ class Job(TenantOwned, Base):
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    # The id of the HTTP request that created the job (app/logs.py): the worker logs it with every line of the job.
+    request_id: Mapped[str | None] = mapped_column(String(64), nullable=True)

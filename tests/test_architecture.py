@@ -16,6 +16,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("influence", "app", "worker", "influence_client")
+# The folder each package lies in: the client is a distribution of its own (clients/python).
+SOURCE_ROOTS = {package: ROOT for package in PACKAGES} | {"influence_client": ROOT / "clients" / "python"}
 FORBIDDEN = {
     "influence": ("app", "worker", "influence_client"),
     "app": ("worker",),
@@ -28,8 +30,8 @@ MAX_LINES = 600
 def _modules() -> dict[str, Path]:
     found = {}
     for package in PACKAGES:
-        for path in sorted((ROOT / package).rglob("*.py")):
-            parts = path.relative_to(ROOT).with_suffix("").parts
+        for path in sorted((SOURCE_ROOTS[package] / package).rglob("*.py")):
+            parts = path.relative_to(SOURCE_ROOTS[package]).with_suffix("").parts
             name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
             found[name] = path
     return found
@@ -41,7 +43,8 @@ MODULES = _modules()
 def _imports(path: Path) -> Iterator[tuple[ast.stmt, str, bool]]:
     """(node, imported module, inside a function) for every import of `path`, relative ones resolved."""
     tree = ast.parse(path.read_text(), filename=str(path))
-    parts = path.relative_to(ROOT).with_suffix("").parts
+    source_root = next(root for package, root in SOURCE_ROOTS.items() if path.is_relative_to(root / package))
+    parts = path.relative_to(source_root).with_suffix("").parts
     package = parts[:-1]
 
     def visit(node: ast.AST, in_function: bool) -> Iterator[tuple[ast.stmt, str, bool]]:

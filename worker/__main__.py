@@ -10,8 +10,11 @@ process featurizes on the device INFLUENCE_DEVICE names (auto: CUDA when present
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
+import shutil
 import sys
+import tempfile
 
 import torch
 
@@ -29,6 +32,16 @@ def plan(queues: str, concurrency: int | None, default_concurrency: int) -> tupl
     return CPU_QUEUE, concurrency or default_concurrency
 
 
+def prepare_multiprocess_dir() -> None:
+    """A fresh folder for the pool processes' metric samples (worker/metrics.py), unless one is set already:
+    prometheus_client picks its multiprocess mode from it when first imported, so this runs before the tasks
+    module is loaded."""
+    if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
+        folder = tempfile.mkdtemp(prefix="influence-worker-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = folder
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m worker", description=__doc__.splitlines()[0])
     parser.add_argument("--queues", default="auto", help="auto, or a comma list of cpu / gpu")
@@ -39,6 +52,8 @@ def main(argv: list[str] | None = None) -> None:
     settings = get_settings()
     queues, concurrency = plan(args.queues, args.concurrency, settings.worker_concurrency)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if settings.worker_metrics_port is not None:
+        prepare_multiprocess_dir()
     command = [
         "worker",
         "--loglevel",

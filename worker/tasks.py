@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from functools import lru_cache
 
 import torch
 from billiard.process import current_process
-from celery.signals import worker_process_init, worker_ready
+from celery.signals import after_setup_logger, after_setup_task_logger, worker_process_init, worker_ready
 
 from app.config import get_settings
 from app.db import make_engine, make_session_factory
@@ -17,7 +18,9 @@ from app.jobs.context import WorkerContext, configure_compute, resolve_device
 from app.jobs.dispatch import CeleryDispatcher
 from app.jobs.model_cache import ModelCache
 from app.jobs.steps import recover_interrupted, run_step
+from app.logs import configure_logging
 from worker.celery_app import TASK_MODULES, get_app
+from worker.metrics import observe_step
 
 log = logging.getLogger(__name__)
 app = get_app(include=TASK_MODULES)
@@ -39,7 +42,18 @@ def _context(pid: int) -> WorkerContext:
 
 @app.task(name=STEP_TASK)
 def step(name: str, job_id: str, *args) -> str:
-    return run_step(_context(os.getpid()), name, job_id, *args)
+    started = time.perf_counter()
+    outcome = run_step(_context(os.getpid()), name, job_id, *args)
+    observe_step(name, outcome, time.perf_counter() - started)
+    return outcome
+
+
+@after_setup_logger.connect
+@after_setup_task_logger.connect
+def _log_format(**_) -> None:
+    # Celery sets up its handlers after this module is imported: the format (and the request id on every
+    # record) goes on them once they exist.
+    configure_logging(get_settings().log_format)
 
 
 @worker_process_init.connect

@@ -24,6 +24,7 @@ from sqlalchemy.orm import Session
 from app.config import Settings
 from app.db import after_commit
 from app.errors import Conflict, NotFound, TooManyRequests, Unavailable
+from app.logs import current_request_id
 from app.models import Job, Tenant, utcnow
 
 log = logging.getLogger(__name__)
@@ -90,6 +91,7 @@ def create_job(
     With `max_active`, the tenant may have at most that many jobs queued or running: one more is refused with
     TooManyRequests (429). The check is atomic: the tenant's row is written first, which serialises job
     creation per tenant (a row lock on PostgreSQL, the write lock on SQLite) until the transaction ends.
+    The job carries the id of the request that creates it (app/logs.py), for the worker's log lines.
     """
     if max_active is not None:
         session.execute(
@@ -114,6 +116,7 @@ def create_job(
         params=params or {},
         total=total,
         done=0,
+        request_id=current_request_id(),
     )
     session.add(job)
     session.flush()

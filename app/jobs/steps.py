@@ -23,6 +23,7 @@ from app.jobs.context import WorkerContext
 from app.jobs.dispatch import InlineDispatcher, start_job
 from app.jobs.kinds import INDEX_BUILD, KINDS, kind_of
 from app.jobs.model_cache import ModelCache
+from app.logs import request_id_context
 from app.models import Index, Job
 
 log = logging.getLogger(__name__)
@@ -54,14 +55,22 @@ def fail_job(ctx: WorkerContext, job_id: str, error: str) -> None:
             session.execute(update(Index).where(Index.id == job.target_id).values(status="failed"))
 
 
+def job_request_id(ctx: WorkerContext, job_id: str) -> str | None:
+    """The id of the request that created the job (None for a job created outside a request)."""
+    with ctx.session_factory() as session:
+        return session.scalar(select(Job.request_id).where(Job.id == job_id))
+
+
 def run_step(ctx: WorkerContext, step: str, job_id: str, *args: Any) -> str:
-    """Run one step; an error fails the job (recorded, logged) and the outcome is "failed"."""
-    try:
-        return STEP_FUNCTIONS[step](ctx, job_id, *args)
-    except Exception as exc:
-        log.exception("job %s failed in step %s", job_id, step)
-        fail_job(ctx, job_id, describe_error(exc))
-        return "failed"
+    """Run one step; an error fails the job (recorded, logged) and the outcome is "failed". Every log line of
+    the step carries the request id of the job."""
+    with request_id_context(job_request_id(ctx, job_id)):
+        try:
+            return STEP_FUNCTIONS[step](ctx, job_id, *args)
+        except Exception as exc:
+            log.exception("job %s failed in step %s", job_id, step)
+            fail_job(ctx, job_id, describe_error(exc))
+            return "failed"
 
 
 def recover_interrupted(ctx: WorkerContext) -> list[str]:
@@ -129,11 +138,12 @@ def run_inline(
     chunks_done = 0
     while dispatcher.steps:
         step, step_job, args = dispatcher.steps.pop(0)
-        try:
-            STEP_FUNCTIONS[step](ctx, step_job, *args)
-        except Exception as exc:
-            fail_job(ctx, job_id, describe_error(exc))
-            raise
+        with request_id_context(job_request_id(ctx, step_job)):
+            try:
+                STEP_FUNCTIONS[step](ctx, step_job, *args)
+            except Exception as exc:
+                fail_job(ctx, job_id, describe_error(exc))
+                raise
         if after_step is not None:
             chunks_done += step == "chunk"
             pending = sum(1 for queued in dispatcher.steps if queued[0] == "chunk")

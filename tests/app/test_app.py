@@ -37,7 +37,7 @@ HEAD = _head_revision()
 
 
 def test_healthz_and_readyz_on_a_migrated_database(any_api):
-    assert any_api.client.get("/healthz").json() == {"status": "ok"}
+    assert any_api.client.get("/healthz").json() == {"status": "ok", "version": any_api.app.version}
     response = any_api.client.get("/readyz")
     assert response.status_code == 200, response.text
     body = response.json()

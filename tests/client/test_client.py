@@ -11,6 +11,7 @@ import httpx
 import pytest
 
 from app.jobs.steps import run_build_inline, run_job_inline
+from influence.version import __version__ as service_version
 from influence_client import InfluenceAPIError, InfluenceClient
 from tests.client import client_for, start_api
 from tests.worker.support import tsv
@@ -53,7 +54,7 @@ def served(tmp_path_factory, tiny_model_dir, sst2_train):
 
 def test_health_and_readiness(served):
     _, client, *_ = served
-    assert client.health() == {"status": "ok"}
+    assert client.health() == {"status": "ok", "version": service_version}
     ready = client.ready()
     assert ready["status"] == "ready" and ready["checks"]["database"]["ok"] is True
 

@@ -124,6 +124,7 @@ REFERENCE = {"dataset_id": ID, "limit": 5}
 # document's operations.
 CALLS: dict[str, Callable[[InfluenceClient, Any], Any]] = {
     "health": lambda c, _: c.health(),
+    "check_service_version": lambda c, _: c.check_service_version(),
     "ready": lambda c, _: c.ready(),
     "register_model": lambda c, _: c.register_model("/models/m", "m", num_labels=2),
     "list_models": lambda c, _: c.list_models(),

@@ -28,10 +28,10 @@ def _entrypoint_commands() -> set[str]:
 
 def test_services_volumes_and_health_checks(compose):
     services = compose["services"]
-    assert set(services) == {"postgres", "redis", *APP_SERVICES}
+    assert set(services) == {"postgres", "redis", "prometheus", *APP_SERVICES}
     for name in ("postgres", "redis", "api", "worker", "worker-gpu"):
         assert services[name]["healthcheck"]["test"], name
-    assert set(compose["volumes"]) == {"pgdata", "redisdata", "artifacts"}
+    assert set(compose["volumes"]) == {"pgdata", "redisdata", "artifacts", "prometheusdata"}
     assert "pgdata:/var/lib/postgresql/data" in services["postgres"]["volumes"]
     assert "redisdata:/data" in services["redis"]["volumes"]
     # API and workers share the artifacts volume: a worker writes the stores the API reads.
@@ -112,3 +112,31 @@ def test_dockerfile_installs_the_readmes_pinned_environment():
     assert 'ENTRYPOINT ["influence"]' in dockerfile
     assert "COPY docker/entrypoint.sh /usr/local/bin/influence" in dockerfile
     assert "HF_HUB_OFFLINE=1" in dockerfile
+
+
+def test_prometheus_scrapes_the_api_and_every_worker(compose):
+    """The `observability` profile's Prometheus reads docker/prometheus.yml, which scrapes the API's /metrics on
+    its port and each worker's metrics port, the port the workers' settings give them."""
+    from app.config import Settings
+    from app.metrics import router
+
+    services = compose["services"]
+    prometheus = services["prometheus"]
+    assert prometheus["profiles"] == ["observability"]
+    assert "./docker/prometheus.yml:/etc/prometheus/prometheus.yml:ro" in prometheus["volumes"]
+    assert "--config.file=/etc/prometheus/prometheus.yml" in prometheus["command"]
+    config = yaml.safe_load((ROOT / "docker" / "prometheus.yml").read_text())
+    jobs = {job["job_name"]: job for job in config["scrape_configs"]}
+    api = jobs["influence-api"]
+    assert api["metrics_path"] in {route.path for route in router.routes}
+    assert api["static_configs"][0]["targets"] == ["api:8000"]
+    assert "8000:8000" in services["api"]["ports"]
+    workers = jobs["influence-worker"]["dns_sd_configs"][0]
+    assert set(workers["names"]) == {"worker", "worker-gpu"} and workers["type"] == "A"
+    for name in ("worker", "worker-gpu"):
+        env = services[name]["environment"]
+        port = Settings(_env_file=None, **{"worker_metrics_port": env["INFLUENCE_WORKER_METRICS_PORT"]})
+        assert port.worker_metrics_port == workers["port"], name
+    # The API serves /metrics by default and the workers' port is theirs only.
+    assert Settings(_env_file=None).metrics_enabled
+    assert "INFLUENCE_WORKER_METRICS_PORT" not in services["api"]["environment"]

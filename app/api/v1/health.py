@@ -1,4 +1,5 @@
-"""Liveness and readiness. /healthz: the process answers. /readyz: its dependencies answer too.
+"""Liveness and readiness. /healthz: the process answers, with the service's version (the client compares
+its own with it). /readyz: its dependencies answer too.
 
 /healthz runs on the event loop itself (no thread pool token, no database): it answers while every worker
 thread is busy with heavy requests, so a liveness probe never restarts a process that is merely loaded.
@@ -20,6 +21,7 @@ from app.errors import problem_response
 from app.schemas.common import problems
 from influence.kernels import compiled_scoring_status
 from influence.threads import ONE_THREAD
+from influence.version import __version__
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +30,10 @@ router = APIRouter(tags=["health"])
 
 class Health(BaseModel):
     status: str = "ok"
+    version: str = Field(
+        __version__,
+        description="The influence-service version: a client of another major version refuses to go on",
+    )
 
 
 class CheckOut(BaseModel):

@@ -55,6 +55,7 @@ from influence_client.schemas import (
     ReportOptions,
     RowsDeleted,
 )
+from influence_client.version import version_warning
 
 T = TypeVar("T")
 
@@ -176,6 +177,7 @@ class InfluenceClient:
         self._http = httpx.Client(
             base_url=self.base_url, headers=headers, timeout=timeout, transport=transport
         )
+        self._version_checked = False
 
     def close(self) -> None:
         self._http.close()
@@ -233,8 +235,24 @@ class InfluenceClient:
     # ------------------------------------------------------------------------------------------- health
 
     def health(self) -> Health:
-        """Liveness: the API process answers."""
+        """Liveness: the API process answers, and its version."""
         return cast(Health, self._json("GET", "/healthz"))
+
+    def check_service_version(self) -> str | None:
+        """Compare the service's version (/healthz) with this client's, on the first call only: another major
+        version raises IncompatibleServiceError; another minor one returns a one-line warning; else None (also
+        when the service names no version)."""
+        if self._version_checked:
+            return None
+        try:
+            health: Any = self.health()
+        except InfluenceAPIError:
+            # A proxy that does not pass /healthz on: the command itself shows whether the service answers.
+            health = {}
+        self._version_checked = True
+        # A service from before the version field (0.1.0) names none: it is not refused.
+        service_version = health.get("version") if isinstance(health, dict) else None
+        return version_warning(self.base_url, str(service_version)) if service_version else None
 
     def ready(self) -> Readiness:
         """Readiness: database, broker and a live worker. Not ready raises InfluenceAPIError (503) whose

@@ -39,6 +39,7 @@ class Page(TypedDict, Generic[T]):
 
 class Health(TypedDict):
     status: str
+    version: str
 
 
 class ReadinessCheck(TypedDict):

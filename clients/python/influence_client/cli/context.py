@@ -11,7 +11,7 @@ from influence_client.cli.output import Console, ProgressBar
 from influence_client.client import InfluenceClient
 from influence_client.schemas import Job
 
-EXIT_OK, EXIT_CHECK_FAILED, EXIT_ERROR, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_OK, EXIT_CHECK_FAILED, EXIT_ERROR, EXIT_INCOMPATIBLE, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 # An answer of the service as a command reads it (the client's TypedDicts are such mappings).
 Record = Mapping[str, Any]
 

@@ -29,6 +29,7 @@ from influence_client.schemas import (
     Report,
     RowsDeleted,
 )
+from influence_client.version import IncompatibleServiceError, __version__
 
 __all__ = [
     "Audit",
@@ -42,6 +43,7 @@ __all__ = [
     "Experiment",
     "Health",
     "Hit",
+    "IncompatibleServiceError",
     "Index",
     "InfluenceAPIError",
     "InfluenceClient",
@@ -54,4 +56,5 @@ __all__ = [
     "Reference",
     "Report",
     "RowsDeleted",
+    "__version__",
 ]

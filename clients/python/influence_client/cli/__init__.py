@@ -15,8 +15,9 @@ workflow (audit, report, check, experiment) also has `wait`, `cancel` and, where
 
 Exit status: 0 success; 1 a check whose verdict is fail; 2 a usage error, an error answer of the service (its
 problem detail goes to stderr, each invalid field named), a failed or cancelled job, or a service that cannot be
-reached; 130 when interrupted while waiting (the job goes on). `--json` prints exactly one JSON document on
-stdout.
+reached; 3 a service of another major version than this client's (both named on stderr; another minor
+version is a one-line warning on stderr); 130 when interrupted while waiting (the job goes on). `--json` prints
+exactly one JSON document on stdout.
 
 The package: `main` (the parser, the run of a command), `output` and `context` (what every command shares),
 `resources` (show / list / delete of any resource) and `workflows` (every workflow's commands), and a module per

@@ -15,10 +15,11 @@ import httpx
 
 from influence_client.cli import audits, checks, datasets, experiments, indexes, jobs, models, query, reports
 from influence_client.cli.arguments import VALUE_OPTIONS, add_common_options
-from influence_client.cli.context import EXIT_ERROR, CommandError, Context, Handler
+from influence_client.cli.context import EXIT_ERROR, EXIT_INCOMPATIBLE, CommandError, Context, Handler
 from influence_client.cli.output import Console
 from influence_client.cli.workflows import add_commands as add_workflow_commands
 from influence_client.client import DEFAULT_URL, InfluenceAPIError, InfluenceClient
+from influence_client.version import IncompatibleServiceError
 
 WORKFLOWS = (audits.AUDIT, reports.REPORT, checks.CHECK, experiments.EXPERIMENT)
 # Workflow commands take an action (`audit show ID`); without one the action is `create` (`audit INDEX ...`).
@@ -31,7 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="influence",
         description="Layer-wise training-data influence: the influence service from the command line.",
-        epilog="Exit status: 0 ok, 1 a failing check, 2 errors. Run `influence COMMAND --help` for details.",
+        epilog="Exit status: 0 ok, 1 a failing check, 2 errors, 3 a service of another major version. "
+        "Run `influence COMMAND --help` for details.",
     )
     add_common_options(parser)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -131,8 +133,14 @@ def main(
             transport=transport,
         )
         with client:
+            warning = client.check_service_version()
+            if warning:
+                console.note(f"influence: warning: {warning}")
             handler: Handler = args.handler
             return handler(Context(client, console, args))
+    except IncompatibleServiceError as exc:
+        console.note(f"influence: {exc}")
+        return EXIT_INCOMPATIBLE
     except CommandError as exc:
         console.note(f"influence: {exc}")
         return exc.code
