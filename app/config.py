@@ -82,7 +82,37 @@ class Settings(BaseSettings):
         4, description="Most jobs (index builds, compactions) one tenant may have queued or running (HTTP 429)"
     )
     chunk_size: int = Field(512, description="Rows per index-build chunk (the unit of parallelism and resume)")
-    batch_size: int = Field(32, description="Featurisation batch size")
+    batch_size: int = Field(32, ge=1, description="Most rows in one featurisation batch")
+    max_tokens_per_batch: int = Field(
+        8192,
+        ge=16,
+        description="Most tokens in one featurisation batch, padding included (rows x longest row): batches are "
+        "cut by this budget, so 256-token rows of an LLM run in smaller batches than short sentences; a row "
+        "longer than the budget runs alone",
+    )
+    head_chunk_tokens: int = Field(
+        1024,
+        ge=1,
+        description="Tokens whose vocabulary-wide logits a causal LM's loss holds at once (the head's logits and "
+        "their gradient are computed chunk by chunk, never for the whole batch in float32)",
+    )
+    compute_dtype: Literal["float32", "bfloat16"] = Field(
+        "float32",
+        description="Dtype of the model's weights in workers: bfloat16 halves their memory; projected features "
+        "are always accumulated in float32",
+    )
+    activation_checkpointing: bool = Field(
+        False,
+        description="Recompute each block's activations in the backward pass instead of keeping them (less memory "
+        "per token, about a third more compute); for models that support gradient checkpointing",
+    )
+    worker_memory_bytes: int | None = Field(
+        None,
+        ge=1,
+        description="Memory a worker may use for one model (weights, optimizer-free gradients of the selected "
+        "units, activations at max_tokens_per_batch): larger models are refused at registration and build with "
+        "the estimate; empty: 80% of the worker device's memory (GPU memory with a GPU, else RAM)",
+    )
     max_length: int = Field(128, description="Token limit per example when featurising")
     fidelity_train_rows: int = Field(
         64,

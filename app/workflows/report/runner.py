@@ -34,9 +34,10 @@ from app.jobs.kinds import LAYER_REPORT
 from app.jobs.model_cache import ModelSpec
 from app.jobs.run import JobRun, job_runner
 from app.models import Dataset, Index
-from app.services.datasets import iter_rows, read_rows
+from app.services.datasets import read_rows
 from app.services.fidelity import missing_note, record_threshold, unit_spearman
 from app.services.indexes import layer_from_dict
+from app.services.noisy import noisy_mask
 from app.services.queries import index_estimators
 from app.services.references import load_index_reference
 from app.workflows.report.service import REPORT_FILE
@@ -46,35 +47,6 @@ from influence.report import layer_report
 
 # Seed of the draw of the training rows cancellation is measured over (recorded in the summary).
 CANCELLATION_SEED = 0
-
-
-def _noisy_mask(
-    settings: Settings, dataset: Dataset, spec: dict[str, Any] | None, row_ids: np.ndarray
-) -> tuple[np.ndarray | None, dict[str, Any] | None]:
-    """(n_live,) bool mask aligned with the live rows' dataset ids, and what was left out of it."""
-    if spec is None:
-        return None, None
-    if spec["source"] == "rows":
-        given = np.asarray(spec["rows"], dtype=np.int64)
-        mask = np.isin(row_ids, given)
-        # Named rows deleted from the index since the request: they are not in the report.
-        return mask, {
-            "source": "rows",
-            "given": len(given),
-            "deleted_rows_left_out": int(len(given) - mask.sum()),
-        }
-    flags = np.zeros(dataset.row_count, dtype=bool)
-    for position, row in enumerate(iter_rows(settings, dataset)):
-        flags[position] = bool(row.get("noisy"))
-    inside = row_ids < dataset.row_count
-    mask = np.zeros(len(row_ids), dtype=bool)
-    mask[inside] = flags[row_ids[inside]]
-    return mask, {
-        "source": "dataset",
-        # Rows appended to the index that are not rows of its dataset have no flag: they count as clean.
-        "rows_without_flag": int((~inside).sum()),
-        "deleted_rows_left_out": int(flags.sum() - mask.sum()),
-    }
 
 
 def _cancellation_rows(
@@ -188,7 +160,7 @@ def run_layer_report(run: JobRun) -> dict[str, Any]:
         run.progress(done + min(scored[0], len(estimators) * len(layers)), total)
 
     fitted = {name: _counting(index_estimators(store, names, name), tick) for name in estimators}
-    mask, noisy = _noisy_mask(settings, dataset, params.get("noisy"), row_ids)
+    mask, noisy = noisy_mask(settings, dataset, params.get("noisy"), row_ids)
     report = layer_report(
         store,
         reference.features,

@@ -15,7 +15,7 @@ from pydantic import BaseModel, Field
 from app.schemas.common import UTCDateTime, strict_body_config
 from app.schemas.indexes import EstimatorName, LayerSelector, VoteK
 from app.schemas.jobs import WorkflowOut
-from app.schemas.references import ReferenceSet
+from app.schemas.references import NoisyRows, ReferenceSet
 from influence import report as library_report
 
 # The library's defaults: every estimator any index can serve, and the paper's aggregations.
@@ -30,19 +30,6 @@ ReportAggregations = Annotated[
     list[Annotated[str, Field(min_length=1, max_length=64)]],
     Field(default_factory=lambda: list(DEFAULT_AGGREGATIONS), min_length=1, max_length=32),
 ]
-
-
-class NoisyRows(BaseModel):
-    """The noisy rows by dataset row id (e.g. the record of injected noise)."""
-
-    model_config = strict_body_config()
-
-    rows: list[Annotated[int, Field(ge=0, le=2**62)]] = Field(
-        min_length=1,
-        max_length=10_000_000,
-        description="Dataset row ids of the noisy rows; every id must be a row of the index (deleted rows are "
-        "ignored); every other live row counts as clean",
-    )
 
 
 class ReportCreate(BaseModel):

@@ -16,7 +16,6 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
 from sqlalchemy.orm import Session
 
 from app.config import Settings
@@ -24,14 +23,14 @@ from app.errors import Conflict, Invalid
 from app.jobs import state as job_state
 from app.jobs.kinds import LAYER_REPORT
 from app.jobs.resources import artifact_path
-from app.models import Dataset, Index, Job
+from app.models import Dataset, Job
 from app.services.datasets import read_rows
 from app.services.indexes import get_index, index_sources, require_ready
+from app.services.noisy import default_noisy, resolve_noisy
 from app.services.queries import select_query_layers
 from app.services.references import resolve_reference
-from app.stores import open_store
 from app.web.report_page import render_report_html
-from app.workflows.report.schemas import NoisyRows, ReportCreate
+from app.workflows.report.schemas import ReportCreate
 from influence.aggregation import aggregation_names
 from influence.report import CORRECT_SUFFIX
 
@@ -54,34 +53,6 @@ def check_aggregations(names: Sequence[str]) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def _resolve_noisy(
-    settings: Settings, index: Index, dataset: Dataset, body: ReportCreate
-) -> dict[str, Any] | None:
-    """The noisy mask's spec for the job: {"source": "dataset"}, {"source": "rows", "rows": [...]} or None."""
-    given = (
-        body.noisy if "noisy" in body.model_fields_set else ("dataset" if dataset.has_noisy_flag else None)
-    )
-    if given is None:
-        return None
-    if given == "dataset":
-        if not dataset.has_noisy_flag:
-            raise Invalid(
-                f'noisy: dataset {dataset.id!r} has no noisy column; pass noisy: {{"rows": [...]}} with the '
-                "noisy row ids, or null"
-            )
-        return {"source": "dataset"}
-    assert isinstance(given, NoisyRows)
-    rows = np.unique(np.asarray(given.rows, dtype=np.int64))
-    store = open_store(settings, index)
-    known = np.isin(rows, store.row_ids())
-    if not known.all():
-        raise Invalid(
-            f"noisy.rows {rows[~known][:5].tolist()} are not rows of index {index.id!r} "
-            f"(it holds dataset rows by id; {store.num_rows} rows)"
-        )
-    return {"source": "rows", "rows": rows.tolist()}
-
-
 def create_report(
     session: Session,
     settings: Settings,
@@ -99,7 +70,8 @@ def create_report(
     reference = resolve_reference(
         session, settings, body.reference, tenant_id=tenant_id, model=model, trained=dataset
     )
-    noisy = _resolve_noisy(settings, index, dataset, body)
+    given = body.noisy if "noisy" in body.model_fields_set else default_noisy(dataset)
+    noisy = resolve_noisy(settings, index, dataset, given)
     params = {
         "index_id": index.id,
         "model": {"id": model.id, "name": model.name, "task": model.task},
