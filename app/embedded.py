@@ -4,14 +4,15 @@
 
 `serve` needs no server: it migrates the database (SQLite under the data dir unless INFLUENCE_DATABASE_URL
 says otherwise), makes sure an API key of the `local` tenant is in <data_dir>/local-api-key (created on first
-start, mode 0600; its path is printed: send it as `Authorization: Bearer $(cat <path>)`), starts a real Celery
-worker as a child process (`python -m worker`, on kombu's filesystem transport under <data_dir>/broker unless
-INFLUENCE_BROKER_URL names a broker), restarts that child if it dies, and serves the API with uvicorn until
-interrupted; then it stops the worker (warm shutdown, then SIGKILL).
+start, mode 0600; its path is printed: send it as `Authorization: Bearer $(cat <path>)`), starts real Celery
+workers as child processes (on kombu's filesystem transport under <data_dir>/broker unless INFLUENCE_BROKER_URL
+names a broker): `python -m worker` for jobs and, with INFLUENCE_QUERY_ON_WORKERS (the default), `python -m
+worker --queues query` for queries, so that a long build chunk never holds a query back; restarts a child that
+dies, and serves the API with uvicorn until interrupted; then it stops the workers (warm shutdown, then SIGKILL).
 
-`create_service_app` is the API wired to Celery (job queue, broker and worker readiness checks); production
-runs it as `uvicorn --factory app.embedded:create_service_app` (docker/entrypoint.sh `api`). The worker is only
-ever a child process here (`python -m worker`): app/ never imports worker/.
+`create_service_app` is the API wired to Celery (job queue, query transport, broker and worker readiness
+checks); production runs it as `uvicorn --factory app.embedded:create_service_app` (docker/entrypoint.sh `api`).
+Workers are only ever child processes here (`python -m worker`): app/ never imports worker/.
 """
 
 from __future__ import annotations
@@ -40,18 +41,27 @@ ROOT = Path(__file__).resolve().parents[1]
 WORKER_STOP_TIMEOUT_S = 30.0
 # Restarts of a dying worker child are spaced out: 1 s, 2 s, 4 s ... at most this long.
 MAX_RESTART_DELAY_S = 30.0
+QUERY_WORKER_HOSTNAME = "embedded-query@%h"
 
 
 def create_service_app(settings: Settings | None = None):
-    """The API with the Celery job queue and the broker / live-worker readiness checks."""
+    """The API with the Celery job queue and the broker / live-worker readiness checks; with query_on_workers,
+    the query transport (app.state.query_transport: queries go to query workers) and its readiness check."""
     # Imported here, not at the top: they import torch, which must come after OMP_WAIT_POLICY is set above.
     from app.jobs.dispatch import CeleryJobQueue
+    from app.jobs.query_transport import CeleryQueryTransport, query_worker_check
     from app.jobs.readiness import readiness_checks
     from app.main import create_app
 
     settings = settings or get_settings()
     queue = CeleryJobQueue(settings)
-    return create_app(settings, job_queue=queue, readiness_checks=readiness_checks(queue.app, settings))
+    checks = readiness_checks(queue.app, settings)
+    transport = CeleryQueryTransport(queue.app, settings) if settings.query_on_workers else None
+    if transport is not None:
+        checks.append(query_worker_check(transport))
+    app = create_app(settings, job_queue=queue, readiness_checks=checks)
+    app.state.query_transport = transport
+    return app
 
 
 def absolute_settings_env(settings: Settings) -> dict[str, str]:
@@ -73,9 +83,11 @@ def _parent_death_signal() -> None:
 class WorkerSupervisor:
     """Runs `python -m worker` as a child process and starts it again when it exits unexpectedly."""
 
-    def __init__(self, settings: Settings, hostname: str = "embedded@%h"):
+    def __init__(self, settings: Settings, hostname: str = "embedded@%h", queues: str | None = None):
         self.settings = settings
         self.command = [sys.executable, "-m", "worker", "--hostname", hostname]
+        if queues is not None:
+            self.command += ["--queues", queues]
         self.env = {**os.environ, **absolute_settings_env(settings)}
         self.env.setdefault("TOKENIZERS_PARALLELISM", "false")
         self.process: subprocess.Popen | None = None
@@ -88,10 +100,8 @@ class WorkerSupervisor:
         self._thread.start()
 
     def _spawn(self) -> None:
-        self.process = subprocess.Popen(
-            self.command, cwd=ROOT, env=self.env, preexec_fn=_parent_death_signal
-        )
-        log.info("worker started (pid %d)", self.process.pid)
+        self.process = subprocess.Popen(self.command, cwd=ROOT, env=self.env, preexec_fn=_parent_death_signal)
+        log.info("worker %s started (pid %d)", self.command[4], self.process.pid)
 
     def _watch(self) -> None:
         delay = 1.0
@@ -102,7 +112,9 @@ class WorkerSupervisor:
             code = process.wait()
             if self._stopping.is_set():
                 return
-            log.warning("worker exited with status %s; starting it again in %.0fs", code, delay)
+            log.warning(
+                "worker %s exited with status %s; starting it again in %.0fs", self.command[4], code, delay
+            )
             if self._stopping.wait(delay):
                 return
             self._spawn()
@@ -158,13 +170,18 @@ def serve(settings: Settings, host: str, port: int, with_worker: bool = True) ->
         f"send it as: Authorization: Bearer $(cat {key_path})",
         flush=True,
     )
-    supervisor = WorkerSupervisor(settings) if with_worker else None
-    if supervisor is not None:
+    supervisors = []
+    if with_worker:
+        supervisors.append(WorkerSupervisor(settings))
+        if settings.query_on_workers:
+            # A worker of its own: a query never waits behind a build chunk or an experiment.
+            supervisors.append(WorkerSupervisor(settings, QUERY_WORKER_HOSTNAME, queues="query"))
+    for supervisor in supervisors:
         supervisor.start()
     try:
         uvicorn.run(create_service_app(settings), host=host, port=port, log_level="info")
     finally:
-        if supervisor is not None:
+        for supervisor in supervisors:
             supervisor.stop()
 
 

@@ -217,7 +217,10 @@ def create_app(
             sweep_orphans(settings, started.state.session_factory)
         except Exception:  # an unmigrated database, say: /readyz reports it; serving goes on
             log.exception("could not sweep the artifacts directory")
-        configure_compute(settings, compile_now=True)  # the kernel compiles in the background; queries wait for it
+        if getattr(started.state, "query_transport", None) is None:
+            # This process scores queries itself: the kernel compiles in the background and queries wait for it.
+            # An API that forwards queries to workers never scores, and loads no compute.
+            configure_compute(settings, compile_now=True)
         isolation.start(settings.request_processes)  # spawned from this thread, after the umask is set
         yield
         isolation.stop()
@@ -297,7 +300,9 @@ def _openapi_with_problems(app: FastAPI) -> dict[str, Any]:
             if path.startswith("/v1/"):
                 responses.setdefault("401", {"description": problems(401)[401]["description"]})
             if "requestBody" in operation:
-                responses.setdefault("400", {"description": "Malformed body (not JSON, not multipart, not UTF-8)"})
+                responses.setdefault(
+                    "400", {"description": "Malformed body (not JSON, not multipart, not UTF-8)"}
+                )
                 responses.setdefault("413", {"description": "Request body over the limit"})
             for status, response in responses.items():
                 if status.isdigit() and int(status) >= 400:

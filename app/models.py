@@ -125,6 +125,12 @@ class Index(TenantOwned, Base):
     deleted_rows: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     size_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
     job_id: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    # Which settings a query, audit or check that names none uses (app/services/index_settings.py):
+    # "latest-report" | "pinned-report" | "defaults"; the pinned report's job id in pinned-report mode.
+    settings_mode: Mapped[str] = mapped_column(
+        String(16), default="latest-report", server_default="latest-report"
+    )
+    settings_report_id: Mapped[str | None] = mapped_column(String(32), nullable=True)
 
 
 class Job(TenantOwned, Base):

@@ -116,3 +116,114 @@ def stop_service(process: subprocess.Popen) -> None:
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
         process.wait()
+
+
+# --- causal LMs in real shapes, from configs with random weights (bench/llm.py, tests/app/test_llm_end_to_end.py)
+
+# The synthetic tokenizer's special tokens, in id order: pad 0, unk 1, bos 2, eos 3; then the 256 byte-level
+# symbols, then the words.
+SYNTHETIC_SPECIALS = ("<pad>", "<unk>", "<s>", "</s>")
+_LETTERS = "abcdefghijklmnopqrstuvwxyz"
+FIRST_WORD_ID = len(SYNTHETIC_SPECIALS) + 256
+
+
+def synthetic_word(token_id: int) -> str:
+    """The synthetic tokenizer's word for `token_id` (FIRST_WORD_ID and up), one token when a space precedes it:
+    the words are the letter strings in order of length, then alphabetically (a .. z, aa .. zz, aaa ...)."""
+    index = token_id - FIRST_WORD_ID
+    if index < 0:
+        raise ValueError(f"token {token_id} is not a word (words start at {FIRST_WORD_ID})")
+    length = 1
+    while index >= len(_LETTERS) ** length:
+        index -= len(_LETTERS) ** length
+        length += 1
+    letters = []
+    for _ in range(length):
+        index, digit = divmod(index, len(_LETTERS))
+        letters.append(_LETTERS[digit])
+    return "".join(reversed(letters))
+
+
+def synthetic_text(word_ids: Iterable[int]) -> str:
+    """Text whose words are these token ids (each >= FIRST_WORD_ID): it tokenizes to exactly them."""
+    return " ".join(synthetic_word(int(i)) for i in word_ids)
+
+
+def save_synthetic_tokenizer(folder: Path, vocab_size: int):
+    """A byte-level BPE tokenizer with exactly `vocab_size` ids, saved in `folder` (and returned): the four
+    specials, the 256 byte symbols, then words (synthetic_word) whose every prefix is a token too, each built by
+    one merge from its prefix. Text is split GPT-2 style with a space added in front, so each word of a text is
+    one token and any other text still encodes (byte by byte). Byte-level BPE because transformers loads a
+    Qwen2 folder's tokenizer as its own Qwen2Tokenizer whatever tokenizer_config.json names, rebuilding it from
+    the vocabulary and merges with a byte-level pre-tokenizer; a word-level vocabulary would encode to nothing
+    there. Rows then tokenize to the lengths they are written with, over the model's whole vocabulary."""
+    import json
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from tokenizers.pre_tokenizers import ByteLevel
+    from transformers import PreTrainedTokenizerFast
+
+    if vocab_size <= FIRST_WORD_ID:
+        raise ValueError(f"a vocabulary of {vocab_size} has no room for words (at least {FIRST_WORD_ID + 1})")
+    vocab = {token: i for i, token in enumerate(SYNTHETIC_SPECIALS)}
+    vocab.update((symbol, len(SYNTHETIC_SPECIALS) + i) for i, symbol in enumerate(sorted(ByteLevel.alphabet())))
+    space = "\u0120"  # the byte-level symbol of " "
+    merges = []
+    for token_id in range(FIRST_WORD_ID, vocab_size):
+        word = space + synthetic_word(token_id)
+        vocab[word] = token_id
+        merges.append((word[:-1], word[-1]))
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A $B:1", special_tokens=[("<s>", 2)]
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, pad_token="<pad>", unk_token="<unk>", bos_token="<s>", eos_token="</s>"
+    )
+    fast.save_pretrained(folder)
+    # Read by Qwen2Tokenizer, which builds its own pre-tokenizer: the same leading space as above.
+    config_path = Path(folder) / "tokenizer_config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    config_path.write_text(json.dumps({**config, "add_prefix_space": True}, indent=2), encoding="utf-8")
+    return fast
+
+
+def save_random_causal_lm(
+    config,
+    folder: Path,
+    adapter_folder: Path | None = None,
+    *,
+    lora_rank: int = 8,
+    lora_targets: Iterable[str] = ("q_proj", "v_proj"),
+    seed: int = 0,
+) -> None:
+    """A causal LM built from `config` (a transformers config) with seeded random weights, saved as safetensors
+    with the synthetic tokenizer of its vocabulary size into `folder`; with `adapter_folder`, a PEFT LoRA adapter
+    (rank `lora_rank`, alpha 2 x rank, on `lora_targets`) saved there as adapter_model.safetensors. LoRA B starts
+    random, not zero (init_lora_weights=False), so that every LoRA unit has a gradient. Nothing is downloaded."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    folder.mkdir(parents=True, exist_ok=True)
+    config.pad_token_id, config.bos_token_id, config.eos_token_id = 0, 2, 3
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config)
+        model.save_pretrained(folder, safe_serialization=True)
+        save_synthetic_tokenizer(folder, config.vocab_size)
+        if adapter_folder is None:
+            return
+        from peft import LoraConfig, get_peft_model  # only an adapter needs peft
+
+        torch.manual_seed(seed + 1)
+        lora = LoraConfig(
+            r=lora_rank,
+            lora_alpha=2 * lora_rank,
+            lora_dropout=0.0,
+            target_modules=list(lora_targets),
+            init_lora_weights=False,
+            task_type="CAUSAL_LM",
+        )
+        get_peft_model(model, lora).save_pretrained(adapter_folder, safe_serialization=True)

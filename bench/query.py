@@ -116,7 +116,9 @@ def synthetic_token_rows(seed: int, start: int, stop: int, width: int):
     np.cumsum([len(h) for h in held], out=offsets[1:])
     rng = np.random.default_rng([seed, 10_000, start])
     values = rng.standard_normal((int(offsets[-1]), width), dtype=np.float32)
-    values *= np.repeat(np.exp(0.5 * rng.standard_normal(len(held), dtype=np.float32)), np.diff(offsets))[:, None]
+    values *= np.repeat(np.exp(0.5 * rng.standard_normal(len(held), dtype=np.float32)), np.diff(offsets))[
+        :, None
+    ]
     return TokenRows(offsets, np.concatenate(held).astype(np.int32), values)
 
 
@@ -357,10 +359,11 @@ class Splits:
         setattr(owner, name, self.timed(original, bucket))
 
     def install(self) -> None:
-        from app.services import queries, references
+        import influence
+        from app.services.queries import compute as queries
 
-        # The query's examples are featurized by app.services.references, which imports the function by name.
-        self.wrap(references, "featurize_examples", "gradient")
+        # The query's examples are featurized by app.services.references, which calls influence.featurize_examples.
+        self.wrap(influence, "featurize_examples", "gradient")
         self.wrap(queries, "prepare", "prepare")
         self.wrap(queries, "exact_scores", "scoring")
         self.wrap(queries, "_aggregate", "aggregation")
@@ -428,7 +431,7 @@ class EagerPatches:
     def __enter__(self):
         import influence.aggregation as aggregation
         import influence.scoring as scoring
-        from app.services import queries
+        from app.services.queries import compute as queries
 
         self._saved = [
             (scoring, "COMPILED_DOTS", scoring.COMPILED_DOTS),
@@ -624,7 +627,9 @@ def main(argv: list[str] | None = None) -> None:
         help="also run each query with the query gradient on all intra-op threads (before the one-thread worker)",
     )
     parser.add_argument(
-        "--variants", default=None, help="comma-separated of " + ", ".join(VARIANTS) + " (issue 12; module doc)"
+        "--variants",
+        default=None,
+        help="comma-separated of " + ", ".join(VARIANTS) + " (issue 12; module doc)",
     )
     args = parser.parse_args(argv)
     common.set_threads(args.threads)
@@ -655,7 +660,9 @@ def main(argv: list[str] | None = None) -> None:
                 measured = run_queries(service, "", n, repeats, args.warmups, variants, indexes)
                 measured["indexes"] = {variant: info for variant, (_, info) in built.items()}
                 results[str(n)] = measured
-                common.log(f"n={n}: " + ", ".join(f"{v} p50 {measured[v]['p50_s'] * 1000:.0f} ms" for v in variants))
+                common.log(
+                    f"n={n}: " + ", ".join(f"{v} p50 {measured[v]['p50_s'] * 1000:.0f} ms" for v in variants)
+                )
                 continue
             index_id, info = ready_index(service, n)
             common.log(f"n={n}: index {index_id} ready ({info}); querying")

@@ -25,23 +25,17 @@ A minimal session::
     test = featurize_examples(featurizer, loaded.tokenizer, test_examples, "classification")
     estimators = {n: make_estimator("grad-dot") for n in train.features}
     agg = aggregate(LazyScores(train.features, test.features, estimators), "rank")   # low = detrimental
+
+Public names are resolved on first access (PEP 562): `import influence.errors` or `import influence.registry`
+loads no torch, transformers or faiss, so the service's API process stays light; `from influence import
+load_model` imports what it needs then.
 """
 
-from influence.aggregation import (
-    AGGREGATORS,
-    aggregate,
-    aggregation_names,
-    average_ranks,
-    register_aggregator,
-)
-from influence.data import (
-    Batch,
-    Example,
-    encode_examples,
-    iter_batches,
-    read_labelled_tsv,
-    stratified_subsample,
-)
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
 from influence.errors import (
     InfluenceError,
     InvalidInputError,
@@ -51,44 +45,96 @@ from influence.errors import (
     UnknownLayerError,
     UnsupportedModelError,
 )
-from influence.estimators import (
-    ESTIMATORS,
-    Estimator,
-    estimator_class,
-    estimator_names,
-    fitted_estimator_names,
-    make_estimator,
-    register_estimator,
-)
-from influence.featurize import (
-    CheckpointFeaturizer,
-    FeatureSet,
-    build_store,
-    featurize_examples,
-    store_manifest,
-)
-from influence.finetune import LoraSettings, TrainSettings, finetune_lora, inject_label_noise, predict
-from influence.gradients import Featurizer, layer_cancellation, per_sample_gradients, per_sample_losses
-from influence.index import INDEX_KINDS, LayerIndex, build_store_indexes, load_store_indexes
-from influence.layers import Layer, discover_layers, layer_groups, select_layers
-from influence.loading import LoadedModel, load_model, load_tokenizer, packaged_minilm_path
-from influence.metrics import (
-    DEFAULT_NDR_PERCENTS,
-    Cancellation,
-    CancellationAccumulator,
-    auc_ndr,
-    cancellation,
-    ndr_at,
-    ndr_curve,
-    random_baseline_auc_ndr,
-    random_baseline_ndr_at,
-)
-from influence.projection import DEFAULT_DIM, PROJECTORS, ProjectionSpec, make_projector
-from influence.report import LayerReport, layer_report
-from influence.scoring import LazyScores, score_layer, score_tensor, top_k
-from influence.statistics import fit_store_statistics, missing_statistics, store_estimators, zero_layers
-from influence.store import FeatureStore, LayerSpec, StoreManifest
 from influence.version import __version__
+
+# Every lazy public name -> the module that defines it.
+_LAZY: dict[str, str] = {
+    # influence.aggregation
+    "aggregate": "influence.aggregation",
+    "aggregation_names": "influence.aggregation",
+    "AGGREGATORS": "influence.aggregation",
+    "average_ranks": "influence.aggregation",
+    "register_aggregator": "influence.aggregation",
+    # influence.data
+    "Batch": "influence.data",
+    "encode_examples": "influence.data",
+    "Example": "influence.data",
+    "iter_batches": "influence.data",
+    "read_labelled_tsv": "influence.data",
+    "stratified_subsample": "influence.data",
+    # influence.estimators
+    "Estimator": "influence.estimators",
+    "estimator_class": "influence.estimators",
+    "estimator_names": "influence.estimators",
+    "ESTIMATORS": "influence.estimators",
+    "fitted_estimator_names": "influence.estimators",
+    "make_estimator": "influence.estimators",
+    "register_estimator": "influence.estimators",
+    # influence.featurize
+    "build_store": "influence.featurize",
+    "CheckpointFeaturizer": "influence.featurize",
+    "FeatureSet": "influence.featurize",
+    "featurize_examples": "influence.featurize",
+    "store_manifest": "influence.featurize",
+    # influence.finetune
+    "finetune_lora": "influence.finetune",
+    "inject_label_noise": "influence.finetune",
+    "LoraSettings": "influence.finetune",
+    "predict": "influence.finetune",
+    "TrainSettings": "influence.finetune",
+    # influence.gradients
+    "Featurizer": "influence.gradients",
+    "layer_cancellation": "influence.gradients",
+    "per_sample_gradients": "influence.gradients",
+    "per_sample_losses": "influence.gradients",
+    # influence.index
+    "build_store_indexes": "influence.index",
+    "INDEX_KINDS": "influence.index",
+    "LayerIndex": "influence.index",
+    "load_store_indexes": "influence.index",
+    # influence.layers
+    "discover_layers": "influence.layers",
+    "Layer": "influence.layers",
+    "layer_groups": "influence.layers",
+    "select_layers": "influence.layers",
+    # influence.loading
+    "load_model": "influence.loading",
+    "load_tokenizer": "influence.loading",
+    "LoadedModel": "influence.loading",
+    "packaged_minilm_path": "influence.loading",
+    # influence.metrics
+    "auc_ndr": "influence.metrics",
+    "Cancellation": "influence.metrics",
+    "cancellation": "influence.metrics",
+    "CancellationAccumulator": "influence.metrics",
+    "DEFAULT_NDR_PERCENTS": "influence.metrics",
+    "ndr_at": "influence.metrics",
+    "ndr_curve": "influence.metrics",
+    "random_baseline_auc_ndr": "influence.metrics",
+    "random_baseline_ndr_at": "influence.metrics",
+    # influence.projection
+    "DEFAULT_DIM": "influence.projection",
+    "make_projector": "influence.projection",
+    "ProjectionSpec": "influence.projection",
+    "PROJECTORS": "influence.projection",
+    # influence.report
+    "layer_report": "influence.report",
+    "LayerReport": "influence.report",
+    # influence.scoring
+    "LazyScores": "influence.scoring",
+    "score_layer": "influence.scoring",
+    "score_tensor": "influence.scoring",
+    "top_k": "influence.scoring",
+    # influence.statistics
+    "fit_store_statistics": "influence.statistics",
+    "missing_statistics": "influence.statistics",
+    "store_estimators": "influence.statistics",
+    "zero_layers": "influence.statistics",
+    # influence.store
+    "FeatureStore": "influence.store",
+    "LayerSpec": "influence.store",
+    "StoreManifest": "influence.store",
+}
 
 __all__ = [
     "AGGREGATORS",
@@ -170,3 +216,22 @@ __all__ = [
     "top_k",
     "zero_layers",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        # `influence.metrics` after a bare `import influence`: the submodule, as when the package imported all.
+        try:
+            return importlib.import_module(f"{__name__}.{name}")
+        except ModuleNotFoundError as error:
+            if error.name != f"{__name__}.{name}":
+                raise
+        raise AttributeError(f"module 'influence' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # resolved once: later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

@@ -15,6 +15,8 @@ A new method is one function and one line::
 
     @register_aggregator("my-method")
     def _my_method(source: ScoreSource, options: AggregationOptions) -> torch.Tensor: ...
+
+torch is imported here on first use (influence.lazy): the service's API reads the method names without it.
 """
 
 from __future__ import annotations
@@ -27,9 +29,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import torch
 
 from influence.errors import InvalidInputError
+from influence.lazy import lazy_module
+
+# Imported on first use: the API reads this registry (the method names) without loading torch.
+torch = lazy_module("torch")
 
 # 64 MiB per float64 block; ranking holds a few temporaries of that size: a few hundred MiB whatever n, U, m.
 DEFAULT_CHUNK_ELEMENTS = 1 << 23

@@ -150,17 +150,32 @@ def iter_batches(
     task: str,
     batch_size: int,
     sort_by_length: bool = True,
+    max_tokens: int | None = None,
 ) -> Iterator[Batch]:
-    """Yield batches; with sort_by_length, rows of similar length go together (less padding).
+    """Yield batches of at most `batch_size` rows and, with `max_tokens`, at most that many tokens counting
+    padding (rows x longest row): LLM rows of 256 tokens then run in fewer rows than short sentences. A row
+    longer than the budget runs alone. With sort_by_length, rows of similar length go together (less padding).
 
     Each Batch.row_ids says which input rows it holds, so callers can put results back in order.
     """
+    if batch_size < 1:
+        raise InvalidInputError(f"batch_size must be at least 1, got {batch_size}")
+    if max_tokens is not None and max_tokens < 1:
+        raise InvalidInputError(f"max_tokens must be at least 1, got {max_tokens}")
     order = np.arange(len(encoded))
     if sort_by_length:
         order = np.argsort([len(e.input_ids) for e in encoded], kind="stable")
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size].tolist()
+    start = 0
+    while start < len(order):
+        stop, width = start, 0
+        while stop < len(order) and stop - start < batch_size:
+            wider = max(width, len(encoded[order[stop]].input_ids))
+            if max_tokens is not None and stop > start and (stop - start + 1) * wider > max_tokens:
+                break
+            stop, width = stop + 1, wider
+        idx = order[start:stop].tolist()
         yield collate([encoded[i] for i in idx], pad_token_id, task, idx)
+        start = stop
 
 
 def pad_token_id(tokenizer) -> int:

@@ -14,6 +14,10 @@ A new estimator is one class and one line::
 
 One with fitted statistics also sets requires_fit (and statistics_nbytes for the budget): every feature store
 the service builds then carries its state, restored for each query (influence.statistics).
+
+torch is imported here on first use (influence.lazy), inside the estimators' methods: the service's API reads
+this registry (names, requires_fit, needs_checkpoints, statistics_nbytes) without loading it. A plugin module
+may import torch at its top; the API then loads it with the plugin.
 """
 
 from __future__ import annotations
@@ -21,14 +25,18 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, ClassVar, TypeVar
-
-import torch
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 from influence.errors import InvalidInputError
-from influence.tokens import TokenRows
+from influence.lazy import lazy_module
 
-TrainChunks = Callable[[], Iterable[torch.Tensor]]
+if TYPE_CHECKING:
+    from influence.tokens import TokenRows
+
+# Imported on first use: the API reads this registry (names, requires_fit, ...) without loading torch.
+torch = lazy_module("torch")
+
+TrainChunks = Callable[[], Iterable["torch.Tensor"]]
 # DataInf on token rows: float64 numbers of its token-keyed table held at once (512 MiB).
 _TABLE_NUMBERS = 1 << 26
 

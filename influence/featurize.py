@@ -15,7 +15,7 @@ import torch
 
 from influence.data import Example, encode_examples, iter_batches, pad_token_id
 from influence.errors import InvalidInputError
-from influence.gradients import FeatureBatch, Featurizer
+from influence.gradients import DEFAULT_HEAD_CHUNK_TOKENS, FeatureBatch, Featurizer
 from influence.store import CheckpointSpec, FeatureStore, LayerSpec, StoreManifest
 from influence.tokens import TokenRows
 
@@ -52,8 +52,17 @@ class CheckpointFeaturizer:
         """Per unit, the size of each checkpoint's block."""
         return {name: [f.dims[name] for f in self.featurizers] for name in self.featurizers[0].dims}
 
-    def featurize(self, batch) -> FeatureBatch:
-        parts = [f.featurize(batch) for f in self.featurizers]
+    def featurize(
+        self,
+        batch,
+        *,
+        head_chunk_tokens: int | None = DEFAULT_HEAD_CHUNK_TOKENS,
+        checkpointing: bool = False,
+    ) -> FeatureBatch:
+        parts = [
+            f.featurize(batch, head_chunk_tokens=head_chunk_tokens, checkpointing=checkpointing)
+            for f in self.featurizers
+        ]
         features = {name: torch.cat([p.features[name] for p in parts], dim=1) for name in parts[0].features}
         return FeatureBatch(features, parts[-1].losses, parts[-1].logits)
 
@@ -82,9 +91,17 @@ def featurize_examples(
     *,
     batch_size: int = 32,
     max_length: int = 128,
+    max_tokens: int | None = None,
+    head_chunk_tokens: int | None = DEFAULT_HEAD_CHUNK_TOKENS,
+    checkpointing: bool = False,
     progress: ProgressCallback | None = None,
 ) -> FeatureSet:
-    """Projected per-sample gradients of `examples` (length-bucketed batches, results in input order)."""
+    """Projected per-sample gradients of `examples` (length-bucketed batches, results in input order).
+
+    Batches hold at most `batch_size` rows and `max_tokens` tokens counting padding (data.iter_batches);
+    `head_chunk_tokens` bounds the tokens whose vocabulary-wide logits a causal LM holds at once and
+    `checkpointing` recomputes the blocks' activations in backward (gradients.HookedModel). None of the three
+    changes the features, only the memory and time they take."""
     if not examples:
         raise InvalidInputError("no examples to featurize")
     encoded = encode_examples(tokenizer, examples, task, max_length)
@@ -99,8 +116,11 @@ def featurize_examples(
     losses = np.zeros(n, dtype=np.float64)
     predictions = np.full(n, -1, dtype=np.int64)
     done = 0
-    for batch in iter_batches(encoded, pad_token_id(tokenizer), task, batch_size, sort_by_length=True):
-        result = featurizer.featurize(batch)
+    batches = iter_batches(
+        encoded, pad_token_id(tokenizer), task, batch_size, sort_by_length=True, max_tokens=max_tokens
+    )
+    for batch in batches:
+        result = featurizer.featurize(batch, head_chunk_tokens=head_chunk_tokens, checkpointing=checkpointing)
         rows = batch.row_ids.numpy()
         for name, value in result.features.items():
             if name in token_units:
@@ -211,6 +231,9 @@ def build_store(
     row_ids: Sequence[int] | np.ndarray | None = None,
     chunks: Sequence[int] | None = None,
     batch_size: int = 32,
+    max_tokens: int | None = None,
+    head_chunk_tokens: int | None = DEFAULT_HEAD_CHUNK_TOKENS,
+    checkpointing: bool = False,
     progress: ProgressCallback | None = None,
     should_stop: Callable[[], bool] | None = None,
 ) -> list[int]:
@@ -218,7 +241,8 @@ def build_store(
 
     Idempotent and resumable: a chunk is written whole or not at all, so after a crash the next call
     redoes only what is missing. Several processes may run this on disjoint (or even the same) chunks.
-    `should_stop` is checked between chunks (cancellation).
+    `should_stop` is checked between chunks (cancellation). batch_size, max_tokens, head_chunk_tokens and
+    checkpointing: as featurize_examples.
     """
     manifest = store.manifest
     if len(examples) != manifest.num_rows:
@@ -240,6 +264,9 @@ def build_store(
             manifest.task,
             batch_size=batch_size,
             max_length=manifest.max_length,
+            max_tokens=max_tokens,
+            head_chunk_tokens=head_chunk_tokens,
+            checkpointing=checkpointing,
         )
         store.write_chunk(chunk, ids[start:end], feature_set.features)
         written.append(chunk)

@@ -33,7 +33,7 @@ from torch import nn
 
 from influence.data import Example, encode_examples, iter_batches, pad_token_id
 from influence.errors import InvalidInputError
-from influence.gradients import HookedModel, _padding_idx
+from influence.gradients import DEFAULT_HEAD_CHUNK_TOKENS, HookedModel, _padding_idx
 from influence.layers import Layer
 from influence.projection import ProjectionSpec, make_projector
 from influence.tokens import TokenRows
@@ -145,11 +145,17 @@ def agreement(projected: np.ndarray, exact: np.ndarray, k: int = TOP_K) -> UnitF
     )
 
 
-def _pass(model: nn.Module, layers: Sequence[Layer], handlers: dict[str, _Capture], batch):
+def _pass(
+    model: nn.Module,
+    layers: Sequence[Layer],
+    handlers: dict[str, _Capture],
+    batch,
+    memory: dict[str, Any] | None = None,
+):
     """One forward + backward of `batch`: (kept tokens per unit, projected features per unit (B, dim))."""
     for handler in handlers.values():
         handler.kept = None
-    with HookedModel(model, layers, handlers) as hooked:
+    with HookedModel(model, layers, handlers, **(memory or {})) as hooked:
         features, _, _ = hooked.backward_per_sample(batch)
     return {name: handler.kept for name, handler in handlers.items()}, features
 
@@ -176,8 +182,12 @@ def measure_fidelity(
     max_length: int = 128,
     dtype: str = "float16",
     batch_size: int = 16,
+    head_chunk_tokens: int | None = DEFAULT_HEAD_CHUNK_TOKENS,
+    checkpointing: bool = False,
 ) -> dict[str, UnitFidelity]:
-    """Per-unit fidelity of `projection` on a sample: `train` rows scored against `queries` (module doc)."""
+    """Per-unit fidelity of `projection` on a sample: `train` rows scored against `queries` (module doc).
+    head_chunk_tokens and checkpointing bound the memory of each pass as in featurization (the features do not
+    change)."""
     if len(train) < 2 or not queries:
         raise InvalidInputError("fidelity needs at least 2 training rows and 1 query row")
     if dtype not in ("float16", "float32"):
@@ -193,6 +203,7 @@ def measure_fidelity(
     }
     pad = pad_token_id(tokenizer)
     store_dtype = np.dtype(dtype)
+    memory = {"head_chunk_tokens": head_chunk_tokens, "checkpointing": checkpointing}
 
     def batches(examples):
         encoded = encode_examples(tokenizer, examples, task, max_length)
@@ -203,7 +214,7 @@ def measure_fidelity(
     query_features: dict[str, list[Any]] = {layer.name: [] for layer in layers}
     offset = 0
     for batch in batches(queries):
-        kept, features = _pass(model, layers, handlers, batch.to(device))
+        kept, features = _pass(model, layers, handlers, batch.to(device), memory)
         for layer in layers:
             tokens = kept[layer.name] or _empty(layer)
             query_tokens[layer.name].append(_Tokens(tokens.inputs, tokens.grads, tokens.rows + offset))
@@ -224,7 +235,7 @@ def measure_fidelity(
     projected = {layer.name: np.zeros((len(train), len(queries))) for layer in layers}
     offset = 0
     for batch in batches(train):
-        kept, features = _pass(model, layers, handlers, batch.to(device))
+        kept, features = _pass(model, layers, handlers, batch.to(device), memory)
         rows = slice(offset, offset + len(batch))
         for layer in layers:
             tokens = kept[layer.name] or _empty(layer)

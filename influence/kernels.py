@@ -16,6 +16,12 @@ warm cache (TORCHINDUCTOR_CACHE_DIR, by default under /tmp) and longer cold. So 
 enable_compiled_scoring() starts the compile (in a background thread with warm_up=True, else at first use);
 scoring then waits for it, so every score of a process comes from the same kernel. Any failure (no compiler,
 a compile error) is logged once and scoring stays eager.
+
+It serves CPU rows only. With queries on a GPU (influence.scoring.score_layer_streamed), a chunk of float16
+rows is converted to float32 on the device and multiplied by cuBLAS. For rows streamed from a store's
+memory-mapped files, the bus and the host's reads bound the speed, not the conversion, which no kernel on the
+device would shorten. For rows resident on the GPU, the float32 copy makes each feature cost 10 bytes of device
+memory traffic instead of 2; bench/gpu.py measures how far that is from the card's bandwidth.
 """
 
 from __future__ import annotations

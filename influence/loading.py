@@ -14,10 +14,22 @@ from pathlib import Path
 import torch
 
 from influence.data import check_task
-from influence.errors import UnsupportedModelError
+from influence.errors import InvalidInputError, UnsupportedModelError
 
 # Files that can carry pickled code; we never load them.
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+# The dtypes a model's weights may be loaded in for featurization, by name (settings, index params). Features
+# are float32 either way (influence.gradients widens bfloat16 captures before projecting them).
+COMPUTE_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def compute_dtype(name: str) -> torch.dtype:
+    """The torch dtype of a compute dtype name (`float32` or `bfloat16`)."""
+    if name not in COMPUTE_DTYPES:
+        raise InvalidInputError(
+            f"unknown compute dtype {name!r}; expected one of {', '.join(COMPUTE_DTYPES)}"
+        )
+    return COMPUTE_DTYPES[name]
 
 
 @dataclass
@@ -82,7 +94,9 @@ def _index_shards(index: Path) -> set[str]:
         raise UnsupportedModelError(f"{index.name} in {index.parent} is not readable JSON") from None
     weight_map = content.get("weight_map", {}) if isinstance(content, dict) else None
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-        raise UnsupportedModelError(f"{index.name} in {index.parent} has no weight_map of tensor -> file names")
+        raise UnsupportedModelError(
+            f"{index.name} in {index.parent} has no weight_map of tensor -> file names"
+        )
     return set(weight_map.values())
 
 

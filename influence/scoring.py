@@ -5,6 +5,11 @@ test features (m, k) of the same layer. Scores are float32 (n, m) per layer, pos
 
 On CPU, float16 rows against at most a few queries (an interactive query) go through the fused kernel of
 influence.kernels when it is enabled; everything else through the blocked BLAS path below.
+
+On another device (queries on a GPU), score_layer_streamed scores: rows already there are scored in place; rows
+in host memory (a store's memory-mapped files) are copied there a chunk at a time, in their own dtype, through
+two pinned staging buffers, so that the next chunk is read from the files while the device scores this one, and
+converted to float32 on the device. The compiled kernel is CPU-only (influence.kernels says why).
 """
 
 from __future__ import annotations
@@ -26,18 +31,13 @@ DEFAULT_CHUNK_ROWS = 65536
 # into one reused buffer: the converted block is still in cache when the product reads it, and no chunk-sized
 # temporaries are allocated (and page-faulted) per chunk. Measured by bench/scoring.py (docs/benchmarks.md).
 CPU_BLOCK_ELEMENTS = 1 << 20
-
-
-def _rows_as_tensor(features: Any, i0: int, i1: int, device: torch.device) -> torch.Tensor:
-    """Rows i0:i1 of a (n, k) array-like as float32 on `device`: a memmap's pages are read once, here."""
-    if isinstance(features, torch.Tensor):
-        rows = features[i0:i1]
-    else:
-        block = np.asarray(features[i0:i1])
-        if not block.flags.writeable:
-            block = block.copy()  # torch refuses read-only memory (a memmap opened with mode "r")
-        rows = torch.from_numpy(block)
-    return rows.to(device=device, dtype=torch.float32)
+# Rows from host memory are sent to another device in chunks of about this many features (8 MiB of float16 per
+# pinned staging buffer): large enough that a chunk's fixed costs (a few kernel launches, an event) are small
+# next to its copy across the bus, small enough that reading the next chunk overlaps the device's work early.
+# Rows already on the device are scored in chunks of chunk_rows: there, launches would dominate smaller ones.
+DEVICE_BLOCK_ELEMENTS = 1 << 22
+# Row dtypes sent to a device as they are stored; others are converted to float32 on the host first.
+_SENT_AS_STORED = (np.float16, np.float32)
 
 
 def _readonly_view(block: np.ndarray) -> torch.Tensor:
@@ -156,10 +156,59 @@ def score_layer(
 ) -> torch.Tensor:
     """Exact scores of one layer: train features (n, k) (array, memmap, tensor; float16/32/64) against
     queries (m, k). norms: optional (n,) train feature norms, used when the estimator needs them (computed per
-    chunk when none are given), e.g. a store's read-only memmap. Returns (n, m) float32 on the queries' device.
+    chunk when none are given), e.g. a store's read-only memmap. Returns (n, m) float32 on the queries' device:
+    queries on a GPU are scored there (score_layer_streamed).
     """
     if isinstance(train, TokenRows) or isinstance(queries, TokenRows):
         return score_token_rows(train, queries, estimator, norms)
+    n, k, transformed, norm_tensor = _prepare(train, queries, estimator, norms, chunk_rows, None)
+    device = transformed.device
+    if device.type != "cpu":
+        return _score_streamed(train, n, k, transformed, estimator, norm_tensor, chunk_rows)
+    kernel = None
+    if n > 0 and COMPILED_DOTS.serves(_element_dtype(train), transformed.shape[0]):
+        kernel = COMPILED_DOTS
+        # One pass over all rows when they lie contiguous in memory; otherwise (a view, a lazy source) block by block.
+        whole = _float16_rows(train, copy=False) if isinstance(train, np.ndarray | torch.Tensor) else None
+        if whole is not None and (norm_tensor is not None or not estimator.needs_norms):
+            return estimator.scale_rows(kernel(whole, transformed), norm_tensor)
+    out = torch.empty((n, transformed.shape[0]), dtype=torch.float32, device=device)
+    if n > 0:
+        block_rows = max(1, min(int(chunk_rows), n, CPU_BLOCK_ELEMENTS // max(1, k)))
+        buffer = torch.empty((block_rows, k), dtype=torch.float32)
+        _score_rows_cpu(train, 0, n, transformed, estimator, norm_tensor, out, buffer, kernel)
+    return out
+
+
+def score_layer_streamed(
+    train: Any,
+    queries: Any,
+    estimator: Estimator,
+    norms: Any = None,
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+    device: Any = None,
+) -> torch.Tensor:
+    """score_layer's path for queries on a GPU, on any `device` (default: the queries'): exact scores (n, m)
+    float32 on `device`, the train rows scored there a chunk (at most chunk_rows rows) at a time.
+
+    Rows on `device` already are scored in place. Rows in host memory (a store's read-only memmap, an array, a
+    CPU tensor) are copied into one of two staging buffers (pinned for a GPU) in their stored dtype, float16 or
+    float32 (others as float32), sent without blocking, and converted to float32 on the device: the host reads
+    the next chunk from the files while the device scores this one. The scores are those of score_layer up to
+    float32 summation order."""
+    if isinstance(train, TokenRows) or isinstance(queries, TokenRows):
+        raise InvalidInputError(
+            "token-row units are scored by score_layer (a join on token id), not streamed"
+        )
+    n, k, transformed, norm_tensor = _prepare(train, queries, estimator, norms, chunk_rows, device)
+    return _score_streamed(train, n, k, transformed, estimator, norm_tensor, chunk_rows)
+
+
+def _prepare(
+    train: Any, queries: Any, estimator: Estimator, norms: Any, chunk_rows: int, device: Any
+) -> tuple[int, int, torch.Tensor, torch.Tensor | None]:
+    """Checked shapes (n, k), the queries transformed once on `device` (default: theirs) as float32, and the
+    norms the estimator reads (None when it reads none)."""
     n, k = _feature_shape(train)
     query_tensor = _as_queries(queries)
     if query_tensor.ndim != 2 or query_tensor.shape[1] != k:
@@ -168,32 +217,74 @@ def score_layer(
         )
     if int(chunk_rows) < 1:
         raise InvalidInputError("chunk_rows must be positive")
+    if device is not None:
+        query_tensor = query_tensor.to(device)
     # Norms only matter to estimators that scale rows by them (cosine): the others never read them.
     norm_tensor = _norms_as_tensor(norms, n) if estimator.needs_norms else None
-    device = query_tensor.device
     if query_tensor.dtype in (torch.float16, torch.bfloat16):
         query_tensor = query_tensor.float()  # the transform is done at no less than float32 precision
     # Transform once (DataInf works in float64 inside), then score in float32.
     transformed = estimator.transform_query(query_tensor).to(torch.float32)
-    kernel = None
-    if device.type == "cpu" and n > 0 and COMPILED_DOTS.serves(_element_dtype(train), transformed.shape[0]):
-        kernel = COMPILED_DOTS
-        # One pass over all rows when they lie contiguous in memory; otherwise (a view, a lazy source) block by block.
-        whole = _float16_rows(train, copy=False) if isinstance(train, np.ndarray | torch.Tensor) else None
-        if whole is not None and (norm_tensor is not None or not estimator.needs_norms):
-            return estimator.scale_rows(kernel(whole, transformed), norm_tensor)
-    out = torch.empty((n, query_tensor.shape[0]), dtype=torch.float32, device=device)
-    if device.type == "cpu" and n > 0:
-        block_rows = max(1, min(int(chunk_rows), n, CPU_BLOCK_ELEMENTS // max(1, k)))
-        buffer = torch.empty((block_rows, k), dtype=torch.float32)
-        _score_rows_cpu(train, 0, n, transformed, estimator, norm_tensor, out, buffer, kernel)
-        return out
-    for i0 in range(0, n, int(chunk_rows)):
-        i1 = min(n, i0 + int(chunk_rows))
-        rows = _rows_as_tensor(train, i0, i1, device)
-        chunk_norms = None if norm_tensor is None else norm_tensor[i0:i1]
+    return n, k, transformed, norm_tensor
+
+
+def _score_streamed(
+    train: Any,
+    n: int,
+    k: int,
+    transformed: torch.Tensor,
+    estimator: Estimator,
+    norm_tensor: torch.Tensor | None,
+    chunk_rows: int,
+) -> torch.Tensor:
+    device = transformed.device
+    out = torch.empty((n, transformed.shape[0]), dtype=torch.float32, device=device)
+    on_device = isinstance(train, torch.Tensor) and train.device.type != "cpu"
+    block_rows = max(1, min(int(chunk_rows), n))
+    if not on_device:
+        block_rows = max(1, min(block_rows, DEVICE_BLOCK_ELEMENTS // max(1, k)))
+    pinned = device.type == "cuda" and not on_device
+    staging: list[torch.Tensor] = []
+    # Per staging buffer, the event recorded after its last copy to the device was queued: the buffer is
+    # refilled only once that copy has read it.
+    sent: list[Any] = [None, None]
+    for step, i0 in enumerate(range(0, n, block_rows)):
+        i1 = min(n, i0 + block_rows)
+        if on_device:
+            rows = train[i0:i1].to(device)
+        else:
+            host = _host_rows(train, i0, i1)
+            slot = step % 2
+            if not staging:
+                staging = [
+                    torch.empty((block_rows, k), dtype=host.dtype, pin_memory=pinned) for _ in range(2)
+                ]
+            if sent[slot] is not None:
+                sent[slot].synchronize()
+            buffer = staging[slot][: i1 - i0]
+            buffer.copy_(host)
+            rows = buffer.to(device, non_blocking=pinned)  # on the CPU: the buffer itself, scored at once
+            if pinned:
+                sent[slot] = torch.cuda.Event()
+                sent[slot].record()
+        chunk_norms = None if norm_tensor is None else norm_tensor[i0:i1].to(device)
         out[i0:i1] = estimator.score_transformed(rows, transformed, chunk_norms)
     return out
+
+
+def _host_rows(train: Any, i0: int, i1: int) -> torch.Tensor:
+    """Rows i0:i1 of host rows as a CPU tensor in the dtype they are sent in, without a copy where the source
+    allows (a read-only memmap is only read, by the copy into the staging buffer)."""
+    if isinstance(train, torch.Tensor):
+        rows = train[i0:i1]
+        return rows if rows.dtype in (torch.float16, torch.float32) else rows.float()
+    block = np.asarray(train[i0:i1])
+    if block.dtype not in _SENT_AS_STORED:  # float64, a non-native byte order, integers
+        block = np.ascontiguousarray(block, dtype=np.float32)
+    try:
+        return _readonly_view(block)
+    except ValueError:  # negative strides, which torch does not take
+        return _readonly_view(np.ascontiguousarray(block))
 
 
 def score_token_rows(train: Any, queries: Any, estimator: Estimator, norms: Any = None) -> torch.Tensor:

@@ -9,15 +9,19 @@ with: fitted ones restored from those statistics, never refitted per query.
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from influence.errors import StoreIncompleteError
 from influence.estimators import Estimator, estimator_class, fitted_estimator_names, make_estimator
-from influence.store import FeatureStore
-from influence.tokens import TokenRows
+from influence.lazy import lazy_module
+
+if TYPE_CHECKING:
+    from influence.store import FeatureStore
+
+# Imported on first use: the API asks missing_statistics() of a store without loading torch.
+torch = lazy_module("torch")
 
 STATISTICS_BLOCK_ROWS = 8192
 # Stores built before statistics were keyed by estimator hold DataInf's state alone, under its own keys
@@ -36,6 +40,9 @@ def zero_layers(store: FeatureStore, block_rows: int = STATISTICS_BLOCK_ROWS) ->
 
 
 def _values(block: Any) -> Any:
+    # Here, not at the top: influence.tokens imports torch (the store that yielded the block has loaded it).
+    from influence.tokens import TokenRows
+
     return block.values if isinstance(block, TokenRows) else block
 
 

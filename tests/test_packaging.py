@@ -53,6 +53,17 @@ def test_every_pin_lies_in_its_pyproject_range(lock, groups):
         assert pin.extras == ranges[name].extras, (pin, ranges[name])
 
 
+def test_the_gpu_lock_lies_in_the_core_and_gpu_ranges():
+    """requirements-gpu.txt (the GPU image: docs/gpu.md) swaps torch for a CUDA build of the same release and
+    faiss-cpu for faiss-gpu; both pins lie in pyproject's ranges (torch's `==` admits the `+cu128` local label)."""
+    pins, ranges = _pins(ROOT / "requirements-gpu.txt"), _ranges("", "gpu")
+    assert sorted(pins) == ["faiss-gpu", "torch"]
+    for name, pin in pins.items():
+        (version,) = [spec.version for spec in pin.specifier if spec.operator == "=="]
+        assert ranges[name].specifier.contains(version, prereleases=True), f"{pin} outside {ranges[name]}"
+    assert pins["torch"].specifier != _pins(ROOT / "requirements.txt")["torch"].specifier  # a CUDA build
+
+
 def test_torch_is_pinned_exactly_in_the_core():
     """A looser range lets pip pick a CUDA build of several GB (docs/decisions/0011-packages.md)."""
     assert str(_ranges("")["torch"].specifier) == str(_pins(ROOT / "requirements.txt")["torch"].specifier)
@@ -65,4 +76,6 @@ def test_the_server_ships_no_client_and_no_influence_command():
     assert {package.split(".")[0] for package in packages} == {"influence", "app", "worker"}
     # The client's folder at the root (where it used to be) would not be taken either.
     assert not any(fnmatch.fnmatchcase("influence_client", pattern) for pattern in include)
-    assert "scripts" not in PROJECT and "influence" not in PROJECT.get("entry-points", {}).get("console_scripts", {})
+    assert "scripts" not in PROJECT and "influence" not in PROJECT.get("entry-points", {}).get(
+        "console_scripts", {}
+    )

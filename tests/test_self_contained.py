@@ -20,7 +20,7 @@ sys.path.insert(0, ".")
 from tests.conftest import SST2 as tests_sst2
 from bench.common import SST2 as bench_sst2
 found = {"tests": str(tests_sst2), "bench": str(bench_sst2)}
-for name in ("demo", "reproduce_paper", "experiment_retraining"):
+for name in ("demo", "reproduce_paper", "experiment_retraining", "report_to_ci"):
     spec = importlib.util.spec_from_file_location(name, f"scripts/{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)  # module level only: each script runs its work under __main__
@@ -34,12 +34,16 @@ def test_a_clone_in_an_empty_folder_has_every_data_path(tmp_path):
     alone.mkdir()
     clone = alone / "repo"
     # What a clone of this tree holds: every file git tracks or would track (ignored ones, like .venv, are not).
-    listed = subprocess.run(
-        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-        cwd=REPO,
-        capture_output=True,
-        check=True,
-    ).stdout.decode().split("\0")
+    listed = (
+        subprocess.run(
+            ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+            cwd=REPO,
+            capture_output=True,
+            check=True,
+        )
+        .stdout.decode()
+        .split("\0")
+    )
     for name in filter(None, listed):
         source = REPO / name
         if source.is_file() and not source.is_symlink():
@@ -52,7 +56,14 @@ def test_a_clone_in_an_empty_folder_has_every_data_path(tmp_path):
         [sys.executable, "-c", PROBE], cwd=clone, capture_output=True, text=True, timeout=300, check=True
     )
     found = json.loads(probe.stdout.strip().splitlines()[-1])
-    assert set(found) == {"tests", "bench", "demo", "reproduce_paper", "experiment_retraining"}
+    assert set(found) == {
+        "tests",
+        "bench",
+        "demo",
+        "reproduce_paper",
+        "experiment_retraining",
+        "report_to_ci",
+    }
     for who, folder in found.items():
         folder = Path(folder).resolve()
         assert folder.is_relative_to(clone.resolve()), (who, folder)

@@ -1,4 +1,4 @@
-"""The one Celery task: ids in, one job step run (app/jobs/steps.py), its outcome recorded in the database."""
+"""The job-step task: ids in, one job step run (app/jobs/steps.py), its outcome recorded in the database."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from celery.signals import after_setup_logger, after_setup_task_logger, worker_p
 
 from app.config import get_settings
 from app.db import make_engine, make_session_factory
-from app.jobs.celery_app import STEP_TASK
+from app.jobs.celery_app import JOB_QUEUES, QUERY_QUEUE, STEP_TASK, consumed_queues
 from app.jobs.context import WorkerContext, configure_compute, resolve_device
 from app.jobs.dispatch import CeleryDispatcher
 from app.jobs.model_cache import ModelCache
@@ -60,8 +60,8 @@ def _log_format(**_) -> None:
 def _init_process(**_) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # The scoring kernel compiles at the first job that scores against a few reference rows (most never do), so
-    # that such a job scores with the same kernel as the API's queries.
-    configure_compute(get_settings(), compile_now=False)
+    # that such a job scores with the same kernel as queries; a process that answers queries compiles it now.
+    configure_compute(get_settings(), compile_now=QUERY_QUEUE in consumed_queues(app))
     if resolve_device(get_settings().device) == "cuda":
         # One pool process per GPU (python -m worker): process i featurizes on GPU i.
         index = getattr(current_process(), "index", 0) or 0
@@ -71,7 +71,10 @@ def _init_process(**_) -> None:
 @worker_ready.connect
 def _recover(**_) -> None:
     """A starting worker restarts jobs left queued or running (their messages may have died with a worker);
-    every step is idempotent and skips what is done or held by a live process."""
+    every step is idempotent and skips what is done or held by a live process. A worker that serves queries only
+    leaves that to the workers that run jobs."""
+    if not consumed_queues(app) & set(JOB_QUEUES):
+        return
     # Runs in the worker's main process, after the pool forked: a throw-away engine, disposed at once, so no
     # connection of this process is ever inherited by a pool process forked later.
     settings = get_settings()

@@ -34,7 +34,7 @@ from sqlalchemy.orm import Session
 
 from app.db import session_scope
 from app.jobs import state as job_state
-from app.jobs.context import WorkerContext
+from app.jobs.context import COMPUTE_DTYPE_KEY, WorkerContext, featurize_options
 from app.jobs.model_cache import ModelSpec
 from app.models import Dataset, Index, Job
 from app.services.datasets import read_rows
@@ -83,7 +83,8 @@ def _load_rows(session: Session, job: Job) -> _BuildRows:
         index_id=index.id,
         status=job.status,
         cancel_requested=bool(job.cancel_requested),
-        model=ModelSpec.of(model),
+        # A job created before compute dtypes existed computed in float32: its chunks must stay comparable.
+        model=ModelSpec.of(model, str((job.params or {}).get("compute_dtype", "float32"))),
         dataset=dataset,
         index_layers=tuple(index.layers),
         projection=projection_of(index),
@@ -179,7 +180,7 @@ def plan_build(ctx: WorkerContext, job_id: str) -> str:
         max_length=int(params.get("max_length", ctx.settings.max_length)),
         dtype=rows.dtype,
         chunk_size=int(params.get("chunk_size", ctx.settings.chunk_size)),
-        extra={"index_id": rows.index_id, "dataset_id": rows.dataset.id},
+        extra={"index_id": rows.index_id, "dataset_id": rows.dataset.id, COMPUTE_DTYPE_KEY: rows.model.dtype},
     )
     store = FeatureStore.create(ctx.settings.resolved_artifacts_dir / rows.store_path, manifest)
     pending = store.pending_chunks()
@@ -241,8 +242,8 @@ def build_chunk(ctx: WorkerContext, job_id: str, chunk: int) -> str:
                         cached.loaded.tokenizer,
                         examples,
                         store.manifest.task,
-                        batch_size=int(rows.params.get("batch_size", ctx.settings.batch_size)),
                         max_length=store.manifest.max_length,
+                        **featurize_options(ctx.settings, rows.params),
                     )
                 store.write_chunk(chunk, [r["row"] for r in records], features.features)
                 outcome = "written"
@@ -282,7 +283,7 @@ def finalize_build(ctx: WorkerContext, job_id: str) -> str:
         started = time.perf_counter()
         store.finalize()
         fit_store_statistics(store)
-        build_store_indexes(store, kind=rows.faiss_kind, keep=False)
+        build_store_indexes(store, kind=rows.faiss_kind, keep=False, device=ctx.device)
         size = directory_size(path)
         seconds = time.perf_counter() - started
         result = {
@@ -344,7 +345,7 @@ def compact_index(ctx: WorkerContext, job_id: str) -> str:
         fit_store_statistics(store)
         stale = stale_store_indexes(store)
         if stale:
-            build_store_indexes(store, kind=rows.faiss_kind, layers=stale, keep=False)
+            build_store_indexes(store, kind=rows.faiss_kind, layers=stale, keep=False, device=ctx.device)
         store.refresh()
         size = directory_size(path)
         result = {

@@ -1,6 +1,6 @@
-"""The models a worker process keeps loaded: one load per (model, weights, device), least recently used first
-out. A model is loaded only after its files pass the registration checks again (safetensors only, sizes) and its
-weights hash is compared with the one registered."""
+"""The models a worker process keeps loaded: one load per (model, weights, compute dtype, device), least recently
+used first out. A model is loaded only after its files pass the registration checks again (safetensors only,
+sizes) and its weights hash is compared with the one registered."""
 
 from __future__ import annotations
 
@@ -18,8 +18,10 @@ from app.errors import Conflict
 from app.models import RegisteredModel
 from app.services.models import check_before_load
 from influence import Featurizer, ProjectionSpec, discover_layers, load_model
+from influence.loading import compute_dtype
 
 log = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class ModelSpec:
@@ -33,9 +35,14 @@ class ModelSpec:
     adapter: str | None
     weights_hash: str
     layers: tuple[dict, ...]
+    # The dtype the weights are loaded in (`float32` | `bfloat16`): an index's features are computed in one
+    # dtype, and its queries must be featurized in the same one.
+    dtype: str = "float32"
 
     @classmethod
-    def of(cls, model: RegisteredModel) -> ModelSpec:
+    def of(cls, model: RegisteredModel, dtype: str = "float32") -> ModelSpec:
+        """The spec of a registered model, loaded in `dtype` (an index's compute dtype)."""
+        compute_dtype(dtype)  # an unknown name fails here, before anything is loaded
         adapter, expected = model.adapter, model.weights_hash
         if adapter is None and model.checkpoints:
             # No adapter of its own: featurize at the last checkpoint (the final model state).
@@ -50,6 +57,7 @@ class ModelSpec:
             adapter=adapter,
             weights_hash=expected,
             layers=tuple(model.layers),
+            dtype=dtype,
         )
 
 
@@ -94,8 +102,8 @@ def tokenizer_identity(tokenizer) -> str:
 
 
 class ModelCache:
-    """Loaded models of this process, keyed by (model id, weights hash, device); the least recently used
-    goes when more than `capacity` are held. Thread-safe: each key is loaded once."""
+    """Loaded models of this process, keyed by (model id, weights hash, compute dtype, device); the least
+    recently used goes when more than `capacity` are held. Thread-safe: each key is loaded once."""
 
     def __init__(self, capacity: int = 2):
         self.capacity = capacity
@@ -104,7 +112,7 @@ class ModelCache:
         self._loading: dict[tuple, threading.Lock] = {}
 
     def get(self, spec: ModelSpec, device: str) -> CachedModel:
-        key = (spec.id, spec.weights_hash, device)
+        key = (spec.id, spec.weights_hash, spec.dtype, device)
         with self._lock:
             if key in self._items:
                 self._items.move_to_end(key)
@@ -132,6 +140,7 @@ class ModelCache:
             task=spec.task,
             num_labels=spec.num_labels,
             adapter=spec.adapter,
+            dtype=compute_dtype(spec.dtype),
             device=device,
         )
         if loaded.weights_hash != spec.weights_hash:
@@ -140,7 +149,9 @@ class ModelCache:
                 f"{loaded.weights_hash[:12]}..., registered {spec.weights_hash[:12]}...); register it again"
             )
         layers = discover_layers(loaded.model)
-        log.info("loaded model %s on %s in %.1fs", spec.id, device, time.perf_counter() - started)
+        log.info(
+            "loaded model %s (%s) on %s in %.1fs", spec.id, spec.dtype, device, time.perf_counter() - started
+        )
         return CachedModel(loaded, layers, tokenizer_identity(loaded.tokenizer), device)
 
     def clear(self) -> None:
@@ -152,4 +163,3 @@ class ModelCache:
         with self._lock:
             for key in [key for key in self._items if key[0] == model_id]:
                 del self._items[key]
-

@@ -53,24 +53,28 @@ def _registered_aggregation(name: str) -> str:
     return name
 
 
+ESTIMATOR_HELP = (
+    "A registered estimator (influence.estimators): "
+    f"{', '.join(estimator_names(one_checkpoint=True))}, or one registered since the service started"
+)
+AGGREGATION_HELP = (
+    "A registered cross-layer aggregation (influence.aggregation): "
+    f"{', '.join(aggregation_names())}, or one registered since the service started"
+)
+# What a request's layers, estimator, aggregation and vote_k default to when not sent (app/services/
+# index_settings.py); the documented default is the one used without a recommendation.
+NOT_SENT = (
+    "Not sent: the index's settings (GET /v1/indexes/{id}/settings: its layer report's recommendation), else "
+    "this default"
+)
 EstimatorName = Annotated[
     str,
-    Field(
-        min_length=1,
-        max_length=64,
-        description="A registered estimator (influence.estimators): "
-        f"{', '.join(estimator_names(one_checkpoint=True))}, or one registered since the service started",
-    ),
+    Field(min_length=1, max_length=64, description=ESTIMATOR_HELP),
     AfterValidator(_served_estimator),
 ]
 AggregationName = Annotated[
     str,
-    Field(
-        min_length=1,
-        max_length=64,
-        description="A registered cross-layer aggregation (influence.aggregation): "
-        f"{', '.join(aggregation_names())}, or one registered since the service started",
-    ),
+    Field(min_length=1, max_length=64, description=AGGREGATION_HELP),
     AfterValidator(_registered_aggregation),
 ]
 Direction = Literal["helpful", "harmful", "both"]
@@ -312,10 +316,12 @@ class QueryRequest(BaseModel):
 
     examples: list[QueryExample] = Field(min_length=1)
     layers: LayerSelector | None = Field(
-        None, description="Layer names, groups or selectors, among the index's layers; default all of them"
+        None,
+        description="Layer names, groups or selectors, among the index's layers. Not sent: the index's settings "
+        "(GET /v1/indexes/{id}/settings: its layer report's recommendation), else all of them",
     )
-    estimator: EstimatorName = "grad-dot"
-    aggregation: AggregationName = "rank"
+    estimator: EstimatorName = Field("grad-dot", description=f"{NOT_SENT}; {ESTIMATOR_HELP}")
+    aggregation: AggregationName = Field("rank", description=f"{NOT_SENT}; {AGGREGATION_HELP}")
     vote_k: VoteK = 0.2
     top_k: int = Field(10, ge=1)
     direction: Direction = "both"
@@ -380,8 +386,72 @@ def fidelity_warning_field(layers: str) -> Any:
     )
 
 
+SettingsMode = Literal["latest-report", "pinned-report", "defaults"]
+SETTINGS_SOURCE = (
+    'Where the settings came from: "request" (the request named layers, estimator and aggregation), '
+    '"report <id>" (the index\'s layer report recommended what the request did not name) or "defaults"'
+)
+
+
+class AnswerSettings(BaseModel):
+    """The settings a query used, each with where it came from (app/services/index_settings.py)."""
+
+    layers: Any = Field(
+        description="The layer selector asked for, or the recommended layer units; null: every layer of the index"
+    )
+    estimator: str
+    aggregation: str
+    vote_k: float
+    sources: dict[str, str] = Field(
+        description='Per field: "request" (named by the request), "report <id>" (its recommendation) or "defaults"'
+    )
+    report_id: str | None = Field(
+        description="The layer report whose recommendation supplied a field, if one did"
+    )
+    note: str | None = Field(
+        description="Why a report's recommendation was not (wholly) used: it makes none (e.g. a model near chance), "
+        "or a query cannot use its correct-only aggregation"
+    )
+
+
+class WorkflowSettings(AnswerSettings):
+    """The settings an audit or a check used (a query's, plus correct_only)."""
+
+    correct_only: bool
+
+
+class IndexSettingsUpdate(BaseModel):
+    """Which settings the index's queries, audits and checks use for what they do not name."""
+
+    model_config = strict_body_config({"mode": "pinned-report", "report_id": "5e2d..."})
+
+    mode: SettingsMode = Field(
+        description="latest-report: the index's newest succeeded layer report (the default); pinned-report: the "
+        "report `report_id` (its deletion is refused while pinned); defaults: today's defaults, whatever reports say"
+    )
+    report_id: str | None = Field(
+        None,
+        min_length=1,
+        max_length=32,
+        description="The layer report to pin: required with pinned-report only",
+    )
+
+
+class IndexSettingsOut(BaseModel):
+    index_id: str
+    mode: SettingsMode
+    report_id: str | None = Field(description="The pinned layer report (pinned-report only)")
+    settings_source: str = Field(description=SETTINGS_SOURCE + ", for a request that names nothing")
+    settings: WorkflowSettings = Field(
+        description="What an audit or check that names nothing uses now (a query the same, without correct_only: "
+        "a recommended `-c` aggregation is used without its suffix)"
+    )
+
+
 class QueryResponse(BaseModel):
     index_id: str
+    settings_source: str = Field(description=SETTINGS_SOURCE)
+    settings: AnswerSettings
     estimator: str
     aggregation: str
     vote_k: float

@@ -62,6 +62,28 @@ class CheckpointOut(BaseModel):
     weights_hash: str
 
 
+class MemoryEstimateOut(BaseModel):
+    """What a worker needs to featurize with the model under the service's current settings
+    (compute_dtype, max_tokens_per_batch, head_chunk_tokens, activation_checkpointing, batch_size, max_length),
+    every layer unit tapped with the auto projection; an index build recomputes it for its own units."""
+
+    total_bytes: int = Field(description="The sum of the four parts")
+    weights_bytes: int = Field(description="The model's and its adapters' tensors at the compute dtype")
+    activations_bytes: int = Field(description="What the forward pass keeps for the backward pass, one batch")
+    head_bytes: int = Field(description="A causal LM's vocabulary-wide logits of head_chunk_tokens tokens")
+    gradients_bytes: int = Field(description="The taps' captures and per-row features of the units")
+    dtype: Literal["float32", "bfloat16"] = Field(description="The compute dtype (compute_dtype)")
+    tokens_per_batch: int = Field(description="Most tokens of one batch: max_tokens_per_batch or fewer")
+    weights_from: Literal["safetensors", "config"] = Field(
+        description="safetensors: the weight files' headers; config: arithmetic on the config's sizes"
+    )
+    worker_memory_bytes: int | None = Field(
+        description="The worker budget it is held to (worker_memory_bytes, else 80% of the worker device's "
+        "memory); null when unknown"
+    )
+    fits: bool = Field(description="Whether the estimate is within the budget: builds and queries need it")
+
+
 class ModelOut(BaseModel):
     model_config = ConfigDict(from_attributes=True)
 
@@ -76,6 +98,10 @@ class ModelOut(BaseModel):
     weights_hash: str = Field(description="sha256 over the safetensors of the model and its adapter")
     num_layers: int
     num_blocks: int
+    memory_estimate: MemoryEstimateOut | None = Field(
+        description="What a worker needs for the model under the current settings; null when its files cannot "
+        "be read now"
+    )
     created_at: UTCDateTime
 
 

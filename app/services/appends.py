@@ -338,7 +338,7 @@ def grow_store(
         if not present.any():
             store.append(ids, features())
         fit_store_statistics(store)
-        _sync_faiss(store, index.faiss_kind)
+        _sync_faiss(store, index.faiss_kind, getattr(ctx, "device", None))
         store.refresh()
         live, deleted = store.num_live_rows, int(store.deleted_row_ids().size)
         size = directory_size(store.path)
@@ -358,13 +358,14 @@ def grow_store(
     return live
 
 
-def _sync_faiss(store: Any, kind: str) -> None:
-    """Add the appended rows to each layer's FAISS index; rebuild the indexes that no longer match the store."""
+def _sync_faiss(store: Any, kind: str, device: str | None) -> None:
+    """Add the appended rows to each layer's FAISS index; rebuild the indexes that no longer match the store
+    (on the worker's device: a GPU builds them when it has one; the files are CPU indexes either way)."""
     with contextlib.suppress(ManifestMismatchError, StoreIncompleteError):
-        sync_store_indexes(store)
+        sync_store_indexes(store, device=device)
     stale = stale_store_indexes(store)
     if stale:
-        build_store_indexes(store, kind=kind, layers=stale)
+        build_store_indexes(store, kind=kind, layers=stale, device=device)
 
 
 def _index(ctx: Any, index_id: str) -> Index:

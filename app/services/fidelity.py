@@ -48,6 +48,8 @@ FIDELITY_SEED = 0
 # and one training batch's beside them: above this many bytes the sample is not measured (skipped, with why)
 # rather than risk the worker's memory.
 FIDELITY_MEMORY_BYTES = 4 * 1024**3
+# Most rows in one batch of the measurement; fewer where the longest row times this exceeds the worker's
+# max_tokens_per_batch (`batch_rows`).
 FIDELITY_BATCH_ROWS = 16
 
 
@@ -85,9 +87,22 @@ def _finite(value: float) -> float | None:
     return round(float(value), 6) if math.isfinite(value) else None
 
 
-def _held_bytes(layers: Sequence[Any], query_lengths: Sequence[int], train_lengths: Sequence[int]) -> int:
+def batch_rows(lengths: Sequence[int], max_tokens: int) -> int:
+    """Rows per batch of the measurement: FIDELITY_BATCH_ROWS, fewer where that many of the longest rows would
+    exceed `max_tokens` (padding counted), at least 1. One size for the whole sample, which measure_fidelity
+    batches in its own order."""
+    longest = max(lengths, default=1)
+    return max(1, min(FIDELITY_BATCH_ROWS, max_tokens // max(longest, 1)))
+
+
+def _held_bytes(
+    layers: Sequence[Any],
+    query_lengths: Sequence[int],
+    train_lengths: Sequence[int],
+    rows: int = FIDELITY_BATCH_ROWS,
+) -> int:
     """Bytes of float64 (inputs, output gradients) the measurement holds at its peak: every query token of every
-    unit, and the longest training batch's tokens."""
+    unit, and the longest training batch's tokens (`rows` rows per batch)."""
     width = 0
     for layer in layers:
         if layer.kind == "embedding":
@@ -95,7 +110,7 @@ def _held_bytes(layers: Sequence[Any], query_lengths: Sequence[int], train_lengt
         else:
             width += layer.in_features + int(layer.has_bias) + layer.out_features
     ordered = sorted(train_lengths, reverse=True)
-    tokens = sum(query_lengths) + sum(ordered[:FIDELITY_BATCH_ROWS])
+    tokens = sum(query_lengths) + sum(ordered[:rows])
     return tokens * width * 8
 
 
@@ -104,6 +119,7 @@ def measure_build_fidelity(ctx: Any, rows: Any, store: Any) -> dict[str, Any] | 
 
     ctx: the step's WorkerContext; rows: its _BuildRows snapshot of the job; store: the finalized store.
     Never raises (but for the cancellation it reports): a failure is recorded as {"skipped": ...} and logged."""
+
     def cancelled() -> bool:
         with session_scope(ctx.session_factory) as session:
             return job_state.is_cancel_requested(session, rows.job_id)
@@ -149,7 +165,8 @@ def _measure(ctx: Any, rows: Any, store: Any) -> dict[str, Any]:
         [len(e.input_ids) for e in encode_examples(tokenizer, part, manifest.task, manifest.max_length)]
         for part in (queries, train)
     ]
-    held = _held_bytes(layers, lengths[0], lengths[1])
+    rows_per_batch = batch_rows([*lengths[0], *lengths[1]], settings.max_tokens_per_batch)
+    held = _held_bytes(layers, lengths[0], lengths[1], rows_per_batch)
     if held > FIDELITY_MEMORY_BYTES:
         return {
             "skipped": f"the sample would hold {held / 1024**3:.1f} GiB of activations and gradients (limit "
@@ -168,7 +185,9 @@ def _measure(ctx: Any, rows: Any, store: Any) -> dict[str, Any]:
             manifest.task,
             max_length=manifest.max_length,
             dtype=manifest.dtype,
-            batch_size=FIDELITY_BATCH_ROWS,
+            batch_size=rows_per_batch,
+            head_chunk_tokens=settings.head_chunk_tokens,
+            checkpointing=settings.activation_checkpointing,
         )
     seconds = time.perf_counter() - started
     limit = threshold()

@@ -16,6 +16,7 @@ import numpy as np
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
+import influence
 from app.config import Settings
 from app.db import after_commit
 from app.errors import Conflict, Invalid
@@ -24,27 +25,20 @@ from app.jobs.kinds import INDEX_BUILD, INDEX_COMPACT
 from app.models import Dataset, Index, Job, RegisteredModel, new_id, utcnow
 from app.schemas.indexes import IndexCreate
 from app.services.datasets import get_dataset
-from app.services.models import get_model
+from app.services.models import get_model, refuse_over_budget, registered_estimate
 from app.services.tenancy import owned
 from app.stores import index_dir, open_store
-from influence import (
-    Layer,
-    ProjectionSpec,
-    estimator_class,
-    fitted_estimator_names,
-    make_projector,
-    select_layers,
-)
 from influence.errors import InvalidInputError
+from influence.estimators import estimator_class, fitted_estimator_names
 from influence.files import remove_tree
 
 
 def layer_from_dict(data: dict[str, Any]):
     """An influence.Layer from the registration's Layer.to_dict() record."""
-    fields = set(Layer.__dataclass_fields__)
+    fields = set(influence.Layer.__dataclass_fields__)
     values = {key: value for key, value in data.items() if key in fields}
     values["groups"] = tuple(values.get("groups") or ())
-    return Layer(**values)
+    return influence.Layer(**values)
 
 
 def registered_layers(model) -> list:
@@ -80,7 +74,7 @@ def projection_of(index: Index) -> dict[str, Any]:
 def projection_spec(projection: dict[str, Any]):
     """influence.ProjectionSpec of a projection mapping (InvalidInputError -> 422 naming `projection`)."""
     try:
-        return ProjectionSpec.from_dict(projection)
+        return influence.ProjectionSpec.from_dict(projection)
     except InvalidInputError as exc:
         message = str(exc)
         raise Invalid(message if message.startswith("projection") else f"projection: {message}") from exc
@@ -90,7 +84,7 @@ def feature_dims(layers: Sequence, projection: dict[str, Any]) -> dict[str, int]
     """Feature size per layer under a projection, per-unit overrides included (InvalidInputError for impossible
     combinations, e.g. an identity projection too large)."""
     spec = projection_spec(projection)
-    return {layer.name: make_projector(spec, layer).dim for layer in layers}
+    return {layer.name: influence.make_projector(spec, layer).dim for layer in layers}
 
 
 def unit_projections(index: Index, model) -> dict[str, dict[str, Any]]:
@@ -173,7 +167,7 @@ def create_index(
             raise Invalid(
                 f"dataset {dataset.id!r} has labels {bad[:5]} outside the model's {classes} classes [0, {classes})"
             )
-    layers = select_layers(registered_layers(model), body.layers)  # UnknownLayerError -> 422
+    layers = influence.select_layers(registered_layers(model), body.layers)  # UnknownLayerError -> 422
     spec = projection_spec(body.projection.spec_dict())
     check_projection_units(spec, layers)
     projection = spec.to_dict()
@@ -183,6 +177,9 @@ def create_index(
     chunk_size = body.chunk_size or settings.chunk_size
     max_length = body.max_length or settings.max_length
     check_feature_budget(settings, spec, layers, dims, body.dtype, max_length)
+    # The settings may have changed since the model was registered: its estimate is held to today's budget.
+    estimate = registered_estimate(settings, model, layers, projection=spec, max_length=max_length)
+    refuse_over_budget(settings, model.name, estimate)
     num_chunks = math.ceil(dataset.row_count / chunk_size)
 
     index_id = new_id()
@@ -218,6 +215,12 @@ def create_index(
             "chunk_size": chunk_size,
             "max_length": max_length,
             "batch_size": settings.batch_size,
+            # How the chunks featurize: memory bounds, and the dtype the features are computed in (queries
+            # featurize in the same one, from the store's manifest).
+            "max_tokens_per_batch": settings.max_tokens_per_batch,
+            "head_chunk_tokens": settings.head_chunk_tokens,
+            "compute_dtype": settings.compute_dtype,
+            "activation_checkpointing": settings.activation_checkpointing,
             "num_layers": len(layers),
             "feature_dim_total": sum(dims.values()),
         },
@@ -264,7 +267,9 @@ def check_feature_budget(
     # The statistics every fitted estimator (DataInf: a k x k float64 matrix per dense unit) keeps per unit.
     fitted = [estimator_class(name) for name in fitted_estimator_names()]
     statistics = {
-        name: sum(cls.statistics_nbytes(dim, spec.for_layer(by_name[name]).kind == "tokens") for cls in fitted)
+        name: sum(
+            cls.statistics_nbytes(dim, spec.for_layer(by_name[name]).kind == "tokens") for cls in fitted
+        )
         for name, dim in dims.items()
     }
     if sum(statistics.values()) > settings.max_statistics_bytes:

@@ -12,7 +12,9 @@ Order of work, cheapest first, so a bad request fails fast and nothing heavy run
   4. layers: the architecture is instantiated from its config on torch's meta device (no memory, no
      weights), the PEFT adapter config applied, then `influence.discover_layers`; only if that fails is the
      model loaded for real with `influence.load_model`; at most `max_model_layer_units` units;
-  5. weights hashes (sha256 over the safetensors), then the row.
+  5. memory: the estimate of what a worker needs for the model at the settings' batch budget
+     (influence.memory: safetensors headers, config sizes) against the worker budget; over it: 422 with both;
+  6. weights hashes (sha256 over the safetensors), then the row.
 
 The folders can change after registration: `check_before_load` repeats the containment check right before a
 process loads the model (app.jobs.model_cache.ModelCache).
@@ -29,7 +31,6 @@ from pathlib import Path
 from typing import Any
 
 import huggingface_hub.constants
-import torch
 from huggingface_hub import snapshot_download
 from huggingface_hub.errors import StrictDataclassError
 from sqlalchemy import select
@@ -38,7 +39,7 @@ from sqlalchemy.orm import Session
 import influence
 from app.config import Settings, get_settings
 from app.db import after_commit
-from app.errors import Conflict, Invalid
+from app.errors import Conflict, Invalid, ServiceError, Unavailable
 from app.models import Index, Job, RegisteredModel
 from app.schemas.models import ModelCreate
 from app.services import isolation
@@ -46,10 +47,14 @@ from app.services.paths import resolve_allowed_path
 from app.services.sources import delete_unless_indexed, refuse_while_indexed
 from app.services.tenancy import owned
 from app.workflows.experiment import state as experiment_state
-from influence import discover_layers, layer_groups, load_tokenizer
 from influence.errors import InfluenceError, UnsupportedModelError
 from influence.files import remove_tree
-from influence.loading import check_safetensors_only, weights_hash
+from influence.lazy import lazy_module
+
+# Imported on first use (both import torch): by model inspection, in a request process (in the API itself when
+# request_processes = 0), and by worker-capacity checks.
+loading = lazy_module("influence.loading")
+memory = lazy_module("influence.memory")
 
 log = logging.getLogger(__name__)
 
@@ -215,7 +220,9 @@ def _check_labels(config: dict, where: str, limit: int) -> None:
         if value is None:
             continue
         if not isinstance(value, dict):
-            raise Invalid(f"config.json: {where}{key} must be an object of at most {limit} classes (max_num_labels)")
+            raise Invalid(
+                f"config.json: {where}{key} must be an object of at most {limit} classes (max_num_labels)"
+            )
         if len(value) > limit:
             raise Invalid(
                 f"config.json: {where}{key} names {len(value)} classes, over the limit of {limit} (max_num_labels)"
@@ -243,7 +250,9 @@ def _read_config(config_path: Path, what: str, folder: Path) -> dict:
     try:
         size = config_path.stat().st_size
         if size > MAX_CONFIG_BYTES:
-            raise Invalid(f"{what} {folder}: config.json is {size:,} bytes; a config is at most {MAX_CONFIG_BYTES:,}")
+            raise Invalid(
+                f"{what} {folder}: config.json is {size:,} bytes; a config is at most {MAX_CONFIG_BYTES:,}"
+            )
         config = json.loads(config_path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
         # ValueError: malformed JSON and integers beyond Python's digit limit; RecursionError: deep nesting.
@@ -264,7 +273,9 @@ def check_tokenizer_files(folder: Path, what: str) -> None:
     )
 
 
-def check_model_folder(folder: Path, what: str, settings: Settings, roots: Sequence[Path], where: str) -> None:
+def check_model_folder(
+    folder: Path, what: str, settings: Settings, roots: Sequence[Path], where: str
+) -> None:
     check_folder_files(folder, roots, what, where)
     config_path = folder / "config.json"
     if not config_path.is_file():
@@ -275,7 +286,7 @@ def check_model_folder(folder: Path, what: str, settings: Settings, roots: Seque
             f"{what} {folder} needs custom code (config.json has auto_map); the service never runs remote code"
         )
     check_config_values(config, settings)
-    check_safetensors_only(folder)  # UnsupportedModelError (422) names pickle-only folders
+    loading.check_safetensors_only(folder)  # UnsupportedModelError (422) names pickle-only folders
     check_tokenizer_files(folder, what)
 
 
@@ -321,15 +332,12 @@ def check_before_load(source: str, revision: str | None, adapters: Iterable[str]
 
 
 def _load_config(folder: Path, task: str, num_labels: int | None):
-    # transformers takes seconds to import and only a registration needs it: the API and its request processes
-    # start without it.
+    # transformers: seconds to import, and only a registration needs it (the API starts without it).
     from transformers import AutoConfig
 
-    kwargs: dict[str, Any] = {"trust_remote_code": False}
-    if task == "classification" and num_labels is not None:
-        kwargs["num_labels"] = num_labels
+    labels = {"num_labels": num_labels} if task == "classification" and num_labels is not None else {}
     try:
-        return AutoConfig.from_pretrained(folder, **kwargs)
+        return AutoConfig.from_pretrained(folder, trust_remote_code=False, **labels)
     except (ValueError, OSError, KeyError, TypeError, StrictDataclassError) as exc:
         # StrictDataclassError: a config field of the wrong type that the size checks do not cover.
         raise UnsupportedModelError(f"cannot read the config of {folder}: {str(exc)[:500]}") from None
@@ -337,7 +345,8 @@ def _load_config(folder: Path, task: str, num_labels: int | None):
 
 def _meta_layers(config, task: str, adapter: Path | None):
     """Layer units of the architecture built on the meta device: shapes only, no memory, no weights."""
-    # transformers: a slow import that only a registration needs, as in _load_config.
+    # torch and transformers: slow imports that only a registration needs, as in _load_config.
+    import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     auto = AutoModelForSequenceClassification if task == "classification" else AutoModelForCausalLM
@@ -347,7 +356,7 @@ def _meta_layers(config, task: str, adapter: Path | None):
             from peft import PeftConfig, get_peft_model  # slower still; only for a model with an adapter
 
             model = get_peft_model(model, PeftConfig.from_pretrained(str(adapter)))
-    return discover_layers(model)
+    return influence.discover_layers(model)
 
 
 def _loaded_layers(folder: Path, task: str, num_labels: int | None, adapter: Path | None):
@@ -358,7 +367,7 @@ def _loaded_layers(folder: Path, task: str, num_labels: int | None, adapter: Pat
         raise
     except Exception as exc:
         raise UnsupportedModelError(f"cannot load {folder} as a {task} model: {exc}") from None
-    return discover_layers(loaded.model)
+    return influence.discover_layers(loaded.model)
 
 
 def describe_layers(
@@ -383,7 +392,9 @@ def describe_layers(
 # --- registration -----------------------------------------------------------------------------------------
 
 
-def register_model(session: Session, settings: Settings, spec: ModelCreate, tenant_id: str) -> RegisteredModel:
+def register_model(
+    session: Session, settings: Settings, spec: ModelCreate, tenant_id: str
+) -> RegisteredModel:
     """Validate, describe and record a model; the row is flushed, the caller's unit of work commits it. The
     folders are inspected in a request process (app/services/isolation.py): tokenizer, config and meta-device
     model builds and weight hashes are the work that would stall the API's other requests."""
@@ -417,12 +428,14 @@ def inspect_model(settings: Settings, spec: ModelCreate) -> dict[str, Any]:
 
     config = _load_config(folder, spec.task, spec.num_labels)
     num_labels = None if spec.task == "causal-lm" else int(spec.num_labels or config.num_labels)
-    load_tokenizer(folder)  # the worker needs it: a model without a usable tokenizer is refused now
+    loading.load_tokenizer(folder)  # the worker needs it: a model without a usable tokenizer is refused now
 
     # The layers a featurizer sees: with the adapter, else with the first checkpoint's adapter.
     listing_adapter = adapter or (checkpoints[0][1] if checkpoints else None)
     max_units = settings.max_model_layer_units
     layers = describe_layers(folder, config, spec.task, num_labels, listing_adapter, max_units)
+    adapters = [path for path in (adapter, *(ckpt for _, ckpt, _ in checkpoints)) if path is not None]
+    refuse_over_budget(settings, spec.name, estimate_memory(settings, folder, adapters, spec.task, layers))
     names_listed = [layer.name for layer in layers]
     for name, ckpt_folder, _ in checkpoints:
         if ckpt_folder == listing_adapter:
@@ -447,14 +460,76 @@ def inspect_model(settings: Settings, spec: ModelCreate) -> dict[str, Any]:
                 "name": name,
                 "adapter": str(ckpt_folder),
                 "learning_rate": rate,
-                "weights_hash": weights_hash(folder, ckpt_folder),
+                "weights_hash": loading.weights_hash(folder, ckpt_folder),
             }
             for name, ckpt_folder, rate in checkpoints
         ],
-        weights_hash=weights_hash(folder, adapter) if adapter else weights_hash(folder),
+        weights_hash=loading.weights_hash(folder, adapter) if adapter else loading.weights_hash(folder),
         layers=[layer.to_dict() for layer in layers],
-        groups=layer_groups(layers),
+        groups=influence.layer_groups(layers),
     )
+
+
+# --- what a worker can hold -------------------------------------------------------------------------------
+
+
+def worker_budget(settings: Settings) -> tuple[int | None, str]:
+    """The bytes a worker may use for one model (None: unknown) and where that number comes from."""
+    if settings.worker_memory_bytes is not None:
+        return settings.worker_memory_bytes, "INFLUENCE_WORKER_MEMORY_BYTES"
+    budget, what = memory.default_budget(settings.device)
+    return budget, f"{what}; set INFLUENCE_WORKER_MEMORY_BYTES where workers run on other machines"
+
+
+def estimate_memory(settings: Settings, folder: Path, adapters, task: str, layers, **build: Any):
+    """influence.memory's estimate at the settings' batch budget; `build`: an index's projection, max_length."""
+    knobs = {"dtype": settings.compute_dtype, "max_tokens": settings.max_tokens_per_batch}
+    knobs |= {
+        "head_chunk_tokens": settings.head_chunk_tokens,
+        "checkpointing": settings.activation_checkpointing,
+    }
+    knobs |= {"max_rows": settings.batch_size, "row_tokens": build.get("max_length") or settings.max_length}
+    units = {"selected_units": layers, "projection": build.get("projection"), "adapters": adapters}
+    return memory.estimate_model_memory(folder, task=task, **knobs, **units)
+
+
+def registered_estimate(settings: Settings, model: RegisteredModel, layers=None, **build: Any):
+    """The estimate of a registered model (all its units unless `layers`), or None when its files cannot be
+    read now (a moved folder, a snapshot gone from the hub cache): loading it then fails with its own error."""
+    adapters = [Path(raw) for raw in (model.adapter, *(c["adapter"] for c in model.checkpoints or ())) if raw]
+    try:
+        folder, _ = resolve_source(settings, model.source, model.revision)
+        return estimate_memory(settings, folder, adapters, model.task, layers or model.layers, **build)
+    except (ServiceError, InfluenceError, OSError) as exc:
+        log.info("no memory estimate for model %s: %s", model.id, exc)
+        return None
+
+
+def refuse_over_budget(settings: Settings, name: str, estimate, error: type[ServiceError] = Invalid) -> None:
+    """`error` (Invalid at registration and build start, Unavailable for a query) when the estimate is over
+    the worker budget, naming both, the parts and what would lower them."""
+    budget, source = worker_budget(settings)
+    if estimate is None or budget is None or estimate.total_bytes <= budget:
+        return
+    advice = [
+        "lower INFLUENCE_MAX_TOKENS_PER_BATCH",
+        *(["lower INFLUENCE_HEAD_CHUNK_TOKENS"] if estimate.head_bytes > estimate.activations_bytes else []),
+        *(["use INFLUENCE_COMPUTE_DTYPE=bfloat16"] if settings.compute_dtype == "float32" else []),
+        *([] if settings.activation_checkpointing else ["set INFLUENCE_ACTIVATION_CHECKPOINTING=true"]),
+    ]
+    needs = f"about {memory.format_bytes(estimate.total_bytes)} in a worker ({estimate.breakdown()})"
+    limit = f"{memory.format_bytes(budget)} ({source})"
+    what = f"model {name!r} needs {needs}; the worker budget is {limit}"
+    if error is Unavailable:
+        what = f"no worker can hold model {name!r}: it needs {needs}, and the budget is {limit}"
+    extensions = {"memory_estimate": estimate.to_dict(), "worker_memory_bytes": budget}
+    raise error(f"{what}: {', '.join(advice)} or give the workers more memory", **extensions)
+
+
+def require_worker_capacity(settings: Settings, model: RegisteredModel, layers=None) -> None:
+    """Unavailable (503) when no worker can hold the model (with `layers`: a query's units) under the current
+    settings, with the estimate and the budget."""
+    refuse_over_budget(settings, model.name, registered_estimate(settings, model, layers), Unavailable)
 
 
 # --- deletion ---------------------------------------------------------------------------------------------

@@ -14,23 +14,25 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from sqlalchemy.orm import Session
 
+import influence
 from app.config import Settings
 from app.errors import Conflict, Invalid
-from app.jobs.context import WorkerContext
-from app.jobs.model_cache import ModelCache, ModelSpec
+from app.jobs.context import WorkerContext, featurize_options, store_compute_dtype
 from app.models import Dataset, Index, RegisteredModel
 from app.schemas.indexes import QueryExample
 from app.schemas.references import ReferenceSet
 from app.services.datasets import get_dataset, read_rows
 from app.services.indexes import index_sources
 from app.stores import open_store
-from influence import ManifestMismatchError, featurize_examples
-from influence.data import Example
+from influence.errors import ManifestMismatchError
+
+if TYPE_CHECKING:
+    from app.jobs.model_cache import ModelCache
 
 
 @dataclass
@@ -77,7 +79,7 @@ def to_examples(given: Sequence[QueryExample], dataset: Dataset, task: str, wher
                 raise Invalid(f"{where}[{i}].label is required for a classification index")
         elif label is not None and not isinstance(label, str):
             label = str(label)
-        out.append(Example(text=example.text, label=label, text_pair=example.text_pair))
+        out.append(influence.Example(text=example.text, label=label, text_pair=example.text_pair))
     pairs = {example.text_pair is None for example in out}
     if len(pairs) > 1:
         raise Invalid(f"either every one of {where} has a text_pair or none does")
@@ -109,7 +111,9 @@ def _label_map(reference: Dataset, trained: Dataset) -> dict[int, int] | None:
         return None
     unknown = [name for name in ref_names if name not in train_names]
     if unknown:
-        raise Invalid(f"reference labels {unknown[:5]} are not labels of the index's dataset ({train_names[:10]})")
+        raise Invalid(
+            f"reference labels {unknown[:5]} are not labels of the index's dataset ({train_names[:10]})"
+        )
     return {i: train_names.index(name) for i, name in enumerate(ref_names)}
 
 
@@ -126,25 +130,29 @@ def resolve_reference(
     limit = settings.max_reference_rows
     if reference.examples is not None:
         if len(reference.examples) > limit:
-            raise Invalid(f"{len(reference.examples)} reference examples; at most {limit} (max_reference_rows)")
+            raise Invalid(
+                f"{len(reference.examples)} reference examples; at most {limit} (max_reference_rows)"
+            )
         for i, example in enumerate(reference.examples):
             for part in (example.text, example.text_pair or ""):
                 if len(part) > settings.max_text_chars:
-                    raise Invalid(f"reference.examples[{i}]: longer than {settings.max_text_chars} characters")
+                    raise Invalid(
+                        f"reference.examples[{i}]: longer than {settings.max_text_chars} characters"
+                    )
         examples = to_examples(reference.examples, trained, model.task, "reference.examples")
         check_labels(examples, model, "reference.examples")
-        return {
-            "examples": [
-                {"text": e.text, "text_pair": e.text_pair, "label": e.label} for e in examples
-            ]
-        }
+        return {"examples": [{"text": e.text, "text_pair": e.text_pair, "label": e.label} for e in examples]}
     dataset = get_dataset(session, reference.dataset_id or "", tenant_id)
     if dataset.task != model.task:
-        raise Invalid(f"reference dataset {dataset.id!r} is a {dataset.task} dataset; the model is {model.task}")
+        raise Invalid(
+            f"reference dataset {dataset.id!r} is a {dataset.task} dataset; the model is {model.task}"
+        )
     if reference.rows is not None:
         rows = sorted(set(reference.rows))
         if rows[-1] >= dataset.row_count:
-            raise Invalid(f"reference row {rows[-1]} is out of range: dataset {dataset.id!r} has {dataset.row_count}")
+            raise Invalid(
+                f"reference row {rows[-1]} is out of range: dataset {dataset.id!r} has {dataset.row_count}"
+            )
     else:
         rows = None
     count = len(rows) if rows is not None else min(dataset.row_count, reference.limit or dataset.row_count)
@@ -160,7 +168,9 @@ def resolve_reference(
         mapped = [label_map.get(int(x), -1) if label_map else int(x) for x in dataset.labels or []]
         bad = [x for x in mapped if not 0 <= x < classes]
         if bad:
-            raise Invalid(f"reference dataset {dataset.id!r} has labels outside [0, {classes}) for this model")
+            raise Invalid(
+                f"reference dataset {dataset.id!r} has labels outside [0, {classes}) for this model"
+            )
     return {
         "dataset_id": dataset.id,
         "rows": rows,
@@ -175,7 +185,10 @@ def resolve_reference(
 def load_reference(settings: Settings, session: Session, spec: dict[str, Any]) -> list:
     """The examples of a resolved reference spec (rows of its dataset, or the inline examples)."""
     if spec.get("examples") is not None:
-        return [Example(text=e["text"], label=e["label"], text_pair=e.get("text_pair")) for e in spec["examples"]]
+        return [
+            influence.Example(text=e["text"], label=e["label"], text_pair=e.get("text_pair"))
+            for e in spec["examples"]
+        ]
     dataset = session.get(Dataset, spec["dataset_id"])
     if dataset is None:
         raise Conflict(f"reference dataset {spec['dataset_id']!r} was deleted")
@@ -189,7 +202,7 @@ def load_reference(settings: Settings, session: Session, spec: dict[str, Any]) -
         label = row["label"]
         if label_map and label is not None:
             label = label_map[int(label)]
-        out.append(Example(text=row["text"], label=label, text_pair=row.get("text_pair")))
+        out.append(influence.Example(text=row["text"], label=label, text_pair=row.get("text_pair")))
     return out
 
 
@@ -260,9 +273,14 @@ def featurize_for_index(space: IndexSpace, examples: Sequence, layers: Sequence[
     """Projected per-layer gradients of `examples` in the space of the index's store: influence.FeatureSet.
 
     Checks first that what would be computed is what the store holds: model id, revision, weights hash,
-    tokenizer, dataset hash, projection and task (ManifestMismatchError -> 409), and the per-layer dims."""
+    tokenizer, dataset hash, projection and task (ManifestMismatchError -> 409), and the per-layer dims. The
+    model computes in the dtype the store's features were computed in (bfloat16 or float32), so the two stay
+    comparable; batch and chunk sizes are this process's settings (they bound memory, not the features)."""
     store, model = space.store, space.model
-    spec = ModelSpec.of(model)
+    # Here, not at the top: the model cache imports torch, which only the featurizing (worker) side loads.
+    from app.jobs.model_cache import ModelSpec
+
+    spec = ModelSpec.of(model, store_compute_dtype(store.manifest))
     cached = space.models.get(spec, space.device)
     featurizer = cached.featurizer(list(layers), store.manifest.projection)
     store.manifest.check_compatible(
@@ -283,14 +301,14 @@ def featurize_for_index(space: IndexSpace, examples: Sequence, layers: Sequence[
                 f"{store.layer_spec(name).dim}"
             )
     with cached.lock:
-        return featurize_examples(
+        return influence.featurize_examples(
             featurizer,
             cached.loaded.tokenizer,
             list(examples),
             model.task,
-            batch_size=space.settings.batch_size,
             max_length=store.manifest.max_length,
             progress=progress,
+            **featurize_options(space.settings),
         )
 
 

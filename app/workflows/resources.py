@@ -53,6 +53,8 @@ class WorkflowResource:
     delete_note: str = ""
     #: How summaries name it, when not `name` (e.g. "layer report" for the report whose id is `report_id`).
     title: str = ""
+    #: What refuses a deletion (a Conflict) before the row goes, e.g. a layer report an index pins.
+    before_delete: Callable[[Session, Job], None] | None = None
 
     def find(self, session: Session, resource_id: str, tenant_id: str) -> Job:
         """The resource of this tenant (404 for another tenant's, another kind's or an unknown id)."""
@@ -100,7 +102,10 @@ def add_list_and_delete(router: APIRouter, resource: WorkflowResource, prefix: s
         settings: SettingsDep,
         tenant: TenantDep,
     ) -> Response:
-        delete_job_resource(session, settings, resource.find(session, resource_id, tenant.id))
+        job = resource.find(session, resource_id, tenant.id)
+        if resource.before_delete is not None:
+            resource.before_delete(session, job)
+        delete_job_resource(session, settings, job)
         return Response(status_code=204)
 
     router.add_api_route(

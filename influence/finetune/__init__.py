@@ -17,19 +17,29 @@ The package: noise.py (label noise), settings.py (LoRA and optimisation settings
 an architecture), training.py (`finetune_lora`, `predict`), runs.py (the run folder above and its cache).
 """
 
-from influence.finetune.lora import resolve_lora_targets
-from influence.finetune.noise import inject_label_noise
-from influence.finetune.runs import (
-    BEST_LINK,
-    FORMAT_VERSION,
-    NOISY_MASK_FILE,
-    TRAIN_LABELS_FILE,
-    TRAINING_FILE,
-    EpochRecord,
-    FinetuneResult,
-)
-from influence.finetune.settings import LoraSettings, TrainSettings
-from influence.finetune.training import finetune_lora, predict, shuffled_length_buckets
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+# Public names resolved on first access (PEP 562): importing the package, or one of its modules, loads no
+# other module of it than those imported above (torch and faiss come with the modules that use them).
+_LAZY: dict[str, str] = {
+    "resolve_lora_targets": "influence.finetune.lora",
+    "inject_label_noise": "influence.finetune.noise",
+    "BEST_LINK": "influence.finetune.runs",
+    "EpochRecord": "influence.finetune.runs",
+    "FinetuneResult": "influence.finetune.runs",
+    "FORMAT_VERSION": "influence.finetune.runs",
+    "NOISY_MASK_FILE": "influence.finetune.runs",
+    "TRAIN_LABELS_FILE": "influence.finetune.runs",
+    "TRAINING_FILE": "influence.finetune.runs",
+    "LoraSettings": "influence.finetune.settings",
+    "TrainSettings": "influence.finetune.settings",
+    "finetune_lora": "influence.finetune.training",
+    "predict": "influence.finetune.training",
+    "shuffled_length_buckets": "influence.finetune.training",
+}
 
 __all__ = [
     "BEST_LINK",
@@ -47,3 +57,21 @@ __all__ = [
     "resolve_lora_targets",
     "shuffled_length_buckets",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        try:  # a submodule, as when the package imported them all
+            return importlib.import_module(f"{__name__}.{name}")
+        except ModuleNotFoundError as error:
+            if error.name != f"{__name__}.{name}":
+                raise
+        raise AttributeError(f"module 'influence.finetune' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

@@ -20,27 +20,38 @@ Rows deleted from the store (tombstones) stay in its indexes until a compaction;
 `exclude=store.deleted_positions()`. A compaction rewrites the segments, so indexes built before it no longer
 match the store (ManifestMismatchError on load): rebuild them with build_store_indexes.
 
-The package: kinds.py (LayerIndex and its registered kinds), store_indexes.py (a store's indexes on disk).
+With faiss-gpu, a usable GPU and the process' device cuda, indexes are built and searched on the GPU and
+saved as CPU indexes (devices.py: to_search_device decides); build, load and sync take the device.
+
+The package: kinds.py (LayerIndex and its registered kinds), store_indexes.py (a store's indexes on disk),
+devices.py (where an index is searched).
 """
 
-from influence.index.kinds import (
-    INDEX_KINDS,
-    FlatLayerIndex,
-    HNSWLayerIndex,
-    IVFLayerIndex,
-    LayerIndex,
-    default_nlist,
-    default_nprobe,
-    faiss_threads,
-    register_index_kind,
-)
-from influence.index.store_indexes import (
-    build_store_indexes,
-    indexable_layers,
-    load_store_indexes,
-    stale_store_indexes,
-    sync_store_indexes,
-)
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+# Public names resolved on first access (PEP 562): importing the package, or one of its modules, loads no
+# other module of it than those imported above (torch and faiss come with the modules that use them).
+_LAZY: dict[str, str] = {
+    "faiss_gpu_count": "influence.index.devices",
+    "to_search_device": "influence.index.devices",
+    "default_nlist": "influence.index.kinds",
+    "default_nprobe": "influence.index.kinds",
+    "faiss_threads": "influence.index.kinds",
+    "FlatLayerIndex": "influence.index.kinds",
+    "HNSWLayerIndex": "influence.index.kinds",
+    "INDEX_KINDS": "influence.index.kinds",
+    "IVFLayerIndex": "influence.index.kinds",
+    "LayerIndex": "influence.index.kinds",
+    "register_index_kind": "influence.index.kinds",
+    "build_store_indexes": "influence.index.store_indexes",
+    "indexable_layers": "influence.index.store_indexes",
+    "load_store_indexes": "influence.index.store_indexes",
+    "stale_store_indexes": "influence.index.store_indexes",
+    "sync_store_indexes": "influence.index.store_indexes",
+}
 
 __all__ = [
     "INDEX_KINDS",
@@ -51,10 +62,30 @@ __all__ = [
     "build_store_indexes",
     "default_nlist",
     "default_nprobe",
+    "faiss_gpu_count",
     "faiss_threads",
     "indexable_layers",
     "load_store_indexes",
     "register_index_kind",
     "stale_store_indexes",
     "sync_store_indexes",
+    "to_search_device",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        try:  # a submodule, as when the package imported them all
+            return importlib.import_module(f"{__name__}.{name}")
+        except ModuleNotFoundError as error:
+            if error.name != f"{__name__}.{name}":
+                raise
+        raise AttributeError(f"module 'influence.index' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

@@ -1,5 +1,6 @@
 """The index kinds: LayerIndex, a maximum-inner-product faiss index over one layer's features, and its
-registered kinds flat (exact), ivf and hnsw (approximate)."""
+registered kinds flat (exact), ivf and hnsw (approximate). An index is searched on a GPU where one is usable
+(influence.index.devices: LayerIndex.to_device, build and load take the process' device)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import numpy as np
 
 from influence.errors import InvalidInputError, StoreCorruptedError
 from influence.files import atomic_output
+from influence.index.devices import GPU_MAX_K, gpu_lock, search_gpu, to_cpu, to_search_device
 
 INDEX_KINDS: dict[str, type[LayerIndex]] = {}
 
@@ -64,7 +66,8 @@ def _float32_block(block: np.ndarray, what: str) -> np.ndarray:
 class LayerIndex(ABC):
     """A maximum-inner-product index over one layer's features; positions are store row positions.
 
-    Build with `LayerIndex.build(features, kind, **params)`, persist with save/load.
+    Build with `LayerIndex.build(features, kind, **params)`, persist with save/load. An index on a GPU
+    (`device` says where) answers as the same index on the CPU would, and is saved as a CPU index.
     """
 
     kind: ClassVar[str]
@@ -75,16 +78,21 @@ class LayerIndex(ABC):
     build_params: ClassVar[tuple[str, ...]] = ()
     search_params: ClassVar[tuple[str, ...]] = ()
 
-    def __init__(self, index: Any) -> None:
+    def __init__(self, index: Any, gpu: int | None = None) -> None:
+        """index: a faiss index of this kind; gpu: the GPU it lies on (a copy to_search_device made), or None."""
         if index.metric_type != faiss.METRIC_INNER_PRODUCT:
             raise InvalidInputError(f"{type(self).__name__} needs an inner-product faiss index")
         self._index = index
+        self._gpu = gpu
 
     # -- construction
 
     @staticmethod
-    def build(features: Any, kind: str = "flat", **params: Any) -> LayerIndex:
-        """Build an index of `kind` over features (n, dim) of any float dtype (fed as float32 blocks)."""
+    def build(features: Any, kind: str = "flat", device: Any = None, **params: Any) -> LayerIndex:
+        """Build an index of `kind` over features (n, dim) of any float dtype (fed as float32 blocks).
+
+        device: the process' device ("cpu", "cuda", ...; None: the CPU). Where the index will be searched on a
+        GPU, it is moved there empty, then trained and filled there."""
         cls = INDEX_KINDS.get(kind)
         if cls is None:
             raise InvalidInputError(f"unknown index kind {kind!r}; known: {sorted(INDEX_KINDS)}")
@@ -92,15 +100,29 @@ class LayerIndex(ABC):
         if unknown:
             raise InvalidInputError(f"index kind {kind!r} takes {list(cls.build_params)}, not {unknown}")
         matrix = _as_matrix(features, "features")
-        index = cls._create(matrix, **params)
-        layer_index = cls(index)
+        layer_index = cls(cls._create(matrix, **params)).to_device(device)
+        layer_index._train(matrix, **params)
         layer_index.add(matrix)
         return layer_index
 
     @classmethod
     @abstractmethod
     def _create(cls, features: np.ndarray, **params: Any) -> Any:
-        """An empty (trained, if the kind needs it) faiss index for features (n, dim)."""
+        """An empty, untrained faiss index for features (n, dim); the build parameters are checked here."""
+
+    def _train(self, features: np.ndarray, **params: Any) -> None:
+        """Train the empty index on features (n, dim) where it lies (kinds that need training)."""
+        return None
+
+    def to_device(self, device: Any) -> LayerIndex:
+        """This index where a process with `device` searches it (influence.index.devices.to_search_device):
+        a new LayerIndex over a GPU copy, or self when it stays where it is (an index on a GPU stays there)."""
+        if self._gpu is not None:
+            return self
+        moved = to_search_device(self._index, device)
+        if moved is self._index:
+            return self
+        return type(self)(moved, gpu=search_gpu(device))
 
     @staticmethod
     def from_faiss(index: Any) -> LayerIndex:
@@ -124,6 +146,11 @@ class LayerIndex(ABC):
     def faiss_index(self) -> Any:
         """The underlying faiss index (for benchmarks and advanced use)."""
         return self._index
+
+    @property
+    def device(self) -> str:
+        """Where the index lies: "cpu" or "cuda:<gpu>"."""
+        return "cpu" if self._gpu is None else f"cuda:{self._gpu}"
 
     @property
     def ntotal(self) -> int:
@@ -162,7 +189,12 @@ class LayerIndex(ABC):
         if matrix.shape[1] != self.dim:
             raise InvalidInputError(f"features have dim {matrix.shape[1]}, the index has {self.dim}")
         for start in range(0, len(matrix), ADD_BLOCK_ROWS):
-            self._index.add(_float32_block(matrix[start : start + ADD_BLOCK_ROWS], "features"))
+            block = _float32_block(matrix[start : start + ADD_BLOCK_ROWS], "features")
+            if self._gpu is None:
+                self._index.add(block)
+            else:
+                with gpu_lock(self._gpu):
+                    self._index.add(block)
 
     def search(self, queries: Any, top_k: int, exclude: Any = None) -> tuple[np.ndarray, np.ndarray]:
         """Top-k rows by inner product for each query, never one of the `exclude` positions.
@@ -178,40 +210,76 @@ class LayerIndex(ABC):
         if matrix.shape[1] != self.dim:
             raise InvalidInputError(f"queries have dim {matrix.shape[1]}, the index has {self.dim}")
         excluded = np.unique(np.asarray(exclude if exclude is not None else [], dtype=np.int64))
-        if excluded.size:
-            # Both selectors must outlive the search: the parameters hold raw pointers to them.
-            batch = faiss.IDSelectorBatch(excluded)
-            selector = faiss.IDSelectorNot(batch)
-            parameters = self._search_parameters(selector)
-            scores, positions = self._index.search(
-                _float32_block(matrix, "queries"), int(top_k), params=parameters
-            )
-            del parameters, selector, batch
+        block = _float32_block(matrix, "queries")
+        # A GPU index ignores ID selectors: it returns top_k + len(excluded) rows and the excluded ones are
+        # dropped after, which leaves the same top_k. Past the GPU's largest k, a CPU copy answers (rare: it
+        # takes thousands of deleted rows, which a compaction removes).
+        fetch = int(top_k) + int(excluded.size)
+        if self._gpu is not None and fetch <= GPU_MAX_K:
+            with gpu_lock(self._gpu):
+                scores, positions = self._index.search(block, min(fetch, max(self.ntotal, 1)))
+            scores, positions = _drop_excluded(scores, positions, excluded, int(top_k))
         else:
-            scores, positions = self._index.search(_float32_block(matrix, "queries"), int(top_k))
+            index = to_cpu(self._index, self._gpu)
+            scores, positions = self._search_cpu(index, block, int(top_k), excluded)
         positions = positions.astype(np.int64, copy=False)
         # faiss pads with -FLT_MAX; -inf cannot be mistaken for a real score.
         scores[positions < 0] = -np.inf
+        return scores, positions
+
+    def _search_cpu(
+        self, index: Any, queries: np.ndarray, top_k: int, excluded: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        if not excluded.size:
+            return index.search(queries, top_k)
+        # Both selectors must outlive the search: the parameters hold raw pointers to them.
+        batch = faiss.IDSelectorBatch(excluded)
+        selector = faiss.IDSelectorNot(batch)
+        parameters = self._search_parameters(selector)
+        scores, positions = index.search(queries, top_k, params=parameters)
+        del parameters, selector, batch
         return scores, positions
 
     # -- persistence
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write the index to `path` atomically (temp file in the same directory, then os.replace)."""
+        index = to_cpu(self._index, self._gpu)  # files hold CPU indexes, whatever the machine
         with atomic_output(path) as tmp:
-            faiss.write_index(self._index, str(tmp))
+            faiss.write_index(index, str(tmp))
 
     @staticmethod
-    def load(path: str | os.PathLike[str]) -> LayerIndex:
-        """Read an index written by save(); StoreCorruptedError if faiss cannot parse it."""
+    def load(path: str | os.PathLike[str], device: Any = None) -> LayerIndex:
+        """Read an index written by save(), placed for `device` (to_device); StoreCorruptedError if faiss
+        cannot parse it."""
         try:
             index = faiss.read_index(str(path))
         except RuntimeError as exc:
             raise StoreCorruptedError(f"FAISS index {path} is unreadable: {exc}") from None
-        return LayerIndex.from_faiss(index)
+        return LayerIndex.from_faiss(index).to_device(device)
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(ntotal={self.ntotal}, dim={self.dim}, params={self.params})"
+        return (
+            f"{type(self).__name__}(ntotal={self.ntotal}, dim={self.dim}, params={self.params}, "
+            f"device={self.device!r})"
+        )
+
+
+def _drop_excluded(
+    scores: np.ndarray, positions: np.ndarray, excluded: np.ndarray, top_k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The first top_k results of each query that are found (>= 0) and not excluded, in the order given; padded
+    with position -1 and score -inf."""
+    keep = positions >= 0
+    if excluded.size:
+        keep &= ~np.isin(positions, excluded)
+    out_scores = np.full((len(positions), top_k), -np.inf, dtype=np.float32)
+    out_positions = np.full((len(positions), top_k), -1, dtype=np.int64)
+    for j in range(len(positions)):
+        found = positions[j][keep[j]][:top_k]
+        out_positions[j, : len(found)] = found
+        out_scores[j, : len(found)] = scores[j][keep[j]][:top_k]
+    return out_scores, out_positions
 
 
 @register_index_kind
@@ -259,20 +327,36 @@ class IVFLayerIndex(LayerIndex):
             raise InvalidInputError(f"nlist must be a positive integer, got {nlist!r}")
         if n < nlist:
             raise InvalidInputError(f"an ivf index with nlist={nlist} needs at least {nlist} rows, got {n}")
-        seed = int(params.get("seed", 1234))
+        cls._check_nprobe(params.get("nprobe") or default_nprobe(nlist), nlist)
         quantizer = faiss.IndexFlatIP(dim)
+        # faiss' python constructor keeps a reference to the quantizer, so it lives as long as the index.
         index = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
-        index.cp.seed = seed
-        limit = nlist * cls._TRAIN_ROWS_PER_LIST
+        index.cp.seed = cls._seed(params)
+        return index
+
+    @staticmethod
+    def _seed(params: dict[str, Any]) -> int:
+        return int(params.get("seed", 1234))
+
+    def _train(self, features: np.ndarray, **params: Any) -> None:
+        n = len(features)
+        nlist = int(self._index.nlist)
+        seed = self._seed(params)
+        limit = nlist * self._TRAIN_ROWS_PER_LIST
         if n > limit:
             rows = np.sort(np.random.default_rng(seed).choice(n, size=limit, replace=False))
             sample = features[rows]
         else:
             sample = features
-        # faiss' python constructor keeps a reference to the quantizer, so it lives as long as the index.
-        index.train(_float32_block(sample, "features"))
-        index.nprobe = cls._check_nprobe(params.get("nprobe") or default_nprobe(nlist), nlist)
-        return index
+        block = _float32_block(sample, "features")
+        # A GPU copy starts from faiss' default k-means seed: set ours again where the index lies now.
+        self._index.cp.seed = seed
+        if self._gpu is None:
+            self._index.train(block)
+        else:
+            with gpu_lock(self._gpu):
+                self._index.train(block)
+        self._index.nprobe = self._check_nprobe(params.get("nprobe") or default_nprobe(nlist), nlist)
 
     @staticmethod
     def _check_nprobe(nprobe: Any, nlist: int) -> int:

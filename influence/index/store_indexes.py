@@ -1,5 +1,8 @@
 """A feature store's FAISS indexes (their layout: influence.index): built, loaded, brought up to date after
-appends and found stale; built indexes are committed beside the store with one switch of indexes.json."""
+appends and found stale; built indexes are committed beside the store with one switch of indexes.json.
+
+Each function takes the process' `device`: with a usable GPU (influence.index.devices) indexes are built and
+searched there; the files are CPU indexes either way."""
 
 from __future__ import annotations
 
@@ -143,11 +146,13 @@ def build_store_indexes(
     layers: Sequence[str] | None = None,
     num_threads: int | None = None,
     keep: bool = True,
+    device: Any = None,
     **params: Any,
 ) -> dict[str, LayerIndex]:
     """Build and save one index of `kind` per layer (default: all) over a complete store.
 
-    Indexes of layers not named are kept. num_threads sets faiss' OpenMP threads for the build only.
+    Indexes of layers not named are kept. num_threads sets faiss' OpenMP threads for the build only. device:
+    the process' device (None: the CPU); the returned indexes lie where it searches them.
     Returns layer name -> LayerIndex over store positions 0 .. num_rows - 1; with keep=False it returns {}
     and holds one layer's index in memory at a time (each is written out as soon as it is built: a flat index
     of 1M x 12 x 256 would otherwise hold 12 GB until the end).
@@ -162,7 +167,7 @@ def build_store_indexes(
         with faiss_threads(num_threads):
             for name in selected:
                 segments = store.layer_checksums(name)
-                layer_index = LayerIndex.build(store.layer(name), kind=kind, **params)
+                layer_index = LayerIndex.build(store.layer(name), kind=kind, device=device, **params)
                 saved[name] = _save_pending(store, layer_index, segments, folder)
                 if keep:
                     kept[name] = layer_index
@@ -174,9 +179,10 @@ def build_store_indexes(
 
 
 def load_store_indexes(
-    store: StoreReader, layers: Sequence[str] | None = None, verify: bool = True
+    store: StoreReader, layers: Sequence[str] | None = None, verify: bool = True, device: Any = None
 ) -> dict[str, LayerIndex]:
-    """Load the saved index of each layer (default: every indexed layer), checking it still fits the store.
+    """Load the saved index of each layer (default: every indexed layer), checking it still fits the store,
+    placed where a process with `device` searches it (None: the CPU).
 
     StoreIncompleteError when a layer has no index or its index misses appended rows (see
     sync_store_indexes); ManifestMismatchError when it was built over other data; StoreCorruptedError on a
@@ -199,7 +205,7 @@ def load_store_indexes(
                 f"the FAISS index of layer {name!r} covers {record['ntotal']} of {store.num_rows} rows; "
                 "run sync_store_indexes after an append"
             )
-        loaded[name] = _load_record(store, name, record, verify)
+        loaded[name] = _load_record(store, name, record, verify).to_device(device)
     return loaded
 
 
@@ -240,8 +246,11 @@ def stale_store_indexes(store: StoreReader) -> list[str]:
     ]
 
 
-def sync_store_indexes(store: StoreReader, layers: Sequence[str] | None = None) -> dict[str, LayerIndex]:
-    """Add rows appended to the store since each index was built, then save; returns the updated indexes.
+def sync_store_indexes(
+    store: StoreReader, layers: Sequence[str] | None = None, device: Any = None
+) -> dict[str, LayerIndex]:
+    """Add rows appended to the store since each index was built, then save; returns the updated indexes
+    (added to where a process with `device` searches them; None: the CPU).
 
     IVF lists keep their trained centroids: after large appends of shifted data, rebuilding gives better
     recall.
@@ -259,7 +268,7 @@ def sync_store_indexes(store: StoreReader, layers: Sequence[str] | None = None) 
             raise StoreIncompleteError(f"no FAISS index was built for layer {name!r}")
         if _covers_all(store, name, record):
             continue
-        layer_index = _load_record(store, name, record, verify=True)
+        layer_index = _load_record(store, name, record, verify=True).to_device(device)
         start = layer_index.ntotal
         for offset, block in store.iter_layer_chunks(name, ADD_BLOCK_ROWS):
             if offset + len(block) > start:

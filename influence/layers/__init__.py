@@ -22,27 +22,33 @@ MAX_PATTERN_TERMS regexes and globs, lists nested MAX_SELECTOR_DEPTH deep.
 The package: units.py (Layer, the groups), discovery.py (finding and naming a model's units), selectors.py.
 """
 
-from influence.layers.discovery import discover_layers, find_blocks
-from influence.layers.selectors import (
-    MAX_PATTERN_TERMS,
-    MAX_SELECTOR_CHARS,
-    MAX_SELECTOR_DEPTH,
-    MAX_SELECTOR_TERMS,
-    RE2_MAX_MEM,
-    glob_to_re2,
-    select_layers,
-)
-from influence.layers.units import (
-    KINDS,
-    POSITIONS,
-    ROLES,
-    Layer,
-    block_positions,
-    block_range_groups,
-    get_module,
-    layer_groups,
-    layer_weight,
-)
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+# Public names resolved on first access (PEP 562): importing the package, or one of its modules, loads no
+# other module of it than those imported above (torch and faiss come with the modules that use them).
+_LAZY: dict[str, str] = {
+    "discover_layers": "influence.layers.discovery",
+    "find_blocks": "influence.layers.discovery",
+    "glob_to_re2": "influence.layers.selectors",
+    "MAX_PATTERN_TERMS": "influence.layers.selectors",
+    "MAX_SELECTOR_CHARS": "influence.layers.selectors",
+    "MAX_SELECTOR_DEPTH": "influence.layers.selectors",
+    "MAX_SELECTOR_TERMS": "influence.layers.selectors",
+    "RE2_MAX_MEM": "influence.layers.selectors",
+    "select_layers": "influence.layers.selectors",
+    "block_positions": "influence.layers.units",
+    "block_range_groups": "influence.layers.units",
+    "get_module": "influence.layers.units",
+    "KINDS": "influence.layers.units",
+    "Layer": "influence.layers.units",
+    "layer_groups": "influence.layers.units",
+    "layer_weight": "influence.layers.units",
+    "POSITIONS": "influence.layers.units",
+    "ROLES": "influence.layers.units",
+}
 
 __all__ = [
     "KINDS",
@@ -64,3 +70,21 @@ __all__ = [
     "layer_weight",
     "select_layers",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        try:  # a submodule, as when the package imported them all
+            return importlib.import_module(f"{__name__}.{name}")
+        except ModuleNotFoundError as error:
+            if error.name != f"{__name__}.{name}":
+                raise
+        raise AttributeError(f"module 'influence.layers' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

@@ -10,12 +10,20 @@ The package follows the report's making: inputs.py (the features, masks, aggrega
 scores.py (one estimator's aggregated scores, one (n, m) block at a time: how the work is shared),
 recommendation.py (random-order baselines, the margins a recommendation must clear and why), cancellation.py
 and fidelity.py (what the caller's cancellation and projection fidelity add), build.py (`layer_report`, which
-composes them); results.py is what a report holds.
+composes them); results.py is what a report holds, defaults.py what a caller who names nothing gets.
 """
 
-from influence.report.build import DEFAULT_ESTIMATORS, DEFAULT_QUANTILES, layer_report
-from influence.report.inputs import CORRECT_SUFFIX, DEFAULT_AGGREGATIONS, layer_sets
-from influence.report.recommendation import random_auc_ndr_std, random_ndr_std
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from influence.report.defaults import (
+    CORRECT_SUFFIX,
+    DEFAULT_AGGREGATIONS,
+    DEFAULT_ESTIMATORS,
+    DEFAULT_QUANTILES,
+)
 from influence.report.results import (
     CancellationSummary,
     Criteria,
@@ -30,7 +38,16 @@ from influence.report.results import (
     ReportEntry,
     ScoreDistribution,
 )
-from influence.report.scores import aggregated_scores
+
+# Public names resolved on first access (PEP 562): importing the package, or one of its modules, loads no
+# other module of it than those imported above (torch and faiss come with the modules that use them).
+_LAZY: dict[str, str] = {
+    "layer_report": "influence.report.build",
+    "layer_sets": "influence.report.inputs",
+    "random_auc_ndr_std": "influence.report.recommendation",
+    "random_ndr_std": "influence.report.recommendation",
+    "aggregated_scores": "influence.report.scores",
+}
 
 __all__ = [
     "CORRECT_SUFFIX",
@@ -55,3 +72,21 @@ __all__ = [
     "random_auc_ndr_std",
     "random_ndr_std",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        try:  # a submodule, as when the package imported them all
+            return importlib.import_module(f"{__name__}.{name}")
+        except ModuleNotFoundError as error:
+            if error.name != f"{__name__}.{name}":
+                raise
+        raise AttributeError(f"module 'influence.report' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

@@ -10,14 +10,14 @@ from typing import Any
 import numpy as np
 
 from influence.errors import InvalidInputError
-from influence.estimators import Estimator, estimator_class, estimator_names
+from influence.estimators import Estimator
 from influence.fidelity import FIDELITY_WARNING
 from influence.layers import Layer
 from influence.metrics import DEFAULT_NDR_PERCENTS, Cancellation, auc_ndr, ndr_at
 from influence.report.cancellation import cancellation_summary
+from influence.report.defaults import DEFAULT_AGGREGATIONS, DEFAULT_ESTIMATORS, DEFAULT_QUANTILES
 from influence.report.fidelity import fidelity_input, fidelity_summary, set_fidelity
 from influence.report.inputs import (
-    DEFAULT_AGGREGATIONS,
     as_mapping,
     boolean_mask,
     layer_sets,
@@ -44,13 +44,6 @@ from influence.report.results import (
 from influence.report.scores import score_estimator
 from influence.scoring import top_k
 from influence.store import FeatureStore
-
-# Every estimator any index can serve (one checkpoint's features, the exact embedding's token rows included),
-# taken from the registry: the one default of the library and the service.
-DEFAULT_ESTIMATORS: tuple[str, ...] = tuple(
-    name for name in estimator_names(one_checkpoint=True) if estimator_class(name).token_rows_refusal is None
-)
-DEFAULT_QUANTILES: tuple[float, ...] = (0.0, 0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99, 1.0)
 
 _NO_MASK = "no noisy mask was given: the noise detection rate needs to know which training rows are noisy"
 

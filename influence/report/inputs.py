@@ -14,12 +14,10 @@ import torch
 from influence.aggregation import AGGREGATORS
 from influence.errors import InvalidInputError
 from influence.layers import Layer, layer_groups
+from influence.report.defaults import CORRECT_SUFFIX
 from influence.report.results import LayerSet
 from influence.store import FeatureStore
 from influence.tokens import TokenRows
-
-DEFAULT_AGGREGATIONS: tuple[str, ...] = ("mean", "rank", "vote", "rank-c", "vote-c")
-CORRECT_SUFFIX = "-c"
 
 # Rows per chunk when fitting an estimator on train features (float64 copies: 16k x 1024 x 8 = 128 MiB).
 _FIT_ROWS = 16384

@@ -23,8 +23,8 @@ from influence.aggregation import aggregate, combine_layer_aggregates
 from influence.errors import InvalidInputError
 from influence.estimators import Estimator, make_estimator
 from influence.layers import Layer
+from influence.report.defaults import DEFAULT_AGGREGATIONS
 from influence.report.inputs import (
-    DEFAULT_AGGREGATIONS,
     TrainSource,
     as_mapping,
     boolean_mask,

@@ -48,7 +48,11 @@ FeatureStore (feature_store.py) is their composition, StoreReader (protocol.py) 
 depend on. The file-system primitives (atomic writes, locks, checksums) are influence.files.
 """
 
-from influence.store.feature_store import FeatureStore
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
 from influence.store.manifest import (
     DTYPES,
     LAYOUTS,
@@ -60,6 +64,12 @@ from influence.store.manifest import (
     layer_file_stem,
 )
 from influence.store.protocol import StoreReader
+
+# Public names resolved on first access (PEP 562): importing the package, or one of its modules, loads no
+# other module of it than those imported above (torch and faiss come with the modules that use them).
+_LAZY: dict[str, str] = {
+    "FeatureStore": "influence.store.feature_store",
+}
 
 __all__ = [
     "DTYPES",
@@ -73,3 +83,21 @@ __all__ = [
     "StoreReader",
     "layer_file_stem",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        try:  # a submodule, as when the package imported them all
+            return importlib.import_module(f"{__name__}.{name}")
+        except ModuleNotFoundError as error:
+            if error.name != f"{__name__}.{name}":
+                raise
+        raise AttributeError(f"module 'influence.store' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

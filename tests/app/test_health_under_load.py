@@ -33,7 +33,14 @@ def served_index(tmp_path, sqlite_url, default_roots, tiny_model_dir, sst2_rows)
     folder = tiny_model_dir("bert", "classification", num_labels=2)
     model, dataset, index = built_index(api, folder, sst2_rows[:100], layers="middle", chunk_size=50)
     factory = "app.embedded:create_service_app"
-    server = ApiProcess(settings, tmp_path / "api.log", factory=factory, INFLUENCE_DEVICE="cpu").start()
+    # Queries computed by the API itself: this test measures the API's own responsiveness under query load.
+    server = ApiProcess(
+        settings,
+        tmp_path / "api.log",
+        factory=factory,
+        INFLUENCE_DEVICE="cpu",
+        INFLUENCE_QUERY_ON_WORKERS="false",
+    ).start()
     try:
         with httpx.Client(base_url=server.url, headers={"X-API-Key": api.token}, timeout=120) as client:
             warm = {"examples": [{"text": "a warm-up", "label": 1}], "layers": "middle"}

@@ -91,7 +91,11 @@ def _reads(noun: str, plural: str, *below: str, deletable: bool = True) -> dict:
 CROSS_TENANT = {
     **_reads("model", "models", "/layers"),
     **_reads("dataset", "datasets", "/rows"),
-    **_reads("index", "indexes"),
+    **_reads("index", "indexes", "/settings"),
+    ("PUT", "/v1/indexes/{index_id}/settings"): lambda b, a: (
+        404,
+        b.put(f"/v1/indexes/{a['index']}/settings", json={"mode": "pinned-report", "report_id": a["report"]}),
+    ),
     ("POST", "/v1/indexes"): lambda b, a: (
         404,
         b.post("/v1/indexes", json={"model_id": a["model"], "dataset_id": a["dataset"]}),
@@ -177,6 +181,7 @@ def test_another_tenant_sees_nothing(owner, route):
     assert client.get(f"/v1/models/{mine['model']}").status_code == 200
     assert client.get(f"/v1/datasets/{mine['dataset']}").status_code == 200
     assert client.get(f"/v1/indexes/{mine['index']}").json()["deleted_rows"] == 0
+    assert client.get(f"/v1/indexes/{mine['index']}/settings").json()["mode"] == "latest-report"
     assert client.get(f"/v1/jobs/{mine['queued_job']}").json()["status"] == "queued"
     assert client.get(f"/v1/audits/{mine['audit']}/scores").status_code == 200
     assert client.get(f"/v1/reports/{mine['report']}/html").status_code == 200

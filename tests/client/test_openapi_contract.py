@@ -14,11 +14,13 @@ Which keys are required depends on the direction:
 
 from __future__ import annotations
 
+import json
 import re
 import types
 import typing
 from collections.abc import Callable, Iterator
 from typing import Any, Literal, NamedTuple, NotRequired, Required
+from urllib.parse import parse_qs
 
 import httpx
 import pytest
@@ -64,6 +66,7 @@ SCHEMAS: dict[type, Mirror] = {
     schemas.Readiness: answer("Readiness"),
     schemas.CheckpointIn: body("CheckpointIn"),
     schemas.Checkpoint: answer("CheckpointOut"),
+    schemas.MemoryEstimate: answer("MemoryEstimateOut"),
     schemas.Model: answer("ModelOut"),
     schemas.Layer: answer("LayerOut"),
     schemas.ModelLayers: answer("ModelLayers"),
@@ -80,6 +83,10 @@ SCHEMAS: dict[type, Mirror] = {
     schemas.IndexFidelity: answer("IndexFidelity"),
     schemas.Index: answer("IndexOut"),
     schemas.IndexOptions: options("IndexCreate", "model_id", "dataset_id"),
+    schemas.AnswerSettings: answer("AnswerSettings"),
+    schemas.WorkflowSettings: answer("WorkflowSettings"),
+    schemas.IndexSettings: answer("IndexSettingsOut"),
+    schemas.IndexSettingsUpdate: body("IndexSettingsUpdate"),
     schemas.RowsDeleted: answer("RowsDeleted"),
     schemas.Example: body("QueryExample"),
     schemas.ScoringOptions: options(
@@ -92,6 +99,8 @@ SCHEMAS: dict[type, Mirror] = {
     schemas.Approximation: answer("Approximation"),
     schemas.QueryResult: answer("QueryResponse"),
     schemas.Reference: body("ReferenceSet"),
+    schemas.NoisyRows: body("NoisyRows"),
+    schemas.AuditReview: body("AuditReview"),
     schemas.AuditOptions: options("AuditCreate", "reference"),
     schemas.AuditTopRow: answer("AuditTopRow"),
     schemas.NoiseDetection: answer("NoiseDetection"),
@@ -143,18 +152,22 @@ CALLS: dict[str, Callable[[InfluenceClient, Any], Any]] = {
     "delete_index": lambda c, _: c.delete_index(ID),
     "delete_rows": lambda c, _: c.delete_rows(ID, [1, 2]),
     "compact": lambda c, _: c.compact(ID),
+    "index_settings": lambda c, _: c.index_settings(ID),
+    "set_index_settings": lambda c, _: c.set_index_settings(ID, "pinned-report", ID),
     "query": lambda c, _: c.query(ID, [EXAMPLE], top_k=3),
     "get_job": lambda c, _: c.get_job(ID),
     "list_jobs": lambda c, _: c.list_jobs(kind="audit"),
     "cancel_job": lambda c, _: c.cancel_job(ID),
     "wait_for_job": lambda c, _: c.wait_for_job(ID),
-    "create_audit": lambda c, _: c.create_audit(ID, REFERENCE, aggregation="mean"),
+    "create_audit": lambda c, _: c.create_audit(
+        ID, REFERENCE, aggregation="mean", review={"target_recall": 0.9, "noisy": "dataset"}
+    ),
     "get_audit": lambda c, _: c.get_audit(ID),
     "list_audits": lambda c, _: c.list_audits(),
     "delete_audit": lambda c, _: c.delete_audit(ID),
-    "audit_rows": lambda c, _: c.audit_rows(ID),
+    "audit_rows": lambda c, _: c.audit_rows(ID, review=True),
     "iter_audit_rows": lambda c, _: list(c.iter_audit_rows(ID)),
-    "download_audit": lambda c, _: c.download_audit(ID, "jsonl"),
+    "download_audit": lambda c, _: c.download_audit(ID, "jsonl", review=True),
     "download_audit_scores": lambda c, folder: c.download_audit_scores(ID, folder / "scores.safetensors"),
     "create_report": lambda c, _: c.create_report(ID, REFERENCE, estimators=["grad-dot"]),
     "get_report": lambda c, _: c.get_report(ID),
@@ -167,6 +180,8 @@ CALLS: dict[str, Callable[[InfluenceClient, Any], Any]] = {
         reference=REFERENCE,
         text_column="text",
         label_column="label",
+        target_recall=0.8,
+        noisy={"rows": [1, 2]},
         append=True,
     ),
     "get_check": lambda c, _: c.get_check(ID, flagged_only=True),
@@ -316,14 +331,39 @@ def test_every_typed_dict_matches_its_schema(document):
     assert errors == [], "\n".join(errors)
 
 
+class Sent(NamedTuple):
+    """What a request carried: its query parameters' names and its body's fields (JSON, form or multipart)."""
+
+    query: frozenset[str]
+    fields: frozenset[str]
+
+
+def _sent(request: httpx.Request) -> Sent:
+    content_type = request.headers.get("content-type", "")
+    content = request.read()
+    if content_type.startswith("application/json"):
+        fields = set(json.loads(content))
+    elif content_type.startswith("multipart/form-data"):
+        fields = {
+            name.decode() for name in re.findall(rb'Content-Disposition: form-data; name="([^"]+)"', content)
+        }
+    elif content_type.startswith("application/x-www-form-urlencoded"):
+        fields = set(parse_qs(content.decode(), keep_blank_values=True))
+    else:
+        fields = set()
+    return Sent(frozenset(request.url.params.keys()), frozenset(fields))
+
+
 class Recorder(httpx.BaseTransport):
     """Answers every request with one JSON body that each method can read (a finished job, an empty page)."""
 
     def __init__(self):
         self.requests: list[tuple[str, str]] = []
+        self.sent: list[Sent] = []
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
         self.requests.append((request.method, request.url.path))
+        self.sent.append(_sent(request))
         return httpx.Response(
             200, json={"id": ID, "status": "succeeded", "items": [], "total": 0, "offset": 0, "limit": 50}
         )
@@ -336,6 +376,20 @@ def _operation(document: dict[str, Any], method: str, path: str) -> str | None:
         if re.fullmatch(pattern, path) and method.lower() in operations:
             return f"{method} {template}"
     return None
+
+
+def _accepted(document: dict[str, Any], operation: str) -> Sent:
+    """The query parameters and the body fields an operation of the document takes."""
+    method, template = operation.split(" ", 1)
+    spec = document["paths"][template][method.lower()]
+    query = {p["name"] for p in spec.get("parameters", []) if p["in"] == "query"}
+    fields: set[str] = set()
+    for media in (spec.get("requestBody") or {}).get("content", {}).values():
+        schema = media["schema"]
+        if "$ref" in schema:
+            schema = document["components"]["schemas"][schema["$ref"].removeprefix(REF_PREFIX)]
+        fields |= set(schema.get("properties", {}))
+    return Sent(frozenset(query), frozenset(fields))
 
 
 def test_every_route_the_client_calls_is_in_the_document(document, tmp_path):
@@ -353,3 +407,45 @@ def test_every_route_the_client_calls_is_in_the_document(document, tmp_path):
         assert recorder.requests, f"{name} sent no request"
         missing += [f"{name}: {m} {p}" for m, p in recorder.requests if _operation(document, m, p) is None]
     assert missing == [], "routes the service does not have:\n" + "\n".join(missing)
+
+
+def test_every_parameter_and_field_the_client_sends_is_one_the_route_takes(document, tmp_path):
+    """A query parameter or a body field the service does not know would be ignored (or refused) there: e.g.
+    `review` of audit_rows, the targets of create_check, the body of set_index_settings."""
+    unknown = []
+    for name, call in CALLS.items():
+        recorder = Recorder()
+        with InfluenceClient("http://service", "key", transport=recorder) as client:
+            call(client, tmp_path)
+        for (method, path), sent in zip(recorder.requests, recorder.sent, strict=True):
+            operation = _operation(document, method, path)
+            assert operation is not None, f"{name}: {method} {path}"
+            accepted = _accepted(document, operation)
+            unknown += [f"{name}: query {key}" for key in sorted(sent.query - accepted.query)]
+            unknown += [f"{name}: field {key}" for key in sorted(sent.fields - accepted.fields)]
+    assert unknown == [], "sent, but not in the document:\n" + "\n".join(unknown)
+
+
+def test_scoring_options_left_out_are_not_sent(tmp_path):
+    """Layers, estimator, aggregation, vote_k, correct_only (and a check's threshold) a caller leaves out are
+    not sent: the service then takes them from the index's settings, which anything sent would override."""
+    sent = {
+        "query": lambda c: c.query(ID, [EXAMPLE]),
+        "create_audit": lambda c: c.create_audit(ID, REFERENCE),
+        "create_check": lambda c: c.create_check(
+            ID, b"text\tlabel\nfine\t1\n", reference=REFERENCE, text_column="text", label_column="label"
+        ),
+        "create_audit (estimator)": lambda c: c.create_audit(ID, REFERENCE, estimator="cosine"),
+    }
+    fields = {}
+    for name, call in sent.items():
+        recorder = Recorder()
+        with InfluenceClient("http://service", "key", transport=recorder) as client:
+            call(client)
+        fields[name] = set(recorder.sent[0].fields)
+    assert fields == {
+        "query": {"examples"},
+        "create_audit": {"reference"},
+        "create_check": {"file", "reference", "text_column", "label_column"},
+        "create_audit (estimator)": {"reference", "estimator"},
+    }

@@ -129,6 +129,29 @@ def test_per_sample_gradients_match_brute_force(tiny_model_dir, sst2_train, arch
     assert checked >= len(groups) - 2, "almost every unit must carry a gradient"
 
 
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_causal_lm_head_in_chunks_matches_brute_force(tiny_model_dir, sst2_train, arch):
+    """The head and the loss run over chunks of 2 positions (each chunk's backward stops at the trunk's output,
+    the trunk's runs once): every unit's per-sample gradient is still that of the sample's own mean loss."""
+    model, tokenizer = _model(tiny_model_dir, arch, "causal-lm", lora=True)
+    layers = discover_layers(model)
+    assert "head" in {layer.name for layer in layers}
+    encoded = encode_examples(tokenizer, _examples(sst2_train, "causal-lm"), "causal-lm", max_length=32)
+    batch = collate(encoded, tokenizer.pad_token_id, "causal-lm", range(len(encoded)))
+    # The identity projection is the exact gradient (test_projected_features_equal_projection_of_exact_gradient).
+    featurizer = Featurizer(model, layers, ProjectionSpec("identity"))
+    chunked = featurizer.featurize(batch, head_chunk_tokens=2 * len(encoded))
+    assert chunked.logits is None, "the head ran chunk by chunk"
+    ours, params, names = _split_by_parameter(model, layers, chunked.features)
+    want = _brute_force(model, encoded, "causal-lm", params)
+    for key, members in names.items():
+        if float(want[key].norm()) == 0.0:
+            continue
+        for i in range(len(encoded)):
+            err = _relative_error(ours[key][i], want[key][i])
+            assert err < 1e-6, f"{members} sample {i}: relative error {err:.2e}"
+
+
 def test_tied_gpt2_embedding_and_head_are_separate_units(tiny_model_dir):
     model, _ = _model(tiny_model_dir, "gpt2", "causal-lm", lora=False)
     layers = {layer.name: layer for layer in discover_layers(model)}

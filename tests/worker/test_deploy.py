@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
-APP_SERVICES = ("migrate", "api", "worker", "worker-gpu")
+APP_SERVICES = ("migrate", "api", "worker", "query-worker", "worker-gpu")
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +29,7 @@ def _entrypoint_commands() -> set[str]:
 def test_services_volumes_and_health_checks(compose):
     services = compose["services"]
     assert set(services) == {"postgres", "redis", "prometheus", *APP_SERVICES}
-    for name in ("postgres", "redis", "api", "worker", "worker-gpu"):
+    for name in ("postgres", "redis", "api", "worker", "query-worker", "worker-gpu"):
         assert services[name]["healthcheck"]["test"], name
     assert set(compose["volumes"]) == {"pgdata", "redisdata", "artifacts", "prometheusdata"}
     assert "pgdata:/var/lib/postgresql/data" in services["postgres"]["volumes"]
@@ -38,12 +38,13 @@ def test_services_volumes_and_health_checks(compose):
     for name in APP_SERVICES:
         assert "artifacts:/srv/influence" in services[name]["volumes"], name
     assert services["migrate"]["depends_on"] == {"postgres": {"condition": "service_healthy"}}
-    for name in ("api", "worker", "worker-gpu"):
+    for name in ("api", "worker", "query-worker", "worker-gpu"):
         assert services[name]["depends_on"]["migrate"] == {"condition": "service_completed_successfully"}
         assert services[name]["depends_on"]["redis"] == {"condition": "service_healthy"}
     assert services["worker-gpu"]["profiles"] == ["gpu"]
     gpu = services["worker-gpu"]["deploy"]["resources"]["reservations"]["devices"][0]
     assert gpu["capabilities"] == ["gpu"] and "--queues" in services["worker-gpu"]["command"]
+    assert services["query-worker"]["command"] == ["worker", "--queues", "query"]
 
 
 def test_commands_are_the_images_and_run_real_modules(compose):

@@ -18,9 +18,9 @@ import httpx
 from tests.worker.support import ROOT, free_port
 
 
-def _worker_children(pid: int) -> list[int]:
-    """The `python -m worker` children of `pid` (not the C++ compiler that torch.compile runs for a few seconds
-    after the API starts, when it builds the query scoring kernel)."""
+def _worker_children(pid: int, query: bool = False) -> list[int]:
+    """The `python -m worker` children of `pid` that serve jobs, or (query=True) the one that serves queries
+    (`--queues query`); not the C++ compiler that torch.compile may run for a few seconds."""
     out = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
@@ -29,7 +29,11 @@ def _worker_children(pid: int) -> list[int]:
                 argv = (entry / "cmdline").read_bytes().split(b"\0")
             except OSError:
                 continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid and b"worker" in argv[1:3]:
+            if (
+                int(stat.rsplit(")", 1)[1].split()[1]) == pid
+                and b"worker" in argv[1:3]
+                and (b"query" in argv) == query
+            ):
                 out.append(int(entry.name))
     return out
 
@@ -87,6 +91,7 @@ def test_serve_migrates_runs_a_worker_restarts_it_and_stops_it(tmp_path):
             assert checks["database"]["detail"].startswith("sqlite")
             assert checks["broker"]["detail"] == f"filesystem broker at {data_dir / 'broker'}"
             assert checks["worker"]["detail"].startswith("worker embedded@")
+            assert checks["query_worker"]["detail"].startswith("embedded-query@")
             assert (data_dir / "influence.db").is_file()
             assert {p.name for p in (data_dir / "broker").iterdir()} >= {"queue", "control", "processed"}
             # The local API key: made on first start, readable by its owner only, its path printed.
@@ -98,15 +103,19 @@ def test_serve_migrates_runs_a_worker_restarts_it_and_stops_it(tmp_path):
             assert client.get("/v1/models", headers=headers).json()["total"] == 0
 
             (worker,) = _worker_children(runner.pid)
+            (query_worker,) = _worker_children(runner.pid, query=True)
             os.kill(worker, signal.SIGKILL)
             deadline = time.monotonic() + 60
-            while time.monotonic() < deadline and not [p for p in _worker_children(runner.pid) if p != worker]:
+            while time.monotonic() < deadline and not [
+                p for p in _worker_children(runner.pid) if p != worker
+            ]:
                 time.sleep(0.2)
             (restarted,) = [p for p in _worker_children(runner.pid) if p != worker]
             _wait_ready(client, timeout=120, key_file=data_dir / "local-api-key")
         runner.send_signal(signal.SIGINT)
         assert runner.wait(timeout=90) == 0
         assert not _alive(restarted)
+        assert not _alive(query_worker)
         text = (tmp_path / "serve.log").read_text(errors="replace")
         assert "starting it again" in text and "worker stopped" in text
     finally:

@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import threading
-from typing import Annotated
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi import APIRouter, FastAPI, Query, Request, Response
 from sqlalchemy.orm import Session
 
 from app.api.deps import JobQueueDep, PageWindowDep, SessionDep, SettingsDep, TenantDep
 from app.api.v1.jobs import job_out
+from app.config import Settings
 from app.models import Index, RegisteredModel
-from app.schemas.common import Page, problems
+from app.schemas.common import Page, Problem, problems
 from app.schemas.indexes import (
     IndexCreate,
     IndexOut,
+    IndexSettingsOut,
+    IndexSettingsUpdate,
     IndexStatus,
     ProjectionOut,
     QueryRequest,
@@ -23,25 +26,50 @@ from app.schemas.indexes import (
     RowsDeleted,
 )
 from app.schemas.jobs import JobOut
+from app.services import index_settings
 from app.services import indexes as service
-from app.services import queries
+from app.services.queries import request as query_service
 
 router = APIRouter(prefix="/indexes", tags=["indexes"])
 _runtime_lock = threading.Lock()
+# What a query may answer besides 404, 409 and 422: no query worker alive, or none answering in time.
+QUERY_PROBLEMS = {
+    **problems(404, 409, 422, 503),
+    504: {"model": Problem, "description": "No query worker answered within query_timeout_s"},
+}
 
 
-def get_query_runtime(request: Request) -> queries.QueryRuntime:
-    """The app's loaded models and opened stores, made on first use (one per app)."""
-    runtime = getattr(request.app.state, "query_runtime", None)
+def query_runtime(app: FastAPI):
+    """The app's loaded models and opened stores, for the queries it computes itself: made on first use."""
+    # The compute side imports torch: only an app without a query transport ever loads it.
+    from app.services.queries.compute import QueryRuntime
+
+    runtime = getattr(app.state, "query_runtime", None)
     if runtime is None:
         with _runtime_lock:
-            runtime = getattr(request.app.state, "query_runtime", None)
+            runtime = getattr(app.state, "query_runtime", None)
             if runtime is None:
-                runtime = request.app.state.query_runtime = queries.QueryRuntime()
+                runtime = app.state.query_runtime = QueryRuntime()
     return runtime
 
 
-QueryRuntimeDep = Annotated[queries.QueryRuntime, Depends(get_query_runtime)]
+def in_process(app: FastAPI, settings: Settings) -> query_service.InProcess:
+    """The answer of a payload computed in this process, on the app's runtime."""
+
+    def compute(session: Session, payload: dict[str, Any]) -> dict[str, Any]:
+        # As above: torch only where the API computes queries itself.
+        from app.services.queries.compute import run_query
+
+        return run_query(session, settings, query_runtime(app), payload)
+
+    return compute
+
+
+def evict_store(app: FastAPI, index_id: str) -> None:
+    """Forget a deleted index's opened store, if this app has opened it (query workers notice on their own)."""
+    runtime = getattr(app.state, "query_runtime", None)
+    if runtime is not None:
+        runtime.stores.evict(index_id)
 
 
 def index_out(session: Session, index: Index) -> IndexOut:
@@ -112,27 +140,81 @@ def get_index(index_id: str, session: SessionDep, tenant: TenantDep) -> IndexOut
     return index_out(session, service.get_index(session, index_id, tenant.id))
 
 
+@router.get(
+    "/{index_id}/settings",
+    response_model=IndexSettingsOut,
+    responses=problems(404, 409),
+    summary="Which settings the index's queries, audits and checks use",
+    description=(
+        "The mode (latest-report, pinned-report or defaults), the pinned report, and the settings an audit or "
+        "check that names no layers, estimator or aggregation uses now, each field with its source. 409 when the "
+        "pinned report's document cannot be read."
+    ),
+)
+def get_index_settings(
+    index_id: str, session: SessionDep, settings: SettingsDep, tenant: TenantDep
+) -> IndexSettingsOut:
+    index = service.get_index(session, index_id, tenant.id)
+    return IndexSettingsOut.model_validate(index_settings.settings_view(session, settings, index))
+
+
+@router.put(
+    "/{index_id}/settings",
+    response_model=IndexSettingsOut,
+    responses=problems(404, 409, 422),
+    summary="Follow the latest layer report, pin one, or use the defaults",
+    description=(
+        "Queries, audits and checks take what they do not name (layers, estimator, aggregation, vote_k, "
+        "correct_only) from the index's layer report's recommendation: the newest succeeded one "
+        "(`latest-report`, the default) or the one pinned (`pinned-report` with `report_id`); `defaults` ignores "
+        "reports. A report without a recommendation (a model near chance, nothing clearly above random) means "
+        "the defaults, and answers say why. 422 when report_id is missing for pinned-report or given for another "
+        "mode; 404 for an unknown report; 409 for a report that has not succeeded, is of another index or whose "
+        "document fails its checksum."
+    ),
+)
+def put_index_settings(
+    index_id: str, body: IndexSettingsUpdate, session: SessionDep, settings: SettingsDep, tenant: TenantDep
+) -> IndexSettingsOut:
+    index = service.get_index(session, index_id, tenant.id)
+    index_settings.update_settings(session, index, body.mode, body.report_id)
+    return IndexSettingsOut.model_validate(index_settings.settings_view(session, settings, index))
+
+
 @router.post(
     "/{index_id}/query",
     response_model=QueryResponse,
-    responses=problems(404, 409, 422),
+    responses=QUERY_PROBLEMS,
     summary="Which training rows most helped / harmed each example",
     description=(
         "Featurizes the examples with the index's projection, scores every row per layer with the estimator, "
         "aggregates over the chosen layers per example and returns the top-k helpful and/or harmful rows with "
-        "the per-layer scores and ranks behind each. Exact unless `approximate` is true. 409 when the index is "
-        "not ready or no longer matches its model; 422 for layers the index does not hold."
+        "the per-layer scores and ranks behind each. Exact unless `approximate` is true. Layers, estimator, "
+        "aggregation and vote_k not sent come from the index's settings (GET /v1/indexes/{id}/settings); "
+        "`settings_source` and `settings` say what was used and where it came from. 409 when the index is "
+        "not ready or no longer matches its model; 422 for layers the index does not hold. Computed by a query "
+        "worker where the service runs them (INFLUENCE_QUERY_ON_WORKERS): 503 at once when none is alive or no "
+        "worker can hold the index's model, 504 when none answers within query_timeout_s."
     ),
 )
 def query_index(
     index_id: str,
     body: QueryRequest,
+    request: Request,
     session: SessionDep,
     settings: SettingsDep,
-    runtime: QueryRuntimeDep,
     tenant: TenantDep,
 ) -> QueryResponse:
-    return QueryResponse.model_validate(queries.run_query(session, settings, runtime, index_id, body, tenant.id))
+    answer = query_service.query_index(
+        session,
+        settings,
+        index_id,
+        body,
+        tenant.id,
+        transport=getattr(request.app.state, "query_transport", None),
+        in_process=in_process(request.app, settings),
+    )
+    return QueryResponse.model_validate(answer)
 
 
 @router.delete(
@@ -146,9 +228,11 @@ def query_index(
     ),
 )
 def delete_index(
-    index_id: str, session: SessionDep, settings: SettingsDep, runtime: QueryRuntimeDep, tenant: TenantDep
+    index_id: str, request: Request, session: SessionDep, settings: SettingsDep, tenant: TenantDep
 ) -> Response:
-    service.delete_index(session, settings, index_id, tenant.id, on_deleted=runtime.stores.evict)
+    service.delete_index(
+        session, settings, index_id, tenant.id, on_deleted=lambda deleted: evict_store(request.app, deleted)
+    )
     return Response(status_code=204)
 
 
@@ -168,7 +252,9 @@ def delete_index(
 def delete_rows(
     index_id: str, body: RowsDelete, session: SessionDep, settings: SettingsDep, tenant: TenantDep
 ) -> RowsDeleted:
-    return RowsDeleted.model_validate(service.delete_rows(session, settings, index_id, body.row_ids, tenant.id))
+    return RowsDeleted.model_validate(
+        service.delete_rows(session, settings, index_id, body.row_ids, tenant.id)
+    )
 
 
 @router.post(

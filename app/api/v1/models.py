@@ -5,15 +5,16 @@ from __future__ import annotations
 from fastapi import APIRouter, Request, Response
 
 from app.api.deps import PageWindowDep, SessionDep, SettingsDep, TenantDep
+from app.config import Settings
 from app.models import RegisteredModel
 from app.schemas.common import Page, problems
-from app.schemas.models import LayerOut, ModelCreate, ModelLayers, ModelOut
+from app.schemas.models import LayerOut, MemoryEstimateOut, ModelCreate, ModelLayers, ModelOut
 from app.services import models as service
 
 router = APIRouter(prefix="/models", tags=["models"])
 
 
-def _out(model: RegisteredModel) -> ModelOut:
+def _out(model: RegisteredModel, settings: Settings) -> ModelOut:
     return ModelOut(
         id=model.id,
         name=model.name,
@@ -26,8 +27,17 @@ def _out(model: RegisteredModel) -> ModelOut:
         weights_hash=model.weights_hash,
         num_layers=len(model.layers),
         num_blocks=service.num_blocks(model),
+        memory_estimate=memory_out(settings, model),
         created_at=model.created_at,
     )
+
+
+def memory_out(settings: Settings, model: RegisteredModel) -> MemoryEstimateOut | None:
+    estimate, (budget, _) = service.registered_estimate(settings, model), service.worker_budget(settings)
+    if estimate is None:
+        return None
+    fits = budget is None or estimate.total_bytes <= budget
+    return MemoryEstimateOut(**estimate.to_dict(), worker_memory_bytes=budget, fits=fits)
 
 
 @router.post(
@@ -42,21 +52,27 @@ def _out(model: RegisteredModel) -> ModelOut:
         "and records the sha256 of its safetensors. Remote code is never run. Every file of the folders (links "
         "followed) must lie inside the allowed roots (a hub id's: inside the hub cache); tokenizer files are "
         "required; the config's sizes are bounded by max_model_blocks, max_model_width, max_model_vocab and "
-        "max_num_labels, its layer units by max_model_layer_units."
+        "max_num_labels, its layer units by max_model_layer_units. A model a worker cannot hold (the estimate "
+        "of `memory_estimate` over worker_memory_bytes, by default 80% of the worker device's memory) is refused "
+        "with the estimate, the budget and what would lower it."
     ),
 )
-def create_model(body: ModelCreate, session: SessionDep, settings: SettingsDep, tenant: TenantDep) -> ModelOut:
-    return _out(service.register_model(session, settings, body, tenant.id))
+def create_model(
+    body: ModelCreate, session: SessionDep, settings: SettingsDep, tenant: TenantDep
+) -> ModelOut:
+    return _out(service.register_model(session, settings, body, tenant.id), settings)
 
 
 @router.get("", response_model=Page[ModelOut], summary="List models, newest first")
-def list_models(session: SessionDep, tenant: TenantDep, window: PageWindowDep) -> Page[ModelOut]:
-    return window.page_of(session, RegisteredModel, tenant.id, _out)
+def list_models(
+    session: SessionDep, settings: SettingsDep, tenant: TenantDep, window: PageWindowDep
+) -> Page[ModelOut]:
+    return window.page_of(session, RegisteredModel, tenant.id, lambda model: _out(model, settings))
 
 
 @router.get("/{model_id}", response_model=ModelOut, responses=problems(404), summary="Read a model")
-def get_model(model_id: str, session: SessionDep, tenant: TenantDep) -> ModelOut:
-    return _out(service.get_model(session, model_id, tenant.id))
+def get_model(model_id: str, session: SessionDep, settings: SettingsDep, tenant: TenantDep) -> ModelOut:
+    return _out(service.get_model(session, model_id, tenant.id), settings)
 
 
 @router.get(

@@ -17,15 +17,17 @@ import os
 import threading
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import numpy as np
 
 from app.config import Settings
 from app.errors import Conflict
 from app.models import Dataset
-from influence.data import Example
 from influence.files import sha256_file
+
+if TYPE_CHECKING:
+    from influence.data import Example
 
 ROWS_FILE = "rows.jsonl"
 OFFSETS_FILE = "rows.offsets"
@@ -110,6 +112,9 @@ def iter_rows(settings: Settings, dataset: Dataset) -> Iterator[dict[str, Any]]:
 
 def load_examples(settings: Settings, dataset: Dataset) -> list[Example]:
     """The dataset as influence.Example objects, row i at index i (what featurisation consumes)."""
+    # Here, not at the top: influence.data imports torch, which only the featurising (worker) side loads.
+    from influence.data import Example
+
     return [
         Example(text=r["text"], label=r["label"], text_pair=r["text_pair"])
         for r in iter_rows(settings, dataset)

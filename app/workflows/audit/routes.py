@@ -31,8 +31,11 @@ def audit_out(job: Job, session: Session | None = None, settings: Settings | Non
     deleted_since = None
     if session is not None and settings is not None:
         deleted_since = service.rows_deleted_since(session, settings, job)
+    params = job.params or {}
     return AuditOut(
         **job_fields(job),
+        settings_source=params.get("settings_source"),
+        settings=params.get("settings"),
         summary=AuditSummary.model_validate(summary) if summary else None,
         rows_deleted_since_audit=deleted_since,
     )
@@ -59,7 +62,10 @@ AUDITS = WorkflowResource(kind=AUDIT, name="audit", plural="audits", item=AuditO
         "Follow `job`; when it succeeds read the ranking at GET /v1/audits/{id}/rows and the raw score "
         "tensor at GET /v1/audits/{id}/scores. 409 when the index is not ready; 422 for layers the index "
         "does not hold, a bad reference set, correct_only with a causal LM, or a score tensor over the size "
-        "limit."
+        "limit. Layers, estimator, aggregation, vote_k and correct_only not sent come from the index's settings "
+        "(GET /v1/indexes/{id}/settings); `settings_source` and `settings` say what was used. `review` also "
+        "marks the review prefix (target_recall in (0, 1]: 422 naming review.target_recall otherwise; 422 "
+        "naming review.noisy without a noisy mask)."
     ),
 )
 def create_audit(
@@ -98,8 +104,9 @@ def get_audit(audit_id: str, session: SessionDep, settings: SettingsDep, tenant:
         "completion) that a spreadsheet would evaluate as a formula, i.e. that start with `=`, `+`, `-`, `@`, a "
         "tab or a carriage return, are written with a leading `'` (OWASP's rule against CSV injection); the "
         "numeric columns are plain numbers (a negative score stays a number). JSON pages and JSONL carry the "
-        "raw values. Downloads come with `Content-Disposition: attachment`. 409 while the audit is unfinished, "
-        "when it failed, or when its files are corrupted."
+        "raw values. Downloads come with `Content-Disposition: attachment`. review=true: only the review "
+        "prefix (the first rows a reviewer reads, for an audit made with `review`). 409 while the audit is "
+        "unfinished, when it failed, when its files are corrupted, or for review=true on an audit without one."
     ),
 )
 def audit_rows(
@@ -110,14 +117,17 @@ def audit_rows(
     offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
     limit: Annotated[int | None, Query(ge=1, le=MAX_OFFSET, description="json: at most 1000")] = None,
     format: Annotated[RowsFormat, Query()] = "json",
+    review: Annotated[
+        bool, Query(description="Only the review prefix (audits made with `review`; 409 otherwise)")
+    ] = False,
 ) -> AuditRowsPage | Response:
     if format == "json":
         page = service.rows_page(
-            session, settings, audit_id, tenant.id, offset, 50 if limit is None else limit
+            session, settings, audit_id, tenant.id, offset, 50 if limit is None else limit, review
         )
         return AuditRowsPage.model_validate(page)
     chunks, media_type, filename = service.export_rows(
-        session, settings, audit_id, tenant.id, format, offset, limit
+        session, settings, audit_id, tenant.id, format, offset, limit, review
     )
     return StreamingResponse(
         chunks, media_type=media_type, headers={"Content-Disposition": f'attachment; filename="{filename}"'}

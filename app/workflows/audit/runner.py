@@ -14,6 +14,10 @@
      the summary: sizes, reference accuracy, the top rows, the projection's fidelity on the layers scored
      (measured at build time; a warning when a layer ranks rows unlike its exact gradients) and, when the
      dataset flags noise, NDR@30 and AUC-NDR of this ranking against the random baseline.
+With params["review"] = {target_recall, noisy: a mask spec of app/services/noisy.py}, the summary's `review` is
+the shortest head of the ranking holding target_recall of the known-noisy rows (influence.calibration
+.review_prefix), with its expected precision; the mask is read before any scoring, so one too small fails the
+audit at once.
 A rerun (a worker killed mid-audit, recovered) recomputes everything from the same inputs: the same result.
 """
 
@@ -35,7 +39,8 @@ from app.jobs.kinds import AUDIT
 from app.jobs.run import JobRun, job_runner
 from app.models import Dataset, Index
 from app.services.datasets import iter_rows
-from app.services.queries import answer_fidelity, index_estimators
+from app.services.noisy import noisy_mask
+from app.services.queries.compute import answer_fidelity, index_estimators
 from app.services.references import load_index_reference
 from app.workflows.audit.schemas import AuditTopRow
 from app.workflows.audit.service import RANKING_FILE, SCORES_FILE, RankedRows, ranking_dtype, total_steps
@@ -49,8 +54,14 @@ from influence import (
     score_layer,
 )
 from influence.aggregation import EXACTLY_COMBINABLE, combine_layer_aggregates
+from influence.calibration import check_mask, review_prefix
 
 TOP_ROWS = 10
+REVIEW_ASSUMPTION = (
+    "the prefix holds the stated share of the rows the mask marks noisy, exactly; the intervals say what to "
+    "expect of noisy rows the mask does not know, if they rank like the known ones (noisy rows missing from the "
+    "mask count as clean, which makes the precision a lower bound)"
+)
 SCORES_CONVENTION = (
     "scores[i, u, j] = influence of training row row_ids[i] on reference row j in layer layers[u]; "
     "> 0 helps the reference prediction. reference_correct[j] = 1 when the model predicts reference row j "
@@ -226,6 +237,42 @@ def _noise_detection(
     }
 
 
+@dataclass
+class _ReviewMask:
+    """The known-noisy flags of the index's live rows, by dataset row id (sorted), and what the mask left out."""
+
+    row_ids: np.ndarray  # (n,) int64, ascending
+    noisy: np.ndarray  # (n,) bool
+    info: dict[str, Any]
+
+    def ranked(self, rows: np.ndarray) -> np.ndarray:
+        """The flags of `rows` (dataset row ids, each a live row), in their order."""
+        return self.noisy[np.searchsorted(self.row_ids, np.asarray(rows, dtype=np.int64))]
+
+
+def _review_mask(settings: Settings, dataset: Dataset, store, spec: dict[str, Any]) -> _ReviewMask:
+    """The review's mask over the index's live rows; refused (InvalidInputError, the job's error) before any
+    scoring when it holds too few noisy rows to measure recall against."""
+    row_ids = np.sort(np.asarray(store.row_ids()[store.live_positions()], dtype=np.int64))
+    mask, info = noisy_mask(settings, dataset, spec["noisy"], row_ids)
+    if mask is None:
+        raise Invalid("review: the audit names no noisy mask to measure recall against")
+    return _ReviewMask(row_ids, check_mask(mask, min_clean=0), dict(info or {}))
+
+
+def _review(
+    audit_id: str, mask: _ReviewMask, ranked_rows: np.ndarray, target_recall: float
+) -> dict[str, Any]:
+    """The review prefix of the ranking: the shortest head holding target_recall of the known-noisy rows."""
+    prefix = review_prefix(mask.ranked(ranked_rows), target_recall)
+    return {
+        **prefix.to_dict(),
+        "noisy": mask.info,
+        "assumes": REVIEW_ASSUMPTION,
+        "read": f"the first {prefix.rows:,} rows of the ranking: GET /v1/audits/{audit_id}/rows?review=true",
+    }
+
+
 def _reference_description(spec: dict[str, Any]) -> dict[str, Any]:
     """Which rows the m axis of the tensor is (dataset rows), or that it is the request's inline examples."""
     if spec.get("examples") is not None:
@@ -257,6 +304,9 @@ def run_audit(run: JobRun) -> dict[str, Any]:
             f"the score tensor ({n} x {num_layers} x {m} float32) is over {settings.max_score_tensor_bytes:,} "
             "bytes (max_score_tensor_bytes)"
         )
+    review = params.get("review")
+    # Read before the scoring, so that a mask too small to measure recall against fails the audit at once.
+    review_mask = _review_mask(settings, dataset, store, review) if review else None
     total = total_steps(m, num_layers)
     run.progress(0, total)
     reference = inputs.featurize(run.ctx, layers, progress=lambda done, _: run.progress(done, total))
@@ -312,6 +362,9 @@ def run_audit(run: JobRun) -> dict[str, Any]:
         "top": top,
         "noise": _noise_detection(settings, dataset, ranking["row"], ranking["score"]),
         "score_tensor_bytes": n * num_layers * m * 4,
+        "review": None
+        if review_mask is None
+        else _review(run.job_id, review_mask, ranking["row"], float(review["target_recall"])),
         **answer_fidelity(index, layers),
         "seconds": round(time.perf_counter() - started, 3),
     }

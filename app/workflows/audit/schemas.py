@@ -16,15 +16,20 @@ from pydantic import BaseModel, Field
 
 from app.schemas.common import UTCDateTime, strict_body_config
 from app.schemas.indexes import (
+    AGGREGATION_HELP,
+    ESTIMATOR_HELP,
+    NOT_SENT,
+    SETTINGS_SOURCE,
     AggregationName,
     EstimatorName,
     LayerSelector,
     VoteK,
+    WorkflowSettings,
     fidelity_field,
     fidelity_warning_field,
 )
 from app.schemas.jobs import WorkflowOut
-from app.schemas.references import ReferenceSet
+from app.schemas.references import NoisyRows, ReferenceSet
 
 RowsFormat = Literal["json", "csv", "jsonl"]
 
@@ -34,6 +39,22 @@ AUDIT_CONVENTIONS = (
     "the same aggregation over that layer's voters only, its `score` the mean raw score over those voters, "
     "its `rank` the row's 0-based position when ranked by that layer alone."
 )
+
+
+class AuditReview(BaseModel):
+    """Where a reviewer can stop reading the ranking: the prefix expected to hold target_recall of the noisy
+    rows, measured against a noisy mask."""
+
+    model_config = strict_body_config()
+
+    target_recall: float = Field(
+        gt=0, le=1, description="Share of the noisy rows the reviewed prefix should hold, in (0, 1]"
+    )
+    noisy: Literal["dataset"] | NoisyRows | None = Field(
+        None,
+        description="Which training rows are noisy: `dataset` (the index dataset's noisy column) or {rows: [...]}. "
+        "Omitted: `dataset` when the dataset has a noisy column; without a mask the review is refused (422)",
+    )
 
 
 class AuditCreate(BaseModel):
@@ -51,16 +72,23 @@ class AuditCreate(BaseModel):
 
     reference: ReferenceSet
     layers: LayerSelector | None = Field(
-        None, description="Layer names, groups or selectors, among the index's layers; default all of them"
+        None,
+        description="Layer names, groups or selectors, among the index's layers. Not sent: the index's settings "
+        "(GET /v1/indexes/{id}/settings: its layer report's recommendation), else all of them",
     )
-    estimator: EstimatorName = "grad-dot"
-    aggregation: AggregationName = "rank"
+    estimator: EstimatorName = Field("grad-dot", description=f"{NOT_SENT}; {ESTIMATOR_HELP}")
+    aggregation: AggregationName = Field("rank", description=f"{NOT_SENT}; {AGGREGATION_HELP}")
     correct_only: bool = Field(
         False,
         description="Aggregate over the reference rows the model predicts correctly only (the paper's `-c` "
-        "variants; classification only)",
+        f"variants; classification only). {NOT_SENT} (true when the recommended aggregation ends in `-c`)",
     )
     vote_k: VoteK = 0.2
+    review: AuditReview | None = Field(
+        None,
+        description="Also mark the review prefix: the shortest start of the ranking expected to hold "
+        "target_recall of the noisy rows (GET /v1/audits/{id}/rows?review=true pages it)",
+    )
 
 
 class AuditTopRow(BaseModel):
@@ -110,6 +138,11 @@ class AuditSummary(BaseModel):
         description="Noise detection of this ranking, when the dataset flags noise"
     )
     score_tensor_bytes: int = Field(description="Size of the raw score tensor (n x U x m float32)")
+    review: dict[str, Any] | None = Field(
+        None,
+        description="When the audit was asked for a review prefix: its length (`rows`, the first rows of the "
+        "ranking a reviewer reads) and how it was measured",
+    )
     fidelity: dict[str, float | None] | None = fidelity_field("scored")
     fidelity_warning: str | None = fidelity_warning_field("scored")
     seconds: float
@@ -118,6 +151,12 @@ class AuditSummary(BaseModel):
 class AuditOut(WorkflowOut):
     id: str = Field(description="The audit id (also its job's id)")
     params: dict[str, Any] = Field(description="What was asked, with the reference set and layers resolved")
+    settings_source: str | None = Field(
+        None, description=SETTINGS_SOURCE + " (null for audits made before settings were recorded)"
+    )
+    settings: WorkflowSettings | None = Field(
+        None, description="The settings the audit ran with, each with its source"
+    )
     summary: AuditSummary | None = Field(description="When the audit succeeded")
     rows_deleted_since_audit: int | None = Field(
         None,
@@ -153,7 +192,8 @@ class AuditRowsPage(BaseModel):
     """A page of the ranking, most detrimental first."""
 
     items: list[AuditRow]
-    total: int = Field(description="Rows in the ranking")
+    total: int = Field(description="Rows in the ranking (review=true: in its review prefix)")
+    review: bool = Field(False, description="Whether the page is of the review prefix only")
     offset: int
     limit: int
     layers: list[str]

@@ -31,11 +31,13 @@ from app.jobs.kinds import AUDIT
 from app.jobs.resources import artifact_path, get_workflow_job
 from app.models import Dataset, Index, Job
 from app.services.datasets import read_rows
+from app.services.index_settings import WORKFLOW_FIELDS, named_fields, resolve_settings
 from app.services.indexes import get_index, index_sources, require_ready
-from app.services.queries import select_query_layers
+from app.services.noisy import default_noisy, resolve_noisy
+from app.services.queries.layers import select_query_layers
 from app.services.references import resolve_reference
 from app.stores import job_dir, open_store
-from app.workflows.audit.schemas import AuditCreate
+from app.workflows.audit.schemas import AuditCreate, AuditReview
 from influence.errors import InfluenceError
 
 # The estimator registry and the store's statistics keys: what an estimator needs, read, nothing computed.
@@ -68,13 +70,14 @@ def create_audit(
     """Check an audit request cheaply and queue its job (409: index not ready; 422: layers, reference, size)."""
     index = get_index(session, index_id, tenant_id)
     model, dataset = index_sources(session, index)
-    if body.correct_only and model.task != "classification":
+    resolved = resolve_settings(session, settings, index, named_fields(body, WORKFLOW_FIELDS), kind="audit")
+    if resolved.correct_only and model.task != "classification":
         raise Invalid(
             "correct_only needs a classification model (it keeps the reference rows the model predicts "
             f"correctly); model {model.id!r} is {model.task}"
         )
     require_ready(index)
-    layers = select_query_layers(index, model, body.layers)
+    layers = select_query_layers(index, model, resolved.layers)
     reference = resolve_reference(
         session, settings, body.reference, tenant_id=tenant_id, model=model, trained=dataset
     )
@@ -86,22 +89,43 @@ def create_audit(
             f"reference rows x 4 bytes), over the limit of {settings.max_score_tensor_bytes:,} "
             "(max_score_tensor_bytes): choose fewer layers or reference rows"
         )
-    _require_statistics(settings, index, layers, body.estimator)
+    _require_statistics(settings, index, layers, resolved.estimator)
+    review = _review(settings, index, dataset, body.review)
     params = {
         "reference": reference,
         "num_reference": m,
-        "layer_selector": body.layers,
+        "layer_selector": resolved.layers,
         "layers": layers,
-        "estimator": body.estimator,
-        "aggregation": body.aggregation,
-        "correct_only": body.correct_only,
-        "vote_k": body.vote_k,
+        "estimator": resolved.estimator,
+        "aggregation": resolved.aggregation,
+        "correct_only": resolved.correct_only,
+        "vote_k": resolved.vote_k,
         "dataset_id": dataset.id,
+        "settings_source": resolved.source,
+        "settings": resolved.as_dict(),
+        "review": review,
     }
     total = total_steps(m, len(layers))
     return job_state.submit_job(
         session, settings, queue, AUDIT, tenant_id=tenant_id, target_id=index.id, params=params, total=total
     )
+
+
+def _review(
+    settings: Settings, index: Index, dataset: Dataset, review: AuditReview | None
+) -> dict[str, Any] | None:
+    """The review prefix's request for the runner: {target_recall, noisy spec}; 422 naming review.noisy when
+    there is no mask to measure recall against."""
+    if review is None:
+        return None
+    given = review.noisy if "noisy" in review.model_fields_set else default_noisy(dataset)
+    noisy = resolve_noisy(settings, index, dataset, given, field="review.noisy")
+    if noisy is None:
+        raise Invalid(
+            f"review.noisy: a review prefix needs a noisy mask to measure recall against, and dataset "
+            f'{dataset.id!r} has no noisy column; pass review.noisy: {{"rows": [...]}} with the noisy row ids'
+        )
+    return {"target_recall": review.target_recall, "noisy": noisy}
 
 
 def total_steps(m: int, num_layers: int) -> int:
@@ -194,9 +218,21 @@ class RankedRows:
     layers: list[str]
     estimator: str
     aggregation: str
+    review_rows: int | None = None  # the review prefix's length, when the audit was asked for one
 
     def __len__(self) -> int:
         return len(self.ranking)
+
+    def length(self, review: bool) -> int:
+        """Rows served: the whole ranking, or its review prefix (409 when the audit has none)."""
+        if not review:
+            return len(self)
+        if self.review_rows is None:
+            raise Conflict(
+                f"audit {self.audit_id!r} has no review prefix; make an audit with review: {{target_recall}} to "
+                "have one"
+            )
+        return min(len(self), self.review_rows)
 
     def records(self, start: int, stop: int) -> Iterator[dict[str, Any]]:
         """Rows [start, stop) of the ranking as AuditRow dicts."""
@@ -247,6 +283,8 @@ def open_ranking(session: Session, settings: Settings, audit_id: str, tenant_id:
     if dataset.row_count:  # missing or corrupted rows: 409 now, not halfway through a download
         read_rows(settings, dataset, 0, 1)
     session.expunge(dataset)  # read after the request's session has closed (downloads stream)
+    review = summary.get("review")
+    review_rows = review.get("rows") if isinstance(review, dict) else None
     return RankedRows(
         settings=settings,
         audit_id=job.id,
@@ -255,22 +293,31 @@ def open_ranking(session: Session, settings: Settings, audit_id: str, tenant_id:
         layers=layers,
         estimator=str(summary.get("estimator")),
         aggregation=str(summary.get("aggregation")),
+        review_rows=int(review_rows) if isinstance(review_rows, int) else None,
     )
 
 
 def rows_page(
-    session: Session, settings: Settings, audit_id: str, tenant_id: str, offset: int, limit: int
+    session: Session,
+    settings: Settings,
+    audit_id: str,
+    tenant_id: str,
+    offset: int,
+    limit: int,
+    review: bool = False,
 ) -> dict[str, Any]:
-    """A page of the ranking (AuditRowsPage as a dict)."""
+    """A page of the ranking, or of its review prefix (AuditRowsPage as a dict)."""
     if limit > MAX_PAGE_ROWS:
         raise Invalid(
             f"limit {limit} is over {MAX_PAGE_ROWS} rows per page; use format=csv or jsonl for all rows"
         )
     ranked = open_ranking(session, settings, audit_id, tenant_id)
-    stop = min(len(ranked), offset + limit)
+    total = ranked.length(review)
+    stop = min(total, offset + limit)
     return {
         "items": list(ranked.records(offset, stop)) if offset < stop else [],
-        "total": len(ranked),
+        "total": total,
+        "review": review,
         "offset": offset,
         "limit": limit,
         "layers": ranked.layers,
@@ -328,12 +375,14 @@ def export_rows(
     fmt: str,
     offset: int,
     limit: int | None,
+    review: bool = False,
 ) -> tuple[Iterator[bytes], str, str]:
-    """The ranking (every row, or the [offset, offset + limit) slice) as CSV or JSONL, streamed in blocks:
-    (chunks, media type, file name). Everything that can fail is checked before the first chunk. CSV text
-    cells are neutralized against formulas (neutralize_cell); JSONL carries the raw values."""
+    """The ranking or its review prefix (every row, or the [offset, offset + limit) slice) as CSV or JSONL,
+    streamed in blocks: (chunks, media type, file name). Everything that can fail is checked before the first
+    chunk. CSV text cells are neutralized against formulas (neutralize_cell); JSONL carries the raw values."""
     ranked = open_ranking(session, settings, audit_id, tenant_id)
-    stop = len(ranked) if limit is None else min(len(ranked), offset + limit)
+    total = ranked.length(review)
+    stop = total if limit is None else min(total, offset + limit)
 
     def csv_chunks() -> Iterator[bytes]:
         out = io.StringIO()

@@ -29,9 +29,15 @@ Check a new batch of training rows before it joins an index (a CI hook). A **mul
   index's dataset names its classes, its label names. Every bad row is refused with 422 naming its line; a
   batch whose rows take more than `max_dataset_bytes` once decoded is refused with 413.
 - `reference`: the reference set as JSON text: `{"dataset_id", "rows" | "limit"}` or `{"examples": [...]}`.
-- `layers` (a selector string, or JSON), `estimator`, `aggregation`, `vote_k`, `correct_only`: as for a query.
+- `layers` (a selector string, or JSON), `estimator`, `aggregation`, `vote_k`, `correct_only`: as for an audit;
+  those not sent come from the index's settings (GET /v1/indexes/{id}/settings: its layer report's
+  recommendation, else the defaults). `settings_source` and `settings` say what was used.
 - `threshold_percentile` (default 5): a new row is flagged when its percentile among the existing rows is
   below it; `max_flagged` (default 0): the verdict fails when more rows are flagged.
+- or `target_precision` / `target_recall` (one of them, in (0, 1], not with `threshold_percentile`): the threshold
+  is calibrated on the existing rows against a noisy mask, `noisy`: `dataset` or JSON `{"rows": [...]}`;
+  omitted, the dataset's noisy column, else the explicit rows of the index's layer report. It needs at least
+  10 known-noisy and 10 clean live rows (422 naming the target otherwise).
 - `append` (default false): when true and the verdict passes, the batch joins the index (and its dataset) as
   new rows, without a rebuild; a failing batch never joins.
 
@@ -43,8 +49,11 @@ new rows are aggregated together, so both are on one scale.
 
 def check_out(job: Job, rows: list[dict] | None = None, rows_total: int | None = None) -> CheckOut:
     result = (job.result or {}) if job.status == "succeeded" else {}
+    params = job.params or {}
     return CheckOut(
         **job_fields(job),
+        settings_source=params.get("settings_source"),
+        settings=params.get("settings"),
         verdict=result.get("verdict"),
         reasons=result.get("reasons") or [],
         warnings=result.get("warnings") or [],
@@ -99,17 +108,53 @@ def create_check(
     layers: Annotated[
         str | None, Form(max_length=10_000, description="Layer selector (a string, or JSON); default all")
     ] = None,
-    estimator: Annotated[EstimatorName, Form()] = "grad-dot",
-    aggregation: Annotated[AggregationName, Form()] = "rank",
+    estimator: Annotated[
+        EstimatorName | None, Form(description="Default: the index's settings, else grad-dot")
+    ] = None,
+    aggregation: Annotated[
+        AggregationName | None, Form(description="Default: the index's settings, else rank")
+    ] = None,
     vote_k: Annotated[
-        float, Form(gt=0, le=1, description="vote: share of the ranked rows each voter scores")
-    ] = 0.2,
+        float | None,
+        Form(
+            gt=0,
+            le=1,
+            description="vote: share of the ranked rows each voter scores (default: the index's "
+            "settings, else 0.2)",
+        ),
+    ] = None,
     correct_only: Annotated[
-        bool, Form(description="Only the reference rows the model predicts correctly vote (the paper's -c)")
-    ] = False,
+        bool | None,
+        Form(
+            description="Only the reference rows the model predicts correctly vote (the paper's -c); default: "
+            "the index's settings, else false"
+        ),
+    ] = None,
     threshold_percentile: Annotated[
-        float, Form(ge=0, le=100, description="Flag a new row whose percentile is below this")
-    ] = 5.0,
+        float | None,
+        Form(
+            ge=0,
+            le=100,
+            description="Flag a new row whose percentile is below this (default 5; not with a target)",
+        ),
+    ] = None,
+    target_precision: Annotated[
+        float | None,
+        Form(
+            gt=0, le=1, description="Calibrate the threshold on the noisy mask for this precision, in (0, 1]"
+        ),
+    ] = None,
+    target_recall: Annotated[
+        float | None,
+        Form(gt=0, le=1, description="Calibrate the threshold on the noisy mask for this recall, in (0, 1]"),
+    ] = None,
+    noisy: Annotated[
+        str | None,
+        Form(
+            description='The noisy mask to calibrate on: `dataset`, or JSON {"rows": [...]}; default: the '
+            "dataset's noisy column, else the index's report's explicit rows"
+        ),
+    ] = None,
     max_flagged: Annotated[int, Form(ge=0, le=2**31 - 1, description="Fail when more rows are flagged")] = 0,
     append: Annotated[
         bool, Form(description="Append the batch to the index when the verdict passes")
@@ -125,6 +170,9 @@ def create_check(
         vote_k=vote_k,
         correct_only=correct_only,
         threshold_percentile=threshold_percentile,
+        target_precision=target_precision,
+        target_recall=target_recall,
+        noisy=noisy,
         max_flagged=max_flagged,
         append=append,
     )
@@ -159,4 +207,3 @@ def get_check(
         return check_out(job)
     rows, total = service.scored_rows(settings, job, offset=offset, limit=limit, flagged_only=flagged_only)
     return check_out(job, rows, total)
-

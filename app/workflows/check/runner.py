@@ -16,6 +16,13 @@ appends a passing batch when asked. In two stages, each resumable:
      says why a crash leaves a consistent index and why a rerun never appends twice). Cancellation is honoured
      up to the start of the append; an append that has started completes.
 The reference accuracy near chance is reported as a warning, never as a failure.
+
+A calibrated check (params["calibration"] = {target: precision | recall, value, noisy: a mask spec of
+app/services/noisy.py}, threshold_percentile null) derives its threshold in stage 1: the known-noisy mask over the
+existing rows (read first, so a mask too small to calibrate on fails the job before any featurization), the
+existing rows' aggregated scores (from the union above, the scale a new row is judged on), then
+influence.calibration.calibrate; summary["calibration"] says what was derived, how precise it is expected to be
+and what that assumes. A target no threshold reaches fails the job with the library's message.
 """
 
 from __future__ import annotations
@@ -34,7 +41,8 @@ from app.jobs.kinds import BATCH_CHECK
 from app.jobs.run import JobCancelled, JobRun, job_runner
 from app.models import Index
 from app.services import appends
-from app.services.queries import index_estimators
+from app.services.noisy import noisy_mask
+from app.services.queries.compute import index_estimators
 from app.services.references import (
     IndexSources,
     featurize_for_index,
@@ -44,6 +52,7 @@ from app.services.references import (
 )
 from app.workflows.check.service import RESULT_FILE, total_steps
 from influence import LazyScores, aggregate
+from influence.calibration import ASSUMPTION, Calibration, calibrate, check_mask
 from influence.data import Example
 from influence.errors import InvalidInputError
 from influence.featurize import feature_arrays, features_from_arrays
@@ -129,7 +138,7 @@ def _ordinal(value: float) -> str:
         number = int(value)
         suffix = "th" if 10 <= number % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(number % 10, "th")
         return f"{number}{suffix}"
-    return f"{value:g}th"
+    return f"{value:.4g}th"
 
 
 def verdict_reasons(
@@ -222,6 +231,11 @@ def _score(
         reference_examples = load_reference(settings, session, params["reference"])
     b, m, u_count = len(batch), len(reference_examples), len(layers)
     total = total_steps(b, m, u_count, bool(params["append"]))
+    existing = _existing_positions(run, loaded, store)
+    n_existing = len(existing)
+    # The mask is read (and a too small one refused) before the costly featurization.
+    spec = params.get("calibration")
+    mask, mask_info = (None, None) if spec is None else _calibration_mask(run, loaded, store, existing, spec)
     # Every layer of the store when the rows may join it (it holds them all), else the scored ones only.
     feature_layers = list(store.layers) if params["append"] else layers
     space = loaded.space(run.ctx, store)
@@ -238,8 +252,6 @@ def _score(
         )
     voters = np.flatnonzero(correct) if correct is not None else np.arange(m)
     stored, norms = as_stored({name: batch_features.features[name] for name in layers}, store.manifest.dtype)
-    existing = _existing_positions(run, loaded, store)
-    n_existing = len(existing)
     scores = LazyScores(
         {name: union_rows(store.layer(name), existing, stored[name]) for name in layers},
         reference.features,
@@ -254,6 +266,15 @@ def _score(
         layer_scores[:, u] = block[n_existing:][:, voters].astype(np.float64).mean(axis=1)
         run.progress(b + m + u + 1, total)
     aggregated = aggregate(scores, method, vote_k=vote_k, correct=correct)
+    calibration = None
+    if spec is not None:
+        # The existing rows' scores on the batch's scale (aggregated with it): the scale a new row is judged on.
+        calibration = calibrate(
+            aggregated[:n_existing], mask, **{f"target_{spec['target']}": float(spec["value"])}
+        )
+        threshold = calibration.threshold_percentile
+    else:
+        threshold = float(params["threshold_percentile"])
     rank = percentiles(aggregated[:n_existing], aggregated[n_existing:])
     layer_ranks = np.stack(
         [
@@ -262,7 +283,6 @@ def _score(
         ],
         axis=1,
     )
-    threshold = float(params["threshold_percentile"])
     rows = []
     for i, row in enumerate(batch):
         rows.append(
@@ -286,6 +306,10 @@ def _score(
             }
         )
     verdict, reasons = verdict_reasons(rows, n_existing, threshold, int(params["max_flagged"]))
+    warnings = _warnings(reference, n_existing, threshold)
+    if calibration is not None:
+        reasons.insert(1, calibration_reason(calibration))
+        warnings.extend(_mask_warnings(mask_info))
     summary = {
         "rows": b,
         "existing_rows": n_existing,
@@ -306,14 +330,51 @@ def _score(
         "percentile_rule": TIE_RULE,
         "seconds": round(time.perf_counter() - started, 3),
     }
+    if calibration is not None:
+        summary["calibration"] = {**calibration.to_dict(), "noisy": mask_info, "assumes": ASSUMPTION}
     outcome = {
         "verdict": verdict,
         "reasons": reasons,
-        "warnings": _warnings(reference, n_existing, threshold),
+        "warnings": warnings,
         "summary": summary,
         "rows": rows,
     }
     return outcome, {name: batch_features.features[name] for name in feature_layers}
+
+
+def _calibration_mask(
+    run: JobRun, loaded: IndexSources, store: Any, existing: np.ndarray, spec: Mapping[str, Any]
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """The known-noisy mask over the existing rows (aligned with `existing`) and what it left out; refused
+    (influence's InvalidInputError, the job's error) when too few noisy or clean rows remain to calibrate on,
+    e.g. after deletions since the check was asked for."""
+    mask, info = noisy_mask(run.settings, loaded.dataset, spec["noisy"], store.row_ids()[existing])
+    if mask is None:
+        raise InvalidInputError("calibration: the check names no noisy mask to calibrate on")
+    return check_mask(mask), dict(info or {})
+
+
+def calibration_reason(calibration: Calibration) -> str:
+    """How the threshold was derived, in one sentence."""
+    c = calibration
+    return (
+        f"threshold: {_ordinal(c.threshold_percentile)} percentile (the {c.cutoff_rows:,} lowest "
+        f"existing rows), derived for {c.target} >= {c.value:g} on {c.rows:,} existing rows with {c.known_noisy:,} "
+        f"known noisy: expected precision {c.precision:.2f} [{c.precision_interval[0]:.2f}, "
+        f"{c.precision_interval[1]:.2f}], recall {c.recall:.2f} [{c.recall_interval[0]:.2f}, "
+        f"{c.recall_interval[1]:.2f}], clean rows flagged {c.clean_flag_rate:.1%} "
+        f"[{c.clean_flag_rate_interval[0]:.1%}, {c.clean_flag_rate_interval[1]:.1%}] ({c.confidence:.0%} intervals)"
+    )
+
+
+def _mask_warnings(info: Mapping[str, Any] | None) -> list[str]:
+    unflagged = int((info or {}).get("rows_without_flag") or 0)
+    if not unflagged:
+        return []
+    return [
+        f"{unflagged:,} existing rows have no noisy flag in the dataset: the calibration counts them as clean, so "
+        "its expected precision is a lower bound"
+    ]
 
 
 def _existing_positions(run: JobRun, loaded: IndexSources, store: Any) -> np.ndarray:

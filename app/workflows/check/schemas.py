@@ -18,6 +18,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field
 
 from app.schemas.common import UTCDateTime
+from app.schemas.indexes import SETTINGS_SOURCE, WorkflowSettings
 from app.schemas.jobs import WorkflowOut
 
 Verdict = Literal["pass", "fail"]
@@ -75,6 +76,12 @@ class CheckOut(WorkflowOut):
     id: str = Field(description="The check's id (also its job's id)")
     params: dict[str, Any] = Field(
         description="What the check was asked for, resolved (layers, reference, ...)"
+    )
+    settings_source: str | None = Field(
+        None, description=SETTINGS_SOURCE + " (null for checks made before settings were recorded)"
+    )
+    settings: WorkflowSettings | None = Field(
+        None, description="The settings the check ran with, each with its source"
     )
     verdict: Verdict | None = Field(description="pass | fail once succeeded; null before")
     reasons: list[str] = Field(description="Why the verdict is what it is, in plain words")

@@ -17,7 +17,6 @@ from app.models import Dataset, Job, RegisteredModel
 from app.services.datasets import get_dataset
 from app.services.models import get_model
 from app.services.references import resolve_reference
-from app.workflows.experiment.plan import base_folder, config_positions, pick_among, planned_layers
 from app.workflows.experiment.schemas import ExperimentCreate
 from app.workflows.experiment.state import KIND, PROGRESS_TOTAL
 from app.workflows.report.service import check_aggregations
@@ -97,6 +96,8 @@ def _check_ranking_size(
     layers: Sequence, body: ExperimentCreate, rows: int, reference: dict[str, Any], limit: int
 ) -> None:
     """The retraining check's audit writes the whole score tensor: refuse now what the audit would refuse."""
+    from app.workflows.experiment.plan import pick_among  # torch: see create_experiment
+
     chosen = (
         pick_among(layers, body.retraining.layers, "retraining.layers")
         if body.retraining.layers is not None
@@ -120,6 +121,10 @@ def create_experiment(
     session: Session, settings: Settings, queue: job_state.JobQueue, body: ExperimentCreate, tenant_id: str
 ) -> Job:
     """Check the request cheaply (no weights loaded) and record the experiment's job, enqueued after commit."""
+    # Here, not at the top: the plan builds the architecture on torch's meta device, and the API process imports
+    # torch only when a request needs it (this one).
+    from app.workflows.experiment.plan import base_folder, config_positions, pick_among, planned_layers
+
     base = get_model(session, body.base_model_id, tenant_id)
     dataset = get_dataset(session, body.dataset_id, tenant_id)
     num_classes = _check_sources(base, dataset, body)

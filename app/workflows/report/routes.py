@@ -12,6 +12,7 @@ from app.api.deps import JobQueueDep, SessionDep, SettingsDep, TenantDep
 from app.jobs.kinds import LAYER_REPORT
 from app.models import Job
 from app.schemas.common import problems
+from app.services.index_settings import refuse_while_pinned
 from app.web.report_page import CONTENT_SECURITY_POLICY_HEADER
 from app.workflows.report import service as service
 from app.workflows.report.schemas import ReportCreate, ReportOut
@@ -36,6 +37,8 @@ REPORTS = WorkflowResource(
     item=ReportOut,
     summary=lambda job, session, settings: report_out(job),
     title="layer report",
+    before_delete=refuse_while_pinned,
+    delete_note="409 while an index pins it (PUT /v1/indexes/{id}/settings).",
 )
 
 

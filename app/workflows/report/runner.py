@@ -30,6 +30,7 @@ import numpy as np
 
 from app.config import Settings
 from app.errors import Conflict
+from app.jobs.context import store_compute_dtype
 from app.jobs.kinds import LAYER_REPORT
 from app.jobs.model_cache import ModelSpec
 from app.jobs.run import JobRun, job_runner
@@ -38,7 +39,7 @@ from app.services.datasets import read_rows
 from app.services.fidelity import missing_note, record_threshold, unit_spearman
 from app.services.indexes import layer_from_dict
 from app.services.noisy import noisy_mask
-from app.services.queries import index_estimators
+from app.services.queries.compute import index_estimators
 from app.services.references import load_index_reference
 from app.workflows.report.service import REPORT_FILE
 from influence import Estimator, encode_examples, iter_batches, layer_cancellation
@@ -136,19 +137,34 @@ def run_layer_report(run: JobRun) -> dict[str, Any]:
         rows = _cancellation_rows(settings, dataset, row_ids, wanted_cancellation)
         used = len(rows)
         if rows:
-            cached = run.ctx.models.get(ModelSpec.of(model), run.ctx.device)
+            cached = run.ctx.models.get(
+                ModelSpec.of(model, store_compute_dtype(store.manifest)), run.ctx.device
+            )
             tokenizer = cached.loaded.tokenizer
             encoded = encode_examples(tokenizer, rows, model.task, store.manifest.max_length)
 
             def batches() -> Iterator[Any]:
                 seen = 0
-                for batch in iter_batches(encoded, pad_token_id(tokenizer), model.task, settings.batch_size):
+                for batch in iter_batches(
+                    encoded,
+                    pad_token_id(tokenizer),
+                    model.task,
+                    settings.batch_size,
+                    max_tokens=settings.max_tokens_per_batch,
+                ):
                     yield batch
                     seen += len(batch)
                     run.progress(done + seen, total)
 
             with cached.lock:
-                cancellation = layer_cancellation(cached.loaded.model, layers, batches(), max_samples=used)
+                cancellation = layer_cancellation(
+                    cached.loaded.model,
+                    layers,
+                    batches(),
+                    max_samples=used,
+                    head_chunk_tokens=settings.head_chunk_tokens,
+                    checkpointing=settings.activation_checkpointing,
+                )
     done = m + wanted_cancellation
     run.progress(done, total)
 

@@ -12,7 +12,6 @@ The worker side, which computes the report, is runner.py.
 from __future__ import annotations
 
 import datetime as dt
-import json
 from collections.abc import Sequence
 from typing import Any
 
@@ -22,19 +21,18 @@ from app.config import Settings
 from app.errors import Conflict, Invalid
 from app.jobs import state as job_state
 from app.jobs.kinds import LAYER_REPORT
-from app.jobs.resources import artifact_path
 from app.models import Dataset, Job
 from app.services.datasets import read_rows
+from app.services.index_settings import REPORT_FILE as REPORT_FILE
+from app.services.index_settings import read_report_document
 from app.services.indexes import get_index, index_sources, require_ready
 from app.services.noisy import default_noisy, resolve_noisy
-from app.services.queries import select_query_layers
+from app.services.queries.layers import select_query_layers
 from app.services.references import resolve_reference
 from app.web.report_page import render_report_html
 from app.workflows.report.schemas import ReportCreate
 from influence.aggregation import aggregation_names
 from influence.report import CORRECT_SUFFIX
-
-REPORT_FILE = "report.json"
 
 
 def check_aggregations(names: Sequence[str]) -> list[str]:
@@ -92,9 +90,8 @@ def create_report(
 
 def read_report(settings: Settings, job: Job) -> dict[str, Any] | None:
     """The finished report (LayerReport.to_dict()), its checksum verified; None while it is not done."""
-    if job.status != "succeeded":
-        return None
-    return json.loads(artifact_path(settings, job, REPORT_FILE).read_bytes())
+    # Read in the service layer: an index's settings follow its reports' recommendations (index_settings).
+    return read_report_document(settings, job)
 
 
 def _detrimental_texts(

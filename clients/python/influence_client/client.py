@@ -9,8 +9,8 @@
 
 Answers are the service's JSON as TypedDicts (influence_client.schemas; the field names are the API's, see
 /docs); every error answer (problem+json, RFC 9457) raises `InfluenceAPIError`. Options left at None are not
-sent, so the service's own defaults apply. This module imports nothing of the service or the library: it is
-all a caller installs.
+sent, so the service's own defaults apply (a query's, audit's or check's scoring options: the index's settings,
+see index_settings). This module imports nothing of the service or the library: it is all a caller installs.
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ from influence_client.schemas import (
     Health,
     Index,
     IndexOptions,
+    IndexSettings,
     Job,
     Model,
     ModelLayers,
@@ -54,6 +55,7 @@ from influence_client.schemas import (
     Report,
     ReportOptions,
     RowsDeleted,
+    SettingsMode,
 )
 from influence_client.version import version_warning
 
@@ -289,12 +291,8 @@ class InfluenceClient:
         """Upload a dataset file (JSONL, CSV, TSV, Parquet): a path, bytes or a binary file object. Without
         `format` the service goes by the file name's extension (`filename` names bytes and file objects)."""
         with _opened(file, filename, options.get("format")) as (upload_name, handle):
-            return cast(
-                Dataset,
-                self._json(
-                    "POST", DATASETS.path, data=_form(**options), files={"file": (upload_name, handle)}
-                ),
-            )
+            files = {"file": (upload_name, handle)}
+            return cast(Dataset, self._json("POST", DATASETS.path, data=_form(**options), files=files))
 
     def register_dataset_path(self, path: str, **options: Unpack[DatasetOptions]) -> Dataset:
         """Register a file that is already on the server (an absolute path under its allowed roots)."""
@@ -352,6 +350,17 @@ class InfluenceClient:
         """Start a compaction job (202): deleted rows leave the store, statistics and FAISS indexes."""
         return cast(Job, self._json("POST", f"{INDEXES.item(index_id)}/compact"))
 
+    def index_settings(self, index_id: str) -> IndexSettings:
+        """The settings mode, pinned report and settings (each with its source) of what names no settings."""
+        return cast(IndexSettings, self._json("GET", f"{INDEXES.item(index_id)}/settings"))
+
+    def set_index_settings(
+        self, index_id: str, mode: SettingsMode, report_id: str | None = None
+    ) -> IndexSettings:
+        """Follow the latest layer report, pin one (`pinned-report`, `report_id`) or use the `defaults`."""
+        body = _given(mode=mode, report_id=report_id)
+        return cast(IndexSettings, self._json("PUT", f"{INDEXES.item(index_id)}/settings", json=body))
+
     def query(
         self, index_id: str, examples: Sequence[Example | Mapping[str, Any]], **options: Unpack[QueryOptions]
     ) -> QueryResult:
@@ -407,7 +416,7 @@ class InfluenceClient:
         self, index_id: str, reference: ReferenceInput, **options: Unpack[AuditOptions]
     ) -> Audit:
         """Start an audit (202): every training row of the index scored against the reference set. The audit's
-        id is its job's id (wait_for_job)."""
+        id is its job's id (wait_for_job). `review={"target_recall": 0.9}` also marks the review prefix."""
         body = _given(reference=reference, **options)
         return cast(Audit, self._json("POST", f"{INDEXES.item(index_id)}/audits", json=body))
 
@@ -420,10 +429,12 @@ class InfluenceClient:
     def delete_audit(self, audit_id: str) -> None:
         self._delete(AUDITS, audit_id)
 
-    def audit_rows(self, audit_id: str, *, offset: int = 0, limit: int = 50) -> AuditRowsPage:
-        """A page (limit <= 1000) of the audit's training rows, most detrimental first (rank 0), with each
-        row's per-layer scores; 409 until the audit has succeeded."""
-        params = {"offset": offset, "limit": limit, "format": "json"}
+    def audit_rows(
+        self, audit_id: str, *, offset: int = 0, limit: int = 50, review: bool = False
+    ) -> AuditRowsPage:
+        """A page (limit <= 1000) of the audit's training rows (`review`: of its review prefix), most detrimental
+        first (rank 0), with each row's per-layer scores; 409 until the audit has succeeded."""
+        params = _given(offset=offset, limit=limit, format="json", review=review or None)
         return cast(AuditRowsPage, self._json("GET", f"{AUDITS.item(audit_id)}/rows", params=params))
 
     def iter_audit_rows(self, audit_id: str, *, page_size: int = PAGE_SIZE) -> Iterator[AuditRow]:
@@ -445,6 +456,7 @@ class InfluenceClient:
         *,
         offset: int | None = ...,
         limit: int | None = ...,
+        review: bool = ...,
     ) -> bytes: ...
 
     @overload
@@ -456,6 +468,7 @@ class InfluenceClient:
         *,
         offset: int | None = ...,
         limit: int | None = ...,
+        review: bool = ...,
     ) -> Path: ...
 
     def download_audit(
@@ -466,10 +479,11 @@ class InfluenceClient:
         *,
         offset: int | None = None,
         limit: int | None = None,
+        review: bool = False,
     ) -> bytes | Path:
-        """Every audit row (or the offset/limit slice) as CSV (columns `<layer>:score`, `<layer>:aggregate`,
-        `<layer>:rank` per layer) or JSONL: the bytes, or streamed into the file `dest` (its Path returned)."""
-        params = _given(format=format, offset=offset, limit=limit)
+        """Every audit row (or the offset/limit slice, of the review prefix with `review`) as CSV (`<layer>:score`,
+        `<layer>:aggregate`, `<layer>:rank` per layer) or JSONL: the bytes, or streamed into the file `dest`."""
+        params = _given(format=format, offset=offset, limit=limit, review=review or None)
         return self._download(f"{AUDITS.item(audit_id)}/rows", dest, params)
 
     def download_audit_scores(self, audit_id: str, dest: str | os.PathLike[str]) -> Path:
@@ -519,8 +533,9 @@ class InfluenceClient:
         **options: Unpack[CheckOptions],
     ) -> Check:
         """Start a batch check of new rows (202): a row scoring below `threshold_percentile` of the index's
-        rows is flagged; the verdict fails when more than `max_flagged` are. `append`: a passing batch joins
-        the index (no rebuild). `reference` travels as JSON text."""
+        rows is flagged (or, with `target_precision` / `target_recall`, below a threshold calibrated against the
+        mask `noisy`); the verdict fails when more than `max_flagged` are. `append`: a passing batch joins the
+        index (no rebuild). `reference` (and a `noisy` object) travel as JSON text."""
         form = _form(reference=reference, text_column=text_column, label_column=label_column, **options)
         with _opened(file, filename, options.get("format")) as (upload_name, handle):
             path = f"{INDEXES.item(index_id)}/checks"

@@ -9,6 +9,9 @@ NotRequired. Options left at None are not sent: the service's defaults apply.
 
 No `from __future__ import annotations` here: TypedDict decides its required keys at runtime from the
 annotations, and Python 3.11 cannot see NotRequired inside a string.
+
+Size: declarations only, one TypedDict per schema of the service, and in one module on purpose: the contract
+test finds every TypedDict defined here, so none can escape it, and a caller imports them from one place.
 """
 
 from collections.abc import Mapping, Sequence
@@ -83,6 +86,21 @@ class Checkpoint(TypedDict):
     weights_hash: str
 
 
+class MemoryEstimate(TypedDict):
+    """What a worker needs to featurize with a model under the service's current settings (bytes)."""
+
+    total_bytes: int
+    weights_bytes: int
+    activations_bytes: int
+    head_bytes: int
+    gradients_bytes: int
+    dtype: Literal["float32", "bfloat16"]
+    tokens_per_batch: int
+    weights_from: Literal["safetensors", "config"]
+    worker_memory_bytes: int | None
+    fits: bool
+
+
 class Model(TypedDict):
     id: str
     name: str
@@ -95,6 +113,7 @@ class Model(TypedDict):
     weights_hash: str
     num_layers: int
     num_blocks: int
+    memory_estimate: MemoryEstimate | None  # null when the model's files cannot be read now
     created_at: str
 
 
@@ -278,6 +297,47 @@ class IndexOptions(TypedDict, total=False):
     max_length: int | None
 
 
+SettingsMode = Literal["latest-report", "pinned-report", "defaults"]
+
+
+class AnswerSettings(TypedDict):
+    """The settings a query ran with, and where each came from. `sources` maps each field to "request" (the
+    request named it), "report <id>" (that layer report recommended it) or "defaults"; `note` says why a
+    report's recommendation was not (wholly) used."""
+
+    layers: Any  # the layer selector asked for, the recommended units, or None: every layer of the index
+    estimator: str
+    aggregation: str
+    vote_k: float
+    sources: dict[str, str]
+    report_id: str | None
+    note: str | None
+
+
+class WorkflowSettings(AnswerSettings):
+    """The settings an audit or a check ran with (a query's, plus correct_only)."""
+
+    correct_only: bool
+
+
+class IndexSettings(TypedDict):
+    """GET /v1/indexes/{id}/settings: what queries, audits and checks take for what they do not name.
+    `settings_source` is "request", "report <id>" or "defaults"."""
+
+    index_id: str
+    mode: SettingsMode
+    report_id: str | None  # the pinned report (pinned-report only)
+    settings_source: str
+    settings: WorkflowSettings  # what an audit or check that names nothing uses now
+
+
+class IndexSettingsUpdate(TypedDict):
+    """PUT /v1/indexes/{id}/settings: follow the latest layer report, pin one (`report_id`), or the defaults."""
+
+    mode: SettingsMode
+    report_id: NotRequired[str | None]
+
+
 class RowsDeleted(TypedDict):
     index_id: str
     deleted: int
@@ -300,7 +360,9 @@ class Example(TypedDict):
 
 class ScoringOptions(TypedDict, total=False):
     """How rows are scored and aggregated: the options queries, audits and checks share. Estimator and
-    aggregation names are the service's (it answers 422 naming the field for one it does not know)."""
+    aggregation names are the service's (it answers 422 naming the field for one it does not know). Those left
+    out come from the index's settings (its layer report's recommendation, else the defaults): the answer's
+    `settings_source` and `settings` say what was used."""
 
     layers: LayerSelector | None
     estimator: str | None
@@ -353,6 +415,8 @@ class Approximation(TypedDict):
 
 class QueryResult(TypedDict):
     index_id: str
+    settings_source: str  # "request", "report <id>" or "defaults"
+    settings: AnswerSettings
     estimator: str
     aggregation: str
     vote_k: float
@@ -381,10 +445,26 @@ class Reference(TypedDict, total=False):
     examples: list[Example] | None
 
 
+class NoisyRows(TypedDict):
+    """Noisy training rows by dataset row id (e.g. the rows a reviewer confirmed)."""
+
+    rows: list[int]
+
+
+class AuditReview(TypedDict):
+    """An audit's review prefix: the shortest start of the ranking expected to hold `target_recall` (in (0, 1])
+    of the noisy rows, measured against `noisy`: "dataset" (the index dataset's noisy column, the default when
+    it has one) or {"rows": [...]}."""
+
+    target_recall: float
+    noisy: NotRequired[Literal["dataset"] | NoisyRows | None]
+
+
 class AuditOptions(ScoringOptions, total=False):
     """create_audit's options (POST /v1/indexes/{id}/audits beside `reference`)."""
 
     correct_only: bool | None
+    review: AuditReview | None
 
 
 class AuditTopRow(TypedDict):
@@ -422,6 +502,9 @@ class AuditSummary(TypedDict):
     top: list[AuditTopRow]
     noise: NoiseDetection | None
     score_tensor_bytes: int
+    # With `review`: {target_recall, rows (the prefix's length), total_rows, share, known_noisy, found, recall,
+    # recall_interval, precision, precision_interval, confidence, noisy (the mask's source), assumes, read}.
+    review: dict[str, Any] | None
     fidelity: dict[str, float | None] | None
     fidelity_warning: str | None
     seconds: float
@@ -432,6 +515,8 @@ class Audit(TypedDict):
     index_id: str | None
     status: JobStatus
     params: dict[str, Any]
+    settings_source: str | None  # "request", "report <id>" or "defaults"; null for audits from before
+    settings: WorkflowSettings | None
     job: Job
     summary: AuditSummary | None
     rows_deleted_since_audit: int | None
@@ -462,7 +547,8 @@ class AuditRowsPage(TypedDict):
     """A page of an audit's ranking, most detrimental first."""
 
     items: list[AuditRow]
-    total: int
+    total: int  # rows in the ranking (review: in its review prefix)
+    review: bool  # the page is of the review prefix only
     offset: int
     limit: int
     layers: list[str]
@@ -498,12 +584,18 @@ class Report(TypedDict):
 
 class CheckOptions(ScoringOptions, total=False):
     """create_check's options (the POST /v1/indexes/{id}/checks form beside the file, the reference set and
-    the text and label columns). `layers` travels as JSON unless a plain string."""
+    the text and label columns). `layers` travels as JSON unless a plain string. Either `threshold_percentile`
+    (5 when nothing is given) or one target, `target_precision` or `target_recall` in (0, 1]: the threshold is
+    then calibrated on the existing rows against `noisy` ("dataset", or {"rows": [...]}; by default the
+    dataset's noisy column, else the explicit rows of the index's layer report)."""
 
     format: str | None
     text_pair_column: str | None
     correct_only: bool | None
     threshold_percentile: float | None
+    target_precision: float | None
+    target_recall: float | None
+    noisy: str | Mapping[str, Any] | None
     max_flagged: int | None
     append: bool | None
 
@@ -536,10 +628,16 @@ class CheckAppend(TypedDict):
 
 
 class Check(TypedDict):
+    """`summary["calibration"]`, for a check made with a target: {target, value, cutoff_rows, rows,
+    threshold_percentile (the derived one), score_cutoff, known_noisy, found, precision, precision_interval,
+    recall, recall_interval, confidence, noisy (the mask's source), assumes}."""
+
     id: str
     index_id: str | None
     status: JobStatus
     params: dict[str, Any]
+    settings_source: str | None  # "request", "report <id>" or "defaults"; null for checks from before
+    settings: WorkflowSettings | None
     job: Job
     verdict: Literal["pass", "fail"] | None
     reasons: list[str]

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from influence_client.cli.context import CommandError, Handler
+from influence_client.cli.output import short
 from influence_client.client import DEFAULT_URL
 
 # Options of every command that take a value (the default-action rewrite must step over their values).
@@ -40,9 +41,9 @@ def add_common_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def add_group(commands: Any, name: str, help_text: str) -> Any:
+def add_group(commands: Any, name: str, help_text: str, aliases: tuple[str, ...] = ()) -> Any:
     """A command with actions (`influence models ...`): the subparsers its actions are added to."""
-    sub = commands.add_parser(name, help=help_text, description=help_text)
+    sub = commands.add_parser(name, help=help_text, description=help_text, aliases=list(aliases))
     add_common_options(sub)
     return sub.add_subparsers(dest="action", metavar="ACTION", required=True)
 
@@ -64,18 +65,29 @@ def add_no_wait(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-wait", action="store_true", help="print the created job and return at once")
 
 
+# What a scoring option left out means for a query, an audit or a check.
+FROM_INDEX = "; not given: the index's settings (`influence indexes settings INDEX`)"
+
+
 def add_scoring_options(parser: argparse.ArgumentParser, plural: bool = False) -> None:
     # Estimator and aggregation names are the service's to check: it knows its registries and answers 422
-    # naming the field.
+    # naming the field. An option left out (None) is not sent: the index's settings decide it then, and a
+    # default sent from here would override them.
+    after = "" if plural else FROM_INDEX
     parser.add_argument(
-        "--layers", type=layers, help="layer selector, e.g. middle, role:attention or a JSON list"
+        "--layers", type=layers, help="layer selector, e.g. middle, role:attention or a JSON list" + after
     )
     if plural:
         parser.add_argument("--estimators", type=names, help="comma-separated, e.g. grad-dot,cosine")
         parser.add_argument("--aggregations", type=names, help="comma-separated, e.g. mean,rank,vote")
     else:
-        parser.add_argument("--estimator", help="grad-dot, cosine, datainf (and any other the service has)")
-        parser.add_argument("--aggregation", help="mean, rank, vote, zmean, median, rrf (and -c variants)")
+        parser.add_argument(
+            "--estimator", help="grad-dot, cosine, datainf (and any other the service has)" + after
+        )
+        parser.add_argument(
+            "--aggregation", help="mean, rank, vote, zmean, median, rrf (and -c variants)" + after
+        )
+        parser.add_argument("--vote-k", type=float, help="vote: share of the rows each voter scores" + after)
 
 
 def options_of(args: argparse.Namespace, options: type) -> dict[str, Any]:
@@ -107,6 +119,38 @@ def json_object(value: str) -> dict[str, Any]:
 def names(value: str) -> list[str] | None:
     """Comma-separated names; none at all leaves the choice to the service."""
     return value.split(",") if value else None
+
+
+def noisy_rows(value: str) -> str | dict[str, list[int]]:
+    """A noisy mask: `dataset` (the index dataset's noisy column), or dataset row ids: a file of them (one per
+    line, or a JSON list), a JSON list, or comma-separated."""
+    if value == "dataset":
+        return "dataset"
+    text = value
+    if Path(value).is_file():
+        try:
+            text = Path(value).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise argparse.ArgumentTypeError(f"cannot read {value}: {exc.strerror}") from None
+    refusal = argparse.ArgumentTypeError(
+        f"expected `dataset` or row ids (a file of them, one per line or a JSON list; a JSON list; or "
+        f"comma-separated), got {short(value, 40)!r}"
+    )
+    try:
+        items = json.loads(text) if text.lstrip().startswith("[") else text.replace(",", " ").split()
+    except json.JSONDecodeError:
+        raise refusal from None
+    if not isinstance(items, list) or not items:
+        raise refusal
+    rows = []
+    for item in items:
+        if isinstance(item, bool) or not isinstance(item, int | str):
+            raise refusal
+        try:
+            rows.append(int(item))
+        except ValueError:
+            raise refusal from None
+    return {"rows": rows}
 
 
 def int_list(value: str) -> list[int]:

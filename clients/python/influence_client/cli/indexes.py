@@ -1,5 +1,5 @@
-"""`influence indexes`: create (waits for the build), list, show (with the projection's fidelity), delete,
-delete-rows, compact."""
+"""`influence indexes` (also `influence index`): create (waits for the build), list, show (with the projection's
+fidelity), delete, delete-rows, compact, settings (cli/settings.py)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from influence_client.cli.context import EXIT_OK, Context, Record, fields_named,
 from influence_client.cli.jobs import render_job
 from influence_client.cli.output import short, size
 from influence_client.cli.resources import Filter, Resource, add_delete, add_list, add_show
+from influence_client.cli.settings import add_settings_command
 from influence_client.schemas import IndexOptions
 
 INDEX_STATUSES = ("pending", "building", "ready", "failed", "cancelled")
@@ -130,7 +131,9 @@ def _unit_projection(value: str) -> tuple[str, dict[str, Any]]:
 
 
 def add_commands(commands: Any) -> None:
-    indexes = add_group(commands, "indexes", "build, inspect, compact and delete indexes")
+    indexes = add_group(
+        commands, "indexes", "build, inspect, compact and delete indexes; their settings", aliases=("index",)
+    )
     sub = add_command(indexes, "create", create, "build an index (waits for the build)")
     sub.add_argument("--model", required=True, dest="model_id")
     sub.add_argument("--dataset", required=True, dest="dataset_id")
@@ -164,6 +167,7 @@ def add_commands(commands: Any) -> None:
     sub = add_command(indexes, "compact", compact, "remove deleted rows for good (waits)")
     sub.add_argument("index_id")
     add_no_wait(sub)
+    add_settings_command(indexes)
 
 
 def create(ctx: Context) -> int:

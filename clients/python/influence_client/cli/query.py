@@ -1,4 +1,5 @@
-"""`influence query`: which training rows most helped / harmed some examples."""
+"""`influence query`: which training rows most helped / harmed some examples, and which settings (layers,
+estimator, aggregation) said so and where they came from."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from typing import Any
 from influence_client.cli.arguments import add_command, add_scoring_options, label, options_of, read_examples
 from influence_client.cli.context import EXIT_OK, CommandError, Context, Record
 from influence_client.cli.output import render_table, short
+from influence_client.cli.settings import print_settings
 from influence_client.schemas import QueryOptions
 
 
@@ -22,7 +24,6 @@ def add_commands(commands: Any) -> None:
     )
     sub.add_argument("--examples", metavar="FILE", help="JSON list or JSONL of {text, label, text_pair?}")
     add_scoring_options(sub)
-    sub.add_argument("--vote-k", type=float)
     sub.add_argument("--top-k", type=int)
     sub.add_argument("--direction", choices=("helpful", "harmful", "both"))
     sub.add_argument("--approximate", action="store_true", default=None)
@@ -64,6 +65,7 @@ def query(ctx: Context) -> int:
             f"{answer['num_rows']} rows{' (approximate)' if answer['approximate'] else ''}, "
             f"{answer['seconds']:.2f}s; score > 0 helps"
         )
+        print_settings(ctx, answer, answer["index_id"])
         for result in answer["results"]:
             console.line()
             prediction = f", predicted {result['prediction']}" if result["prediction"] is not None else ""

@@ -7,16 +7,12 @@ from collections.abc import Mapping
 from typing import ClassVar
 
 from influence_client.cli import workflows
-from influence_client.cli.arguments import add_scoring_options, int_list, options_of
+from influence_client.cli.arguments import add_scoring_options, noisy_rows, options_of
 from influence_client.cli.context import Context, Record, finish, job_of
 from influence_client.cli.output import fmt
 from influence_client.cli.workflows import Workflow
 from influence_client.client import InfluenceClient
 from influence_client.schemas import ReportOptions
-
-
-def _noisy(value: str) -> str | dict[str, list[int]]:
-    return "dataset" if value == "dataset" else {"rows": int_list(value)}
 
 
 def _render(ctx: Context, report: Record, top: int) -> None:
@@ -87,7 +83,10 @@ class Report(Workflow):
         add_scoring_options(parser, plural=True)
         parser.add_argument("--vote-k", type=float)
         parser.add_argument(
-            "--noisy", type=_noisy, help="`dataset` (its noisy column) or comma-separated noisy row ids"
+            "--noisy",
+            type=noisy_rows,
+            help="`dataset` (its noisy column) or the noisy row ids: a file of them (one per line, or a JSON "
+            "list), a JSON list, or comma-separated",
         )
         parser.add_argument(
             "--cancellation-rows", type=int, help="rows the cancellation is measured over (1000)"

@@ -1,6 +1,9 @@
-"""Queries: which training rows most helped / harmed each example, per layer and aggregated.
+"""Answering a query (the compute side): which training rows most helped / harmed each example, per layer and
+aggregated. Runs where the model and the memory-mapped stores are kept warm: a query worker (`python -m worker
+--queues query`, app/jobs/query_worker.py), or the API process itself when it has no query transport
+(app/services/queries/request.py decides).
 
-For an index that is ready:
+For a payload (app/services/queries/payload.py: the index, its tenant and the settings the API resolved):
   1. featurize the examples with the index's projection (read from its manifest) on the cached model, after
      checking that model, tokenizer, dataset and projection still match the manifest;
   2. per layer, transform the features for the estimator (DataInf: the matrix fitted at build time);
@@ -13,13 +16,13 @@ For an index that is ready:
   5. say how faithful the index's projection is on the layers used (`fidelity`, measured when the index was
      built: app/services/fidelity.py), with a `fidelity_warning` when a layer ranks rows unlike its exact
      gradients.
-The exact path is the library's computation step for step (a test compares them).
+Layers, estimator, aggregation and vote_k arrive resolved (the request's, else the index's settings); the answer
+says which. The exact path is the library's computation step for step (a test compares them).
 """
 
 from __future__ import annotations
 
 import threading
-import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -27,16 +30,19 @@ from typing import Any
 
 import numpy as np
 import torch
+from sqlalchemy.orm import Session
 
 from app.config import Settings
-from app.errors import Conflict, Invalid
+from app.errors import Conflict
 from app.jobs.context import resolve_device
 from app.jobs.model_cache import ModelCache
 from app.models import Dataset, Index, RegisteredModel
 from app.schemas.indexes import QueryRequest
 from app.services.datasets import read_rows
 from app.services.fidelity import fidelity_warning, record_threshold, unit_spearman
-from app.services.indexes import get_index, index_sources, layer_from_dict, require_ready
+from app.services.indexes import get_index, index_sources, require_ready
+from app.services.queries.layers import select_query_layers
+from app.services.queries.payload import ForwardedQuery
 from app.services.references import IndexSpace, check_labels, featurize_for_index, to_examples
 from app.stores import open_store
 from influence import (
@@ -46,7 +52,6 @@ from influence import (
     load_store_indexes,
     score_layer,
     score_tensor,
-    select_layers,
     store_estimators,
 )
 from influence import top_k as top_rows
@@ -55,7 +60,6 @@ from influence.errors import (
     ManifestMismatchError,
     StoreCorruptedError,
     StoreIncompleteError,
-    UnknownLayerError,
 )
 
 # Scores held at once while scoring exactly (float32): n rows x U layers x g examples <= this.
@@ -121,7 +125,18 @@ class StoreCache:
             self._faiss.pop(index_id, None)
             self._verified.pop(index_id, None)
 
-    def faiss(self, index_id: str, store, layers: Sequence[str]) -> dict[str, Any]:
+    def evict_removed(self) -> None:
+        """Forget the stores whose folder is gone (their index was deleted): a worker hears of no deletion, and
+        a snapshot's memory maps would keep the deleted files' disk space taken until evicted."""
+        with self._lock:
+            held = list(self._stores.items())
+        for index_id, store in held:
+            if not store.path.exists():
+                self.evict(index_id)
+
+    def faiss(self, index_id: str, store, layers: Sequence[str], device: str = "cpu") -> dict[str, Any]:
+        """The FAISS index of each of `layers` over this snapshot, loaded once, placed for `device` (a GPU
+        when the process featurizes on one and faiss can use it: influence/index/devices.py)."""
         # Only indexes built over exactly this snapshot's segments serve it (another thread may hold a newer or
         # older snapshot of the same index at the same time).
         wanted = {name: tuple(store.layer_checksums(name)) for name in layers}
@@ -135,7 +150,7 @@ class StoreCache:
         missing = [name for name in layers if name not in found]
         if missing:
             try:
-                loaded = load_store_indexes(store, missing)
+                loaded = load_store_indexes(store, missing, device=device)
             except (ManifestMismatchError, StoreIncompleteError):
                 raise Conflict(
                     f"the FAISS indexes of index {index_id!r} do not match its rows yet (a compaction is "
@@ -151,7 +166,7 @@ class StoreCache:
 
 @dataclass
 class QueryRuntime:
-    """What an API process keeps between queries: loaded models and opened stores."""
+    """What a process that answers queries keeps between them: loaded models and opened stores."""
 
     models: ModelCache = field(default_factory=ModelCache)
     stores: StoreCache = field(default_factory=StoreCache)
@@ -165,38 +180,6 @@ class _Prepared:
     estimators: dict[str, Any]
     losses: np.ndarray
     predictions: np.ndarray
-
-
-def check_query_limits(request: QueryRequest, settings: Settings) -> None:
-    """The limits a query must keep, checked before anything is loaded (422 naming the limit)."""
-    if len(request.examples) > settings.max_query_examples:
-        raise Invalid(
-            f"{len(request.examples)} examples; a query takes at most {settings.max_query_examples} "
-            "(max_query_examples)"
-        )
-    if request.top_k > settings.max_top_k:
-        raise Invalid(f"top_k {request.top_k} is over the limit of {settings.max_top_k} (max_top_k)")
-    for i, example in enumerate(request.examples):
-        for part in (example.text, example.text_pair or ""):
-            if len(part) > settings.max_text_chars:
-                raise Invalid(
-                    f"examples[{i}]: text longer than {settings.max_text_chars} characters (max_text_chars)"
-                )
-
-
-def select_query_layers(index: Index, model: RegisteredModel, selector: Any) -> list[str]:
-    """The index's layers the selector picks (names, groups, selectors), in index order; 422 if it picks none."""
-    by_name = {record["name"]: record for record in model.layers}
-    index_layers = [layer_from_dict(by_name[name]) for name in index.layers if name in by_name]
-    if len(index_layers) != len(index.layers):
-        raise Conflict(f"index {index.id!r} names layers its model no longer lists; rebuild it")
-    try:
-        chosen = select_layers(index_layers, selector)
-    except UnknownLayerError as exc:
-        raise Invalid(
-            f"{exc}: the query may only use layers the index holds ({len(index.layers)} layers)"
-        ) from None
-    return [layer.name for layer in chosen]
 
 
 def index_estimators(store, layers: Sequence[str], name: str) -> dict[str, Any]:
@@ -455,19 +438,19 @@ def _read_hit_rows(settings: Settings, dataset: Dataset, row_ids: set[int]) -> d
 
 
 def run_query(
-    session, settings: Settings, runtime: QueryRuntime, index_id: str, request: QueryRequest, tenant_id: str
+    session: Session, settings: Settings, runtime: QueryRuntime, payload: dict[str, Any]
 ) -> dict[str, Any]:
-    """Answer a query of this tenant's index (the QueryResponse schema as a dict)."""
-    started = time.perf_counter()
-    check_query_limits(request, settings)
-    index = get_index(session, index_id, tenant_id)
+    """Answer a query payload (the QueryResponse schema as a dict, without `seconds`: the API times the whole)."""
+    forwarded = ForwardedQuery.of(payload)
+    request = forwarded.request
+    index = get_index(session, forwarded.index_id, forwarded.tenant_id)
     model, dataset = index_sources(session, index)
     prepared = prepare(settings, runtime, index, model, dataset, request)
     approximation = None
     searched = [name for name in prepared.layers if prepared.store.layer_spec(name).layout == "dense"]
     if request.approximate and searched:
         per_layer = request.candidates_per_layer or APPROXIMATE_CANDIDATE_FACTOR * request.top_k
-        faiss = runtime.stores.faiss(index.id, prepared.store, searched)
+        faiss = runtime.stores.faiss(index.id, prepared.store, searched, resolve_device(settings.device))
         ranked = rank_approximate(prepared, request, faiss, per_layer)
         kind = next(iter(faiss.values())).kind
         what = (
@@ -525,6 +508,8 @@ def run_query(
         )
     return {
         "index_id": index.id,
+        "settings_source": forwarded.settings_source,
+        "settings": forwarded.settings,
         "estimator": request.estimator,
         "aggregation": request.aggregation,
         "vote_k": request.vote_k,
@@ -535,5 +520,4 @@ def run_query(
         "approximation": approximation,
         **answer_fidelity(index, prepared.layers),
         "results": results,
-        "seconds": round(time.perf_counter() - started, 4),
     }
