@@ -2,7 +2,8 @@
 # service end to end) that share the shapes, rows and settings defined here.
 """Issue 16, item 2: causal LMs in real shapes (random weights), LoRA r = 8 on q / v, 256-token completion rows.
 
-    python -m bench.llm                     # the Qwen2 shape, float32: library, rss, e2e (~16-20 min, 2 cores)
+    python -m bench.llm                     # the Qwen2 shape, float32: library, rss, e2e (16 min on 2 quiet
+                                            # cores, 29 at load 5-16)
     python -m bench.llm --shapes llama-3.2-1b --parts library,rss --budgets 1024,2048    # the Llama shape
     python -m bench.llm --quick             # the Qwen2 shape, 1 round, 16-row e2e, no rss: one JSON line
     python -m bench.llm --parts e2e --e2e-rows 256      # one part, other sizes (options below)
@@ -39,6 +40,9 @@ Parts:
            adapter, upload --e2e-rows rows (JSONL with a noisy column), build an index over the LoRA units and
            the head (max length 256), --queries queries of one example after a warm-up (p50, p95), an audit
            and a layer report against --reference examples; each must succeed, and each is timed.
+Every result records the machine's float32 and bfloat16 matrix-product rates (matmul_rates): a CPU without
+native bfloat16 (AVX-512 BF16, AMX) multiplies in bfloat16 about 100 times slower, so by default bfloat16 is
+measured only where it costs no product: the load (--load-dtypes); --dtypes bfloat16 runs the rest too.
 """
 
 from __future__ import annotations
@@ -485,7 +489,8 @@ def e2e(shape: str, args) -> dict[str, Any]:
         "INFLUENCE_HEAD_CHUNK_TOKENS": str(HEAD_CHUNK_TOKENS),
         "INFLUENCE_COMPUTE_DTYPE": args.e2e_dtype,
         "INFLUENCE_MAX_LENGTH": str(ROW_TOKENS),
-        # The build's fidelity sample is featurized too (its rows cost what index rows cost): kept small here.
+        # The build's fidelity sample costs what index rows cost; 8 + 4 rows of 256 tokens are over the
+        # service's own limit for it (5.1 GiB of activations and gradients, 4 GiB allowed): it is skipped then.
         "INFLUENCE_FIDELITY_TRAIN_ROWS": str(args.fidelity_rows),
         "INFLUENCE_FIDELITY_QUERY_ROWS": str(max(1, args.fidelity_rows // 2)),
         "INFLUENCE_QUERY_TIMEOUT_S": "1800",
@@ -611,7 +616,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--reference", type=int, default=4, help="e2e: reference examples of audit and report"
     )
-    parser.add_argument("--fidelity-rows", type=int, default=8, help="e2e: INFLUENCE_FIDELITY_TRAIN_ROWS")
+    parser.add_argument("--fidelity-rows", type=int, default=4, help="e2e: INFLUENCE_FIDELITY_TRAIN_ROWS")
     parser.add_argument(
         "--cancellation-rows", type=int, default=4, help="e2e: the report's cancellation_rows"
     )
