@@ -185,7 +185,8 @@ class Settings(BaseSettings):
         ge=1,
         le=65535,
         description="Port on which each worker (`python -m worker`) serves its own metrics (steps run and failed, "
-        "step durations, every pool process together); empty: none",
+        "step durations, every pool process together); empty: none. `make serve`'s query worker child takes the "
+        "next port",
     )
     log_format: Literal["text", "json"] = Field(
         "text",

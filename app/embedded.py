@@ -47,7 +47,8 @@ QUERY_WORKER_HOSTNAME = "embedded-query@%h"
 def create_service_app(settings: Settings | None = None):
     """The API with the Celery job queue and the broker / live-worker readiness checks; with query_on_workers,
     the query transport (app.state.query_transport: queries go to query workers) and its readiness check."""
-    # Imported here, not at the top: they import torch, which must come after OMP_WAIT_POLICY is set above.
+    # Imported here, not at the top: `python -m app.embedded` sets OMP_WAIT_POLICY above before anything may
+    # import torch (the API itself does not; the modules it reaches load it lazily, on a worker).
     from app.jobs.dispatch import CeleryJobQueue
     from app.jobs.query_transport import CeleryQueryTransport, query_worker_check
     from app.jobs.readiness import readiness_checks
@@ -61,6 +62,8 @@ def create_service_app(settings: Settings | None = None):
         checks.append(query_worker_check(transport))
     app = create_app(settings, job_queue=queue, readiness_checks=checks)
     app.state.query_transport = transport
+    if transport is not None and app.state.metrics is not None:
+        app.state.metrics.job_engine.query_heartbeat = transport.heartbeat
     return app
 
 
@@ -83,12 +86,14 @@ def _parent_death_signal() -> None:
 class WorkerSupervisor:
     """Runs `python -m worker` as a child process and starts it again when it exits unexpectedly."""
 
-    def __init__(self, settings: Settings, hostname: str = "embedded@%h", queues: str | None = None):
+    def __init__(
+        self, settings: Settings, hostname: str = "embedded@%h", queues: str | None = None, **env: str
+    ):
         self.settings = settings
         self.command = [sys.executable, "-m", "worker", "--hostname", hostname]
         if queues is not None:
             self.command += ["--queues", queues]
-        self.env = {**os.environ, **absolute_settings_env(settings)}
+        self.env = {**os.environ, **absolute_settings_env(settings), **env}
         self.env.setdefault("TOKENIZERS_PARALLELISM", "false")
         self.process: subprocess.Popen | None = None
         self._stopping = threading.Event()
@@ -136,9 +141,18 @@ class WorkerSupervisor:
         log.info("worker stopped")
 
 
+def query_worker_env(settings: Settings) -> dict[str, str]:
+    """The query child's own settings: its metrics on the port after the job worker's (one port, one server)."""
+    if settings.worker_metrics_port is None:
+        return {}
+    port = settings.worker_metrics_port % 65535 + 1
+    log.info("query worker metrics on port %d (INFLUENCE_WORKER_METRICS_PORT + 1)", port)
+    return {"INFLUENCE_WORKER_METRICS_PORT": str(port)}
+
+
 def local_api_key(settings: Settings) -> tuple[Path, bool]:
     """Make sure <data_dir>/local-api-key holds a valid key of the `local` tenant; (path, created now)."""
-    # Imported here, as in create_service_app: they import torch (through the library's errors).
+    # Imported here, as in create_service_app.
     from app.db import make_engine, make_session_factory, session_scope
     from app.services.tenancy import ensure_local_key
 
@@ -175,7 +189,9 @@ def serve(settings: Settings, host: str, port: int, with_worker: bool = True) ->
         supervisors.append(WorkerSupervisor(settings))
         if settings.query_on_workers:
             # A worker of its own: a query never waits behind a build chunk or an experiment.
-            supervisors.append(WorkerSupervisor(settings, QUERY_WORKER_HOSTNAME, queues="query"))
+            supervisors.append(
+                WorkerSupervisor(settings, QUERY_WORKER_HOSTNAME, queues="query", **query_worker_env(settings))
+            )
     for supervisor in supervisors:
         supervisor.start()
     try:

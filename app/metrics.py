@@ -50,6 +50,7 @@ class ServiceMetrics:
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
+        self.job_engine = job_engine
         self.registry.register(job_engine)
         # One thread: a scrape that overruns its deadline keeps it, and the next scrape is refused, not queued.
         # Made at the first scrape after each close: an app served again after its lifespan ended (a second

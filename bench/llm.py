@@ -39,7 +39,8 @@ Parts:
            query worker) with INFLUENCE_MAX_TOKENS_PER_BATCH=--e2e-tokens: register the model folder and
            adapter, upload --e2e-rows rows (JSONL with a noisy column), build an index over the LoRA units and
            the head (max length 256), --queries queries of one example after a warm-up (p50, p95), an audit
-           and a layer report against --reference examples; each must succeed, and each is timed.
+           and a layer report against --reference examples; each must succeed, and each is timed; then the
+           API process's resident and peak memory, and whether torch or faiss was ever mapped into it.
 Every result records the machine's float32 and bfloat16 matrix-product rates (matmul_rates): a CPU without
 native bfloat16 (AVX-512 BF16, AMX) multiplies in bfloat16 about 100 times slower, so by default bfloat16 is
 measured only where it costs no product: the load (--load-dtypes); --dtypes bfloat16 runs the rest too.
@@ -473,6 +474,20 @@ def _wait_job(client, path: str, timeout: float) -> tuple[dict[str, Any], float]
     return common.wait_for(finished, timeout, path), time.perf_counter() - started
 
 
+def api_process(pid: int) -> dict[str, Any]:
+    """The API process after everything ran through it: its resident and peak memory, and whether torch or faiss
+    were ever mapped into it (the workers compute; the API validates and forwards)."""
+    status = (Path("/proc") / str(pid) / "status").read_text()
+    kib = {line.split(":")[0]: int(line.split()[1]) for line in status.splitlines() if line.startswith("Vm")}
+    maps = (Path("/proc") / str(pid) / "maps").read_text()
+    return {
+        "rss_mib": kib["VmRSS"] / 1024,
+        "peak_rss_mib": kib["VmHWM"] / 1024,
+        "torch_loaded": "libtorch" in maps,
+        "faiss_loaded": "_swigfaiss" in maps,
+    }
+
+
 def e2e(shape: str, args) -> dict[str, Any]:
     import httpx
 
@@ -580,6 +595,7 @@ def e2e(shape: str, args) -> dict[str, Any]:
             _, report = call(f"/v1/indexes/{index['id']}/reports", 202, json=body)
             report, seconds = _wait_job(client, f"/v1/reports/{report['id']}", 3600)
             result["report"] = {"wall_s": seconds, "summary": report["summary"]}
+            result["api_process"] = api_process(service.pid)
     finally:
         stop_service(service)
         if args.keep_e2e:
@@ -676,6 +692,8 @@ def headline(result: dict[str, Any]) -> dict[str, Any]:
             "query_p50_s": e2e_result["query"]["p50_s"],
             "audit_s": e2e_result["audit"]["wall_s"],
             "report_s": e2e_result["report"]["wall_s"],
+            "api_rss_mib": e2e_result["api_process"]["rss_mib"],
+            "api_torch_loaded": e2e_result["api_process"]["torch_loaded"],
         }
     return out
 

@@ -14,9 +14,12 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-import torch
 
 from influence.errors import InvalidInputError
+from influence.lazy import lazy_module
+
+# Batches are made on workers; the API reads tasks, columns and rows here without loading torch.
+torch = lazy_module("torch")
 
 TaskKind = Literal["classification", "causal-lm"]
 TASKS: tuple[str, ...] = ("classification", "causal-lm")

@@ -30,7 +30,9 @@ import logging
 import threading
 from typing import Any
 
-import torch
+from influence.lazy import lazy_module
+
+torch = lazy_module("torch")
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +40,7 @@ log = logging.getLogger(__name__)
 COMPILED_MAX_QUERIES = 8
 # Row dtypes the kernel serves: a store's float16, whose conversion is the cost. float32 rows go straight to
 # BLAS, which already reads them at memory speed: the kernel is no faster on them.
-COMPILED_DTYPES = (torch.float16,)
+COMPILED_DTYPES = ("float16",)  # torch dtype names (torch.float16): naming them imports no torch
 # The longest a scoring call waits for a compile in progress; past it the kernel is given up as failed (a hung
 # compiler), so that no later call waits again.
 COMPILE_WAIT_SECONDS = 300.0
@@ -47,6 +49,12 @@ COMPILE_WAIT_SECONDS = 300.0
 # row's sum does not depend on the block it is in (tested), and a call's own overhead is small next to a
 # block's work (docs/benchmarks.md, item 6, third round).
 KERNEL_BLOCK_ROWS = 131072
+
+
+def _dtype_name(dtype: Any) -> str | None:
+    """"float16" for torch.float16; None for anything that is not a torch dtype."""
+    text = str(dtype)
+    return text.removeprefix("torch.") if text.startswith("torch.") else None
 
 
 def _row_dots(rows: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
@@ -104,7 +112,7 @@ class _CompiledDots:
             # One call per dtype and per query count class (m = 1 is specialised, m >= 2 is symbolic), so that
             # no query compiles again later.
             with torch.no_grad():
-                for dtype in COMPILED_DTYPES:
+                for dtype in (getattr(torch, name) for name in COMPILED_DTYPES):
                     rows = torch.randn(64, 32).to(dtype)
                     for m in (1, 2):
                         queries = torch.randn(m, 32)
@@ -140,7 +148,7 @@ class _CompiledDots:
         """Whether CPU rows of this dtype against this many query vectors go through the kernel (waiting for a
         compile in progress). Every such call of the process then does, whatever the rows' container or
         blocking: a row's score never depends on the path that computed it."""
-        if not (self._enabled and dtype in COMPILED_DTYPES and 1 <= num_queries <= COMPILED_MAX_QUERIES):
+        if not (self._enabled and _dtype_name(dtype) in COMPILED_DTYPES and 1 <= num_queries <= COMPILED_MAX_QUERIES):
             return False
         self._compile_once()
         return self._wait(self._ready) and self._function is not None

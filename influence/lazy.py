@@ -10,6 +10,7 @@ read (`torch.float64`, in a worker) imports the real module, and later reads are
 from __future__ import annotations
 
 import importlib
+import sys
 from types import ModuleType
 from typing import Any
 
@@ -35,3 +36,9 @@ class LazyModule:
 def lazy_module(name: str) -> Any:
     """A stand-in for `import name` that imports it on the first attribute read (typed Any, as a module)."""
     return LazyModule(name)
+
+
+def is_tensor(value: Any) -> bool:
+    """isinstance(value, torch.Tensor), without importing torch: no tensor exists before torch is imported."""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(value, torch.Tensor)

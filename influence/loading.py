@@ -10,17 +10,22 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from influence.data import check_task
 from influence.errors import InvalidInputError, UnsupportedModelError
+from influence.lazy import lazy_module
+
+if TYPE_CHECKING:
+    import torch
+else:  # the API checks folders (check_safetensors_only) and names dtypes without loading torch
+    torch = lazy_module("torch")
 
 # Files that can carry pickled code; we never load them.
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 # The dtypes a model's weights may be loaded in for featurization, by name (settings, index params). Features
 # are float32 either way (influence.gradients widens bfloat16 captures before projecting them).
-COMPUTE_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+COMPUTE_DTYPES = ("float32", "bfloat16")
 
 
 def compute_dtype(name: str) -> torch.dtype:
@@ -29,7 +34,7 @@ def compute_dtype(name: str) -> torch.dtype:
         raise InvalidInputError(
             f"unknown compute dtype {name!r}; expected one of {', '.join(COMPUTE_DTYPES)}"
         )
-    return COMPUTE_DTYPES[name]
+    return getattr(torch, name)
 
 
 @dataclass
@@ -137,11 +142,12 @@ def load_model(
     task: str = "classification",
     num_labels: int = 2,
     adapter: str | Path | None = None,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = None,
     device: str | torch.device = "cpu",
     seed: int = 0,
 ) -> LoadedModel:
-    """Load a model for influence: eval mode, safetensors only, no remote code.
+    """Load a model for influence: eval mode, safetensors only, no remote code; weights in `dtype` (float32
+    unless given).
 
     `seed` fixes the initialisation of a freshly added classification head, so two loads of the same
     folder give the same model (an index built by one process must match queries from another).
@@ -153,7 +159,7 @@ def load_model(
     folder = _resolve_folder(str(source), revision)
     check_safetensors_only(folder)
     tokenizer = load_tokenizer(folder)
-    kwargs = {"trust_remote_code": False, "use_safetensors": True, "dtype": dtype}
+    kwargs = {"trust_remote_code": False, "use_safetensors": True, "dtype": dtype or torch.float32}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         try:

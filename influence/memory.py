@@ -64,11 +64,13 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from influence.errors import UnsupportedModelError
 from influence.layers import Layer
+from influence.lazy import lazy_module
 from influence.projection import ProjectionSpec, factor_dims
+
+# The estimate reads headers and configs only (the API refuses a model with it); a measurement loads torch.
+torch = lazy_module("torch")
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 # safetensors' dtype codes: bytes per element, and whether the loader converts it to the compute dtype.
@@ -445,13 +447,21 @@ def _cgroup_limit() -> int | None:
     return None
 
 
+def _cuda_available() -> bool:
+    """torch.cuda.is_available(), without importing torch where no NVIDIA driver is loaded (the API on a CPU
+    machine, which never computes): without /proc/driver/nvidia there is no CUDA device to find."""
+    if "torch" not in sys.modules and not Path("/proc/driver/nvidia/gpus").is_dir():
+        return False
+    return bool(torch.cuda.is_available())
+
+
 def device_memory(device: str = "auto") -> tuple[int | None, str]:
     """(bytes, what they are) of the memory a worker on `device` (auto | cpu | cuda) featurizes in: the first
     GPU's total memory when the device is (or auto finds) CUDA, else the machine's RAM: MemTotal, or the
     cgroup's limit when lower (a container). Total, not available: the budget is a property of the worker's
     machine, while what is free at one moment depends on whatever else runs then (MemAvailable would make a
     registration pass or fail by when it ran)."""
-    if device == "cuda" or (device == "auto" and torch.cuda.is_available()):
+    if device == "cuda" or (device == "auto" and _cuda_available()):
         if torch.cuda.is_available():
             props = torch.cuda.get_device_properties(0)
             return int(props.total_memory), f"GPU memory ({props.name})"

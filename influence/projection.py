@@ -29,11 +29,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
-import torch
-
 from influence.errors import InvalidInputError
 from influence.layers import Layer
+from influence.lazy import lazy_module
 from influence.tokens import TokenRows
+
+torch = lazy_module("torch")
 
 DEFAULT_DIM = 256
 # Bumped whenever the same spec would produce different numbers; part of every store's fingerprint.
@@ -230,20 +231,21 @@ def stream_key(seed: int, layer_name: str, part: str) -> int:
     return int.from_bytes(digest[:8], "little") >> 1
 
 
-def hashed_normal(key: int, rows: torch.Tensor, cols: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
-    """Standard normal entries N[j, c] for j in rows (R,), c in cols (C,) -> (R, C), by Box-Muller."""
+def hashed_normal(key: int, rows: torch.Tensor, cols: torch.Tensor, dtype=None) -> torch.Tensor:
+    """Standard normal entries N[j, c] for j in rows (R,), c in cols (C,) -> (R, C), by Box-Muller (dtype:
+    float32 unless given)."""
     bits = _hash_grid(key, rows, cols)
     high = _shift_right(bits, 32).to(torch.float64)
     low = (bits & 0xFFFFFFFF).to(torch.float64)
     u1 = (high + 1.0) / 4294967297.0  # in (0, 1): log is finite
     u2 = low / 4294967296.0
-    return (torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2.0 * math.pi * u2)).to(dtype)
+    return (torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2.0 * math.pi * u2)).to(dtype or torch.float32)
 
 
-def hashed_signs(key: int, rows: torch.Tensor, cols: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
-    """Rademacher entries (+1 / -1) for rows x cols."""
+def hashed_signs(key: int, rows: torch.Tensor, cols: torch.Tensor, dtype=None) -> torch.Tensor:
+    """Rademacher entries (+1 / -1) for rows x cols (dtype: float32 unless given)."""
     bits = _hash_grid(key, rows, cols)
-    return ((bits >> 40) & 1).to(dtype) * 2 - 1
+    return ((bits >> 40) & 1).to(dtype or torch.float32) * 2 - 1
 
 
 def _hash_grid(key: int, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:

@@ -28,9 +28,10 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
-import torch
-
 from influence.kernels import wait_for_compile_in_progress
+from influence.lazy import lazy_module
+
+torch = lazy_module("torch")
 
 log = logging.getLogger(__name__)
 

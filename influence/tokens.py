@@ -24,10 +24,12 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-import torch
 
 from influence.errors import InvalidInputError
 from influence.kernels import COMPILED_DOTS
+from influence.lazy import is_tensor, lazy_module
+
+torch = lazy_module("torch")
 
 # Train entries turned to float32 at a time in a join: bounds the extra memory over a float16 memmap.
 _JOIN_BLOCK = 1 << 16
@@ -115,11 +117,12 @@ class TokenRows:
         return cls(offsets, unique % span, values, check=False)
 
     @classmethod
-    def empty(cls, num_rows: int, width: int, dtype: torch.dtype = torch.float32) -> TokenRows:
+    def empty(cls, num_rows: int, width: int, dtype: torch.dtype | None = None) -> TokenRows:
+        """n rows without entries, values of `dtype` (float32 unless given)."""
         return cls(
             np.zeros(num_rows + 1, dtype=np.int64),
             torch.zeros(0, dtype=torch.int64),
-            torch.zeros(0, width, dtype=dtype),
+            torch.zeros(0, width, dtype=dtype or torch.float32),
         )
 
     @classmethod
@@ -249,9 +252,11 @@ class TokenRows:
         out[torch.from_numpy(self.entry_rows()), _torch(self.tokens).long()] = _torch(self.values)
         return out.reshape(self.num_rows, -1)
 
-    def dot(self, queries: TokenRows, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    def dot(self, queries: TokenRows, dtype: torch.dtype | None = None) -> torch.Tensor:
         """<G(train row i), G(query j)> (n, m): per token of the queries, the train entries holding it times
-        the queries' vectors for it, added into (row, query). Each (row, token) is one entry: no repeats."""
+        the queries' vectors for it, added into (row, query). Each (row, token) is one entry: no repeats.
+        Sums in `dtype` (float32 unless given)."""
+        dtype = dtype or torch.float32
         if queries.width != self.width:
             raise InvalidInputError(f"queries have width {queries.width}, the rows {self.width}")
         out = torch.zeros(self.num_rows, queries.num_rows, dtype=dtype)
@@ -324,13 +329,13 @@ class TokenRows:
 
 
 def _take(array: Any, entries: np.ndarray) -> Any:
-    if isinstance(array, torch.Tensor):
+    if is_tensor(array):
         return array[torch.from_numpy(entries)]
     return np.asarray(array)[entries] if not isinstance(array, np.memmap) else array[entries]
 
 
 def _torch(array: Any) -> torch.Tensor:
-    if isinstance(array, torch.Tensor):
+    if is_tensor(array):
         return array
     array = np.asarray(array)
     if not array.flags.writeable:
@@ -339,4 +344,4 @@ def _torch(array: Any) -> torch.Tensor:
 
 
 def _numpy(array: Any) -> np.ndarray:
-    return array.cpu().numpy() if isinstance(array, torch.Tensor) else np.asarray(array)
+    return array.cpu().numpy() if is_tensor(array) else np.asarray(array)

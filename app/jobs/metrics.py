@@ -176,6 +176,9 @@ class JobEngineCollector(Collector):
         self.settings = settings
         self.session_factory = session_factory
         self.workers = workers
+        # The query workers' heartbeat (app.jobs.query_heartbeat), set where queries go to workers: they answer
+        # no job and are told apart by it, not by a ping.
+        self.query_heartbeat = None
         self.durations = FinishedJobDurations()
         self._lock = threading.Lock()  # two scrapes at once must not count a finished job twice
 
@@ -191,6 +194,8 @@ class JobEngineCollector(Collector):
         ]
         if self.workers is not None:
             sources.append(("workers", self._workers))
+        if self.query_heartbeat is not None:
+            sources.append(("query_workers", self._query_workers))
         for source, read in sources:
             try:
                 metrics = read()
@@ -225,3 +230,10 @@ class JobEngineCollector(Collector):
         live = GaugeMetricFamily("influence_workers_live", "Celery workers that answered a ping (cached briefly)")
         live.add_metric([], self.workers.count())
         return [live]
+
+    def _query_workers(self) -> list[Metric]:
+        up = GaugeMetricFamily(
+            "influence_query_workers_up", "Whether a query worker's heartbeat is fresh (queries can be answered)"
+        )
+        up.add_metric([], 0 if self.query_heartbeat.alive() is None else 1)
+        return [up]

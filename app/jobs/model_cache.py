@@ -158,6 +158,11 @@ class ModelCache:
         with self._lock:
             self._items.clear()
 
+    def model_ids(self) -> set[str]:
+        """The ids of the models held now."""
+        with self._lock:
+            return {key[0] for key in self._items}
+
     def drop(self, model_id: str) -> None:
         """Forget every loaded copy of a model (it was deleted)."""
         with self._lock:

@@ -25,7 +25,7 @@ from app.jobs.kinds import INDEX_BUILD, INDEX_COMPACT
 from app.models import Dataset, Index, Job, RegisteredModel, new_id, utcnow
 from app.schemas.indexes import IndexCreate
 from app.services.datasets import get_dataset
-from app.services.models import get_model, refuse_over_budget, registered_estimate
+from app.services.models import get_model, refuse_over_budget, registered_estimate, require_worker_capacity
 from app.services.tenancy import owned
 from app.stores import index_dir, open_store
 from influence.errors import InvalidInputError
@@ -362,6 +362,18 @@ def require_ready(index: Index) -> None:
                 else "rebuild it"
             )
         )
+
+
+def index_layer_records(model: RegisteredModel, index: Index) -> list[dict[str, Any]]:
+    """The registration's records of the index's layers: the most a query or a job of the index featurizes."""
+    held = set(index.layers)
+    return [record for record in model.layers if record["name"] in held]
+
+
+def require_index_capacity(settings: Settings, model: RegisteredModel, index: Index) -> None:
+    """503 when no worker can hold the model with the index's layers under today's settings (they may have
+    changed since the build passed the same check): a query, audit, check or report would only fail there."""
+    require_worker_capacity(settings, model, index_layer_records(model, index))
 
 
 def delete_rows(

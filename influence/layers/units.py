@@ -5,10 +5,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-from torch import nn
+
+if TYPE_CHECKING:  # annotations only: naming a layer needs no torch
+    import torch
+    from torch import nn
 
 ROLES = ("embedding", "attention", "mlp", "head", "lora")
 POSITIONS = ("first", "middle", "last")

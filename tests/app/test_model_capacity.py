@@ -4,6 +4,7 @@ answer shows the estimate under the current settings."""
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
@@ -184,3 +185,38 @@ def test_require_worker_capacity_answers_503_with_why(api, lm_folder, monkeypatc
         "memory_estimate": estimate.to_dict(),
         "worker_memory_bytes": estimate.total_bytes - 1,
     }
+
+
+def test_audits_reports_and_checks_are_refused_503_when_the_budget_was_lowered_after_the_build(
+    api, lm_folder, sst2_rows, monkeypatch
+):
+    """The jobs that featurize with an index's model meet the check a query meets, before anything is queued:
+    settings changed since the build would only make them fail on a worker."""
+    from app.jobs.steps import run_build_inline
+
+    model = register(api, lm_folder).json()
+    dataset = lm_dataset(api, sst2_rows)
+    request = {"model_id": model["id"], "dataset_id": dataset["id"], "layers": "role:mlp", "max_length": 32}
+    created = api.client.post("/v1/indexes", json=request)
+    assert created.status_code == 202, created.text
+    run_build_inline(api.settings, api.session_factory, created.json()["job"]["id"])
+    index_id = created.json()["id"]
+    reference = {"dataset_id": dataset["id"], "limit": 2}
+    monkeypatch.setattr(api.settings, "worker_memory_bytes", 1024)
+    jobs = api.count(Job)
+    for response in (
+        api.client.post(f"/v1/indexes/{index_id}/audits", json={"reference": reference}),
+        api.client.post(f"/v1/indexes/{index_id}/reports", json={"reference": reference}),
+        api.client.post(
+            f"/v1/indexes/{index_id}/checks",
+            files={"file": ("batch.tsv", tsv_bytes(sst2_rows[8:10]))},
+            data={"text_column": "sentence", "reference": json.dumps(reference)},
+        ),
+    ):
+        body = assert_problem(response, 503, "no worker can hold model 'lm'", "(INFLUENCE_WORKER_MEMORY_BYTES)")
+        assert body["worker_memory_bytes"] == 1024
+    assert api.count(Job) == jobs
+    # Within the budget again, the same audit is queued.
+    monkeypatch.setattr(api.settings, "worker_memory_bytes", None)
+    response = api.client.post(f"/v1/indexes/{index_id}/audits", json={"reference": reference})
+    assert response.status_code == 202, response.text

@@ -1,6 +1,7 @@
 """The embedded runner (`python -m app.embedded serve`, what `make serve` runs): it migrates its SQLite file,
 makes a local API key (mode 0600, path printed), starts a real worker child on the filesystem broker, restarts
-that child when it dies, and stops it on exit."""
+that child when it dies, and stops it on exit. Its API process builds an index and answers a query through the
+worker children without ever loading torch."""
 
 from __future__ import annotations
 
@@ -15,7 +16,10 @@ from pathlib import Path
 
 import httpx
 
-from tests.worker.support import ROOT, free_port
+from tests.worker.support import ROOT, free_port, tsv, wait_for_job
+
+# Shared libraries whose presence in a process's memory map means torch (or faiss) was loaded into it.
+HEAVY_LIBRARIES = ("libtorch", "torch/_C", "_swigfaiss")
 
 
 def _worker_children(pid: int, query: bool = False) -> list[int]:
@@ -63,13 +67,55 @@ def _wait_ready(client: httpx.Client, timeout: float, key_file: Path) -> dict:
     raise AssertionError(f"not ready after {timeout}s: {last}")
 
 
-def test_serve_migrates_runs_a_worker_restarts_it_and_stops_it(tmp_path):
+def _heavy_libraries(pid: int) -> set[str]:
+    maps = (Path("/proc") / str(pid) / "maps").read_text()
+    return {library for library in HEAVY_LIBRARIES if library in maps}
+
+
+def _query_through_the_workers(client: httpx.Client, headers: dict, model_folder: Path, rows) -> dict:
+    """Register the model and rows, build an index on the worker child, query it on the query child."""
+    body = {"name": "tiny-bert", "source": str(model_folder), "task": "classification", "num_labels": 2}
+    model = client.post("/v1/models", json=body, headers=headers)
+    assert model.status_code == 201, model.text
+    dataset = client.post(
+        "/v1/datasets",
+        files={"file": ("rows.tsv", tsv(rows), "text/tab-separated-values")},
+        data={"name": "rows", "text_column": "sentence", "label_column": "label"},
+        headers=headers,
+    )
+    assert dataset.status_code == 201, dataset.text
+    created = client.post(
+        "/v1/indexes",
+        json={"model_id": model.json()["id"], "dataset_id": dataset.json()["id"], "chunk_size": 16},
+        headers=headers,
+    )
+    assert created.status_code == 202, created.text
+    job = wait_for_job(_Authorized(client, headers), created.json()["job"]["id"], timeout=180)
+    assert job["status"] == "succeeded", job
+    query = {"examples": [{"text": rows[0][0], "label": rows[0][1]}], "top_k": 3}
+    answer = client.post(f"/v1/indexes/{created.json()['id']}/query", json=query, headers=headers)
+    assert answer.status_code == 200, answer.text
+    return answer.json()
+
+
+class _Authorized:
+    """client.get with the key: what wait_for_job calls."""
+
+    def __init__(self, client: httpx.Client, headers: dict):
+        self._client, self._headers = client, headers
+
+    def get(self, path: str):
+        return self._client.get(path, headers=self._headers)
+
+
+def test_serve_migrates_runs_a_worker_restarts_it_and_stops_it(tmp_path, tiny_model_dir, sst2_rows):
     port = free_port()
     data_dir = tmp_path / "var"
+    model_folder = tiny_model_dir("bert", "classification", num_labels=2)
     env = {
         **os.environ,
         "INFLUENCE_DATA_DIR": str(data_dir),
-        "INFLUENCE_ALLOWED_ROOTS": json.dumps([str(tmp_path)]),
+        "INFLUENCE_ALLOWED_ROOTS": json.dumps([str(tmp_path), str(model_folder.parent)]),
         "INFLUENCE_DEVICE": "cpu",
         "OMP_NUM_THREADS": "1",
         "PYTHONPATH": str(ROOT),
@@ -101,6 +147,13 @@ def test_serve_migrates_runs_a_worker_restarts_it_and_stops_it(tmp_path):
             assert client.get("/v1/models").status_code == 401
             headers = {"Authorization": f"Bearer {key_file.read_text().strip()}"}
             assert client.get("/v1/models", headers=headers).json()["total"] == 0
+
+            # The API validates and forwards; the worker children compute: torch never enters its process.
+            answer = _query_through_the_workers(client, headers, model_folder, sst2_rows[:40])
+            (result,) = answer["results"]
+            assert result["candidates"] == 40 and len(result["helpful"]) == 3, answer
+            assert client.get("/healthz").status_code == 200
+            assert _heavy_libraries(runner.pid) == set()
 
             (worker,) = _worker_children(runner.pid)
             (query_worker,) = _worker_children(runner.pid, query=True)

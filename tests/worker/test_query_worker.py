@@ -17,8 +17,8 @@ import redis
 from fastapi.testclient import TestClient
 
 from tests.app.conftest import TWO_REVIEWS, fresh_api
-from tests.test_api_imports import PENDING_ENTRIES
-from tests.worker.support import ROOT, WorkerProcess, built_index
+from tests.app.test_metrics import scrape
+from tests.worker.support import ROOT, WorkerProcess, built_index, register_model
 
 REDIS_URL = "redis://127.0.0.1:6379/11"  # tests/worker/conftest.py REDIS_DB: this suite's, flushed
 # Generous bounds that tell "answered at once" and "waited for the timeout" from a hang; not speed targets.
@@ -139,6 +139,7 @@ def test_redis_worker_answers_as_the_api_does(served, redis_worker):
         assert checks["query_worker"]["ok"] is True and "query-redis@" in checks["query_worker"]["detail"], (
             checks
         )
+        assert scrape(forwarding)[("influence_query_workers_up", frozenset())] == 1
     # Read once, deleted at once: no answer is left in Redis.
     assert not redis.Redis.from_url(REDIS_URL).keys("celery-task-meta-*")
 
@@ -217,6 +218,7 @@ def test_no_query_worker_is_a_503_at_once(served, tmp_path):
         )
         ready = forwarding.get("/readyz")
         assert ready.status_code == 503 and ready.json()["checks"]["query_worker"]["ok"] is False
+        assert scrape(forwarding)[("influence_query_workers_up", frozenset())] == 0
 
 
 def test_a_model_no_worker_can_hold_is_a_503_before_anything_is_sent(served, tmp_path):
@@ -231,6 +233,31 @@ def test_a_model_no_worker_can_hold_is_a_503_before_anything_is_sent(served, tmp
         assert "no worker can hold model" in response.json()["detail"]
         assert response.json()["worker_memory_bytes"] == 1024
     assert list((settings.broker_dir / "queue").iterdir()) == []  # nothing was sent
+
+
+def test_a_query_worker_unloads_the_models_deleted_since_it_loaded_them(served, tiny_model_dir):
+    """The API that deletes a model cannot reach a query worker's cache: before each query the worker drops the
+    loaded models whose rows are gone (an LLM's weights are too large to wait for the LRU)."""
+    from app.jobs.model_cache import ModelSpec
+    from app.jobs.query_worker import QueryWorkerContext, drop_deleted_models
+    from app.models import RegisteredModel
+
+    api = served["api"]
+    folder = tiny_model_dir("bert", "classification", num_labels=2)
+    kept_id = served["index"]["model_id"]
+    deleted_id = register_model(api.client, folder, name="to-delete")["id"]
+    ctx = QueryWorkerContext(api.settings, api.session_factory)
+    with api.session_factory() as session:
+        for model_id in (kept_id, deleted_id):
+            ctx.runtime.models.get(ModelSpec.of(session.get(RegisteredModel, model_id)), "cpu")
+    assert ctx.runtime.models.model_ids() == {kept_id, deleted_id}
+    with api.session_factory() as session:
+        drop_deleted_models(session, ctx.runtime.models)
+    assert ctx.runtime.models.model_ids() == {kept_id, deleted_id}  # nothing deleted yet: nothing dropped
+    assert api.client.delete(f"/v1/models/{deleted_id}").status_code == 204
+    with api.session_factory() as session:
+        drop_deleted_models(session, ctx.runtime.models)
+    assert ctx.runtime.models.model_ids() == {kept_id}
 
 
 API_SIDE = ("app.services.queries.request", "app.jobs.query_transport", "app.api.v1.indexes")
@@ -284,12 +311,7 @@ def test_the_forwarding_api_imports_no_compute_side():
     )
     assert out.returncode == 0, out.stderr
     heavy = json.loads(out.stdout)
-    # torch still comes in through the modules tests/test_api_imports.py lists as pending (and nothing else,
-    # which that test checks); once that list is empty, torch is refused here too.
-    allowed = {"torch"} if PENDING_ENTRIES else set()
-    assert [name for name in heavy if name not in allowed] == [], [
-        _who_imports(name) if name in HEAVY else name for name in heavy
-    ]
+    assert heavy == [], [_who_imports(name) if name in HEAVY else name for name in heavy]
 
 
 def test_filesystem_broker_messages_are_read_whole_while_being_written(tmp_path):

@@ -28,8 +28,7 @@ from app.logs import current_request_id
 from app.models import Index, RegisteredModel
 from app.schemas.indexes import QueryRequest
 from app.services.index_settings import QUERY_FIELDS, named_fields, resolve_settings
-from app.services.indexes import get_index, index_sources, require_ready
-from app.services.models import require_worker_capacity
+from app.services.indexes import get_index, index_sources, require_index_capacity, require_ready
 from app.services.queries.payload import query_payload
 
 
@@ -63,12 +62,6 @@ def check_query_limits(request: QueryRequest, settings: Settings) -> None:
                 )
 
 
-def index_layer_records(model: RegisteredModel, index: Index) -> list[dict[str, Any]]:
-    """The registration's records of the index's layers: the most a query of the index featurizes."""
-    held = set(index.layers)
-    return [record for record in model.layers if record["name"] in held]
-
-
 # Seconds a worker's capacity for a model, once found, is taken as known.
 CAPACITY_TTL_S = 300.0
 
@@ -90,7 +83,7 @@ class CapacityChecks:
             held = self._passed.get(key)
             if held is not None and held[0] is settings and now - held[1] < CAPACITY_TTL_S:
                 return
-        require_worker_capacity(settings, model, index_layer_records(model, index))
+        require_index_capacity(settings, model, index)
         with self._lock:
             self._passed[key] = (settings, now)
             self._passed.move_to_end(key)

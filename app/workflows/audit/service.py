@@ -32,7 +32,7 @@ from app.jobs.resources import artifact_path, get_workflow_job
 from app.models import Dataset, Index, Job
 from app.services.datasets import read_rows
 from app.services.index_settings import WORKFLOW_FIELDS, named_fields, resolve_settings
-from app.services.indexes import get_index, index_sources, require_ready
+from app.services.indexes import get_index, index_sources, require_index_capacity, require_ready
 from app.services.noisy import default_noisy, resolve_noisy
 from app.services.queries.layers import select_query_layers
 from app.services.references import resolve_reference
@@ -77,6 +77,7 @@ def create_audit(
             f"correctly); model {model.id!r} is {model.task}"
         )
     require_ready(index)
+    require_index_capacity(settings, model, index)
     layers = select_query_layers(index, model, resolved.layers)
     reference = resolve_reference(
         session, settings, body.reference, tenant_id=tenant_id, model=model, trained=dataset

@@ -32,7 +32,7 @@ from app.schemas.indexes import LayerSelector
 from app.schemas.references import NoisyRows, NoisySpec, ReferenceSet
 from app.services import datasets as dataset_files
 from app.services.index_settings import effective_report, resolve_settings
-from app.services.indexes import get_index, index_sources, require_ready
+from app.services.indexes import get_index, index_sources, require_index_capacity, require_ready
 from app.services.noisy import default_noisy, noisy_mask, resolve_noisy
 from app.services.queries.layers import select_query_layers
 from app.services.references import resolve_reference
@@ -83,6 +83,7 @@ def create_check(
     index = get_index(session, index_id, tenant_id)
     require_ready(index)
     model, dataset = index_sources(session, index)
+    require_index_capacity(settings, model, index)
     for name, value in (("vote_k", request.vote_k), ("threshold_percentile", request.threshold_percentile)):
         if value is not None and not math.isfinite(value):
             raise Invalid(f"{name} must be a finite number")

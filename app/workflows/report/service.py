@@ -25,7 +25,7 @@ from app.models import Dataset, Job
 from app.services.datasets import read_rows
 from app.services.index_settings import REPORT_FILE as REPORT_FILE
 from app.services.index_settings import read_report_document
-from app.services.indexes import get_index, index_sources, require_ready
+from app.services.indexes import get_index, index_sources, require_index_capacity, require_ready
 from app.services.noisy import default_noisy, resolve_noisy
 from app.services.queries.layers import select_query_layers
 from app.services.references import resolve_reference
@@ -63,6 +63,7 @@ def create_report(
     index = get_index(session, index_id, tenant_id)
     require_ready(index)
     model, dataset = index_sources(session, index)
+    require_index_capacity(settings, model, index)
     layers = select_query_layers(index, model, body.layers)
     aggregations = check_aggregations(body.aggregations)
     reference = resolve_reference(
