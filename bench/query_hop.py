@@ -22,7 +22,7 @@ Where the time goes: the API's own `seconds` (it times the whole query, the wait
 worker's task time (Celery's `succeeded in` log lines).
 
 Also measured: each API process's resident memory after the run (VmRSS) and whether libtorch is mapped in it (an
-API that forwards loads no model; before its imports are made torch-free it still maps torch), and an idle query
+API that forwards loads no model and no torch; the in-process one loads both), and an idle query
 worker's CPU over 10 s, filesystem broker (polls every query_polling_interval_s) and Redis (blocks). All
 processes use INFLUENCE_SMALL_BATCH_THREADS=one unless set (the query gradient computed the same way in each),
 and no request-isolation processes (INFLUENCE_REQUEST_PROCESSES=0).

@@ -9,8 +9,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from app.config import Settings
 from app.errors import Invalid
 from app.models import RegisteredModel
@@ -52,19 +50,21 @@ def lora_settings(params: dict[str, Any]) -> LoraSettings:
     )
 
 
-def planned_layers(folder: Path, model: RegisteredModel, params: dict[str, Any]) -> list[Layer]:
+def planned_layers(folder: Path, num_labels: int, params: dict[str, Any]) -> list[Layer]:
     """The layer units the index of the fine-tuned model will hold, found without weights: the architecture
     built on torch's meta device, wrapped with the LoRA settings, its layers selected.
-    Refuses (422) LoRA targets the model lacks and layer selectors that match nothing."""
-    # transformers and peft take seconds to import and only creating an experiment needs them here: the API
-    # and its request processes start without them (as app/services/models.py does for registration).
+    Refuses (422) LoRA targets the model lacks and layer selectors that match nothing. Run in a request process
+    (app/services/isolation.py), as registration inspects folders: the API itself imports no torch."""
+    # torch, transformers and peft take seconds to import and only this needs them here: the request processes
+    # start without them.
+    import torch
     from peft import LoraConfig, TaskType, get_peft_model
     from transformers import AutoConfig, AutoModelForSequenceClassification  # slow too, as peft
 
     lora = lora_settings(params)
     try:
         config = AutoConfig.from_pretrained(
-            folder, num_labels=int(model.num_labels or 2), trust_remote_code=False
+            folder, num_labels=num_labels, trust_remote_code=False
         )
     except (ValueError, OSError, KeyError, TypeError) as exc:
         raise UnsupportedModelError(f"cannot read the config of {folder}: {exc}") from None

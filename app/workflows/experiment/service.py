@@ -14,9 +14,11 @@ from app.config import Settings
 from app.errors import Invalid
 from app.jobs import state as job_state
 from app.models import Dataset, Job, RegisteredModel
+from app.services import isolation
 from app.services.datasets import get_dataset
 from app.services.models import get_model
 from app.services.references import resolve_reference
+from app.workflows.experiment.plan import base_folder, config_positions, pick_among, planned_layers
 from app.workflows.experiment.schemas import ExperimentCreate
 from app.workflows.experiment.state import KIND, PROGRESS_TOTAL
 from app.workflows.report.service import check_aggregations
@@ -121,10 +123,6 @@ def create_experiment(
     session: Session, settings: Settings, queue: job_state.JobQueue, body: ExperimentCreate, tenant_id: str
 ) -> Job:
     """Check the request cheaply (no weights loaded) and record the experiment's job, enqueued after commit."""
-    # Here, not at the top: the plan builds the architecture on torch's meta device, and the API process imports
-    # torch only when a request needs it (this one).
-    from app.workflows.experiment.plan import base_folder, config_positions, pick_among, planned_layers
-
     base = get_model(session, body.base_model_id, tenant_id)
     dataset = get_dataset(session, body.dataset_id, tenant_id)
     num_classes = _check_sources(base, dataset, body)
@@ -153,7 +151,9 @@ def create_experiment(
     positions = config_positions(folder)
     if positions is not None and body.max_length > positions:
         raise Invalid(f"max_length {body.max_length} exceeds the model's {positions} positions")
-    layers = planned_layers(folder, base, params)  # UnknownLayerError / UnsupportedModelError -> 422
+    # The architecture on torch's meta device, in a request process: UnknownLayerError / UnsupportedModelError
+    # come back from it as 422.
+    layers = isolation.run(planned_layers, folder, int(base.num_labels or 2), params)
     params["planned_layers"] = [layer.name for layer in layers]
     for name, selector in (
         ("report.layers", body.report.layers),
