@@ -561,6 +561,7 @@ def e2e(shape: str, args) -> dict[str, Any]:
                 "wall_s": seconds,
                 "rows_per_s": len(train) / seconds,
                 "units": len(index["layers"]),
+                "projection": {k: v for k, v in index["projection"].items() if k != "units"},
                 "size_bytes": index["size_bytes"],
                 "feature_bytes_per_row": index["feature_bytes_estimate"] / len(train),
                 "fidelity": {k: v for k, v in (index.get("fidelity") or {}).items() if k != "units"},

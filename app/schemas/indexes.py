@@ -134,7 +134,9 @@ class ProjectionIn(BaseModel):
         AUTO_EXACT_MAX_PARAMS,
         ge=1,
         le=2**24,
-        description="auto only: the largest unit (in parameters) stored exactly; larger units are factorized",
+        description="auto only: the largest unit (in parameters) stored exactly; larger units are factorized. Not "
+        "sent: the default, lowered (largest units first) until the index fits max_feature_bytes_per_row and "
+        "max_statistics_bytes; the index shows the value it got",
     )
     units: dict[UnitName, UnitProjectionIn] | None = Field(
         None,

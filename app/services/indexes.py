@@ -8,8 +8,10 @@ feature dimensions from the projectors, which need only layer shapes. The build 
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -31,6 +33,8 @@ from app.stores import index_dir, open_store
 from influence.errors import InvalidInputError
 from influence.estimators import estimator_class, fitted_estimator_names
 from influence.files import remove_tree
+
+log = logging.getLogger(__name__)
 
 
 def layer_from_dict(data: dict[str, Any]):
@@ -168,15 +172,10 @@ def create_index(
                 f"dataset {dataset.id!r} has labels {bad[:5]} outside the model's {classes} classes [0, {classes})"
             )
     layers = influence.select_layers(registered_layers(model), body.layers)  # UnknownLayerError -> 422
-    spec = projection_spec(body.projection.spec_dict())
-    check_projection_units(spec, layers)
-    projection = spec.to_dict()
-    dims = feature_dims(
-        layers, projection
-    )  # InvalidInputError -> 422 (e.g. an identity projection too large)
     chunk_size = body.chunk_size or settings.chunk_size
     max_length = body.max_length or settings.max_length
-    check_feature_budget(settings, spec, layers, dims, body.dtype, max_length)
+    spec = fitting_projection(settings, body, layers, max_length)
+    dims = feature_dims(layers, spec.to_dict())
     # The settings may have changed since the model was registered: its estimate is held to today's budget.
     estimate = registered_estimate(settings, model, layers, projection=spec, max_length=max_length)
     refuse_over_budget(settings, model.name, estimate)
@@ -229,6 +228,37 @@ def create_index(
     index.job_id = job.id
     session.flush()
     return index
+
+
+def fitting_projection(settings: Settings, body: IndexCreate, layers: Sequence, max_length: int):
+    """The request's projection, checked against the budgets (422 naming `projection`). An `auto` projection
+    whose exact_max_params the request left at its default makes fewer units exact, the largest first, until the
+    feature and statistics budgets hold: the default must build on a billion-parameter model (Llama-3.2-1B's
+    16 value LoRA B units, exact at 4,096 numbers each, fit 2.2 GB of DataInf statistics, over the 2 GiB
+    default). The index records the threshold it got, and the fidelity record measures the units it projects."""
+    spec = projection_spec(body.projection.spec_dict())
+    check_projection_units(spec, layers)
+    # InvalidInputError -> 422 (e.g. an identity projection too large)
+    dims = feature_dims(layers, spec.to_dict())
+    chosen = spec.kind == "auto" and "exact_max_params" not in body.projection.model_fields_set
+    try:
+        check_feature_budget(settings, spec, layers, dims, body.dtype, max_length)
+        return spec
+    except Invalid as refusal:
+        if not chosen:
+            raise
+        exact_sizes = {layer.num_params for layer in layers if spec.for_layer(layer).kind == "identity"}
+        for largest in sorted(exact_sizes, reverse=True):
+            lowered = replace(spec, exact_max_params=largest - 1)
+            try:
+                check_feature_budget(
+                    settings, lowered, layers, feature_dims(layers, lowered.to_dict()), body.dtype, max_length
+                )
+            except Invalid:
+                continue
+            log.info("auto projection: exact_max_params lowered to %d to fit the budgets", largest - 1)
+            return lowered
+        raise refusal from None
 
 
 def check_projection_units(spec, layers: Sequence) -> None:

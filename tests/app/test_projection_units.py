@@ -11,6 +11,7 @@ import pytest
 
 from app.jobs.steps import run_build_inline
 from app.models import Index, Job
+from influence.projection import AUTO_EXACT_MAX_PARAMS
 from tests.app.conftest import build_api, fresh_api, make_settings
 from tests.worker.support import assert_problem, register_dataset, register_model
 
@@ -252,6 +253,43 @@ def test_statistics_that_the_budget_cannot_hold_are_422(served):
     body = assert_problem(response, 422, "projection", "max_statistics_bytes", "block.0.attn.q (16512 features")
     assert "DataInf" in body["detail"]
     _nothing_written(api, before)
+
+
+def test_the_default_projection_makes_fewer_units_exact_until_the_budgets_hold(
+    tmp_path, sqlite_url, default_roots, wide_lora, sst2_rows
+):
+    """A request that leaves `auto`'s exact_max_params at its default gets the largest threshold under which the
+    feature and statistics budgets hold (the default must build on an LLM); one that names it is held to it."""
+    from influence.estimators import estimator_class
+
+    base, adapter = wide_lora
+    api = build_api(make_settings(tmp_path, sqlite_url, default_roots))
+    try:
+        model = register_model(api.client, base, adapter=adapter)
+        dataset = register_dataset(api.client, sst2_rows[:20], name="train")
+        layers = api.client.get(f"/v1/models/{model['id']}/layers").json()["layers"]
+        sizes = {layer["name"]: layer["num_params"] for layer in layers if layer["kind"] != "embedding"}
+        exact = {name: n for name, n in sizes.items() if n <= AUTO_EXACT_MAX_PARAMS}
+        assert len(set(exact.values())) >= 2, exact  # something to drop and something to keep
+        datainf = estimator_class("datainf")
+        # A statistics budget one byte short of the default's exact units: the largest of them must go.
+        needed = sum(datainf.statistics_nbytes(n) for n in exact.values())
+        api.settings.max_statistics_bytes = needed - 1
+        largest = max(exact.values())
+        created = _create(api.client, model, dataset)
+        assert created.status_code == 202, created.text
+        index = api.client.get(f"/v1/indexes/{created.json()['id']}").json()
+        assert index["projection"]["exact_max_params"] == largest - 1
+        kept = sum(datainf.statistics_nbytes(n) for n in exact.values() if n < largest)
+        assert kept <= api.settings.max_statistics_bytes
+        # Named, the threshold is the caller's: refused, with what it would take.
+        named = {"kind": "auto", "exact_max_params": AUTO_EXACT_MAX_PARAMS}
+        assert_problem(_create(api.client, model, dataset, projection=named), 422, "max_statistics_bytes")
+        # No threshold fits (not even the head alone): the default's own refusal.
+        api.settings.max_statistics_bytes = 1
+        assert_problem(_create(api.client, model, dataset), 422, "max_statistics_bytes")
+    finally:
+        api.close()
 
 
 def test_projection_of_an_index_row_from_before_per_unit_projections():

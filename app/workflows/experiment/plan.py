@@ -7,15 +7,17 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from app.config import Settings
 from app.errors import Invalid
 from app.models import RegisteredModel
 from app.services.models import resolve_source
-from influence import Layer, LoraSettings, discover_layers, select_layers
+from influence import Layer, select_layers
 from influence.errors import UnknownLayerError, UnsupportedModelError
-from influence.finetune import resolve_lora_targets
+
+if TYPE_CHECKING:
+    from influence.finetune import LoraSettings
 
 
 def config_positions(folder: Path) -> int | None:
@@ -40,6 +42,9 @@ def base_folder(settings: Settings, model: RegisteredModel) -> Path:
 
 
 def lora_settings(params: dict[str, Any]) -> LoraSettings:
+    """The fine-tune's LoRA settings (on a worker or in a request process: influence.finetune imports torch)."""
+    from influence.finetune import LoraSettings
+
     lora = params["lora"]
     targets = lora.get("targets")
     return LoraSettings(
@@ -60,6 +65,9 @@ def planned_layers(folder: Path, num_labels: int, params: dict[str, Any]) -> lis
     import torch
     from peft import LoraConfig, TaskType, get_peft_model
     from transformers import AutoConfig, AutoModelForSequenceClassification  # slow too, as peft
+
+    from influence import discover_layers
+    from influence.finetune import resolve_lora_targets
 
     lora = lora_settings(params)
     try:
