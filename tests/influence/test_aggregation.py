@@ -335,7 +335,7 @@ MEMORY_SCRIPT = textwrap.dedent(
     from influence.estimators import make_estimator
     from influence.scoring import LazyScores
 
-    n, U, m, k = 100_000, 24, 500, 16
+    n, U, m, k = 100_000, 24, 250, 16
     rng = np.random.default_rng(0)
     out = {}
     with tempfile.TemporaryDirectory() as folder:
@@ -362,7 +362,10 @@ MEMORY_SCRIPT = textwrap.dedent(
 )
 
 
-def test_rank_and_vote_stream_a_lazy_100k_x_24_x_500_source_under_4_gib():
+def test_rank_and_vote_stream_a_lazy_100k_x_24_x_250_source_in_well_under_its_size():
+    """The (n, U, m) float32 score tensor would take 2.4 GB; ranking and voting stream it in blocks, so the whole
+    process (interpreter, torch, the memory-mapped features, the blocks in flight on every thread: 1.2-1.5 GB
+    measured) stays under 80% of that."""
     result = subprocess.run(
         [sys.executable, "-c", MEMORY_SCRIPT], cwd=REPO, capture_output=True, text=True, timeout=1200
     )
@@ -374,8 +377,8 @@ def test_rank_and_vote_stream_a_lazy_100k_x_24_x_500_source_under_4_gib():
     # Every voter's average ranks sum to n (n - 1) / 2, so the mean ranks do too: a full-scale sanity check.
     assert out["rank_sum"] == pytest.approx(n * (n - 1) / 2, rel=1e-9)
     # Each voter hands out about K (K + 1) / 2 points (exactly, unless a tie straddles the cut), K = 20_000.
-    assert -out["vote_sum"] == pytest.approx(24 * 500 * 20_000 * 20_001 / 2, rel=1e-6)
-    assert out["maxrss_bytes"] < 4 * 1024**3
+    assert -out["vote_sum"] == pytest.approx(24 * 250 * 20_000 * 20_001 / 2, rel=1e-6)
+    assert out["maxrss_bytes"] < 0.8 * n * 24 * 250 * 4
 
 
 @pytest.mark.parametrize("method", ["rank", "vote", "rrf"])

@@ -24,6 +24,7 @@ from influence.finetune import (
     shuffled_length_buckets,
 )
 from influence.loading import load_model, packaged_minilm_path
+from tests.influence.conftest import MINILM_SETTINGS
 
 # ----------------------------------------------------------------------------------------------- noise
 
@@ -138,28 +139,7 @@ def test_finetune_refuses_bad_inputs_before_loading(tmp_path):
 
 
 # ---------------------------------------------------------------------------------- the real MiniLM run
-
-MINILM_SETTINGS = TrainSettings(epochs=2, lr=5e-3, batch_size=16, max_length=32, seed=0)
-
-
-@pytest.fixture(scope="module")
-def minilm_run(tmp_path_factory, sst2_train, sst2_validation):
-    """One real fine-tune of the packaged MiniLM on 256 SST-2 rows, shared by the tests below."""
-    train = stratified_subsample(sst2_train, 256, seed=0)
-    # Trained on clean labels (a clear loss drop in 2 short epochs); the mask only exercises noisy_mask.npy.
-    _, mask = inject_label_noise([e.label for e in train], 0.2, seed=0)
-    eval_set = sst2_validation[:48]
-    out = tmp_path_factory.mktemp("minilm-run")
-    steps: list[dict] = []
-    started = time.perf_counter()
-    result = finetune_lora(
-        packaged_minilm_path(), train, out, eval_set=eval_set, train_settings=MINILM_SETTINGS,
-        noisy_mask=mask, progress=steps.append,
-    )
-    seconds = time.perf_counter() - started
-    return {"result": result, "train": train, "eval": eval_set, "steps": steps, "mask": mask,
-            "seconds": seconds}
-
+# minilm_run (the fine-tune itself) is tests/influence/conftest.py's: test_real_model.py scores its adapter.
 
 @pytest.fixture(scope="module")
 def minilm_base():

@@ -10,7 +10,6 @@ from scipy.stats import spearmanr
 
 from influence.data import Example, encode_examples, iter_batches, stratified_subsample
 from influence.featurize import build_store, featurize_examples
-from influence.finetune import LoraSettings, TrainSettings, finetune_lora
 from influence.gradients import Featurizer, per_sample_gradients
 from influence.layers import discover_layers, select_layers
 from influence.loading import load_model, packaged_minilm_path
@@ -22,19 +21,9 @@ N_TRAIN, N_TEST, MAX_LENGTH = 256, 32, 64
 
 
 @pytest.fixture(scope="module")
-def tuned(tmp_path_factory, sst2_train, sst2_validation):
-    """MiniLM + LoRA (r=4, q and v) fine-tuned for one epoch on 512 SST-2 rows (the paper's setting)."""
-    train = stratified_subsample(sst2_train, 512, seed=0)
-    out = tmp_path_factory.mktemp("minilm-lora")
-    result = finetune_lora(
-        packaged_minilm_path(),
-        train,
-        out,
-        eval_set=sst2_validation[:64],
-        lora=LoraSettings(r=4, alpha=4, target_modules=("query", "value")),
-        train_settings=TrainSettings(epochs=1, lr=2e-3, max_length=MAX_LENGTH),
-    )
-    return load_model(packaged_minilm_path(), adapter=result.best_adapter)
+def tuned(minilm_run):
+    """MiniLM + LoRA (r = 4, query and value) fine-tuned on 256 SST-2 rows (tests/influence/conftest.py's run)."""
+    return load_model(packaged_minilm_path(), adapter=minilm_run["result"].best_adapter)
 
 
 def test_all_layers_end_to_end_and_factorized_matches_exact(

@@ -42,7 +42,8 @@ def base_folder(settings: Settings, model: RegisteredModel) -> Path:
 
 
 def lora_settings(params: dict[str, Any]) -> LoraSettings:
-    """The fine-tune's LoRA settings (on a worker or in a request process: influence.finetune imports torch)."""
+    """The fine-tune's LoRA settings."""
+    # Here: influence.finetune imports torch, and this runs on a worker or in a request process, never the API.
     from influence.finetune import LoraSettings
 
     lora = params["lora"]
