@@ -33,9 +33,6 @@ load_model` imports what it needs then.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
-
 from influence.errors import (
     InfluenceError,
     InvalidInputError,
@@ -45,6 +42,7 @@ from influence.errors import (
     UnknownLayerError,
     UnsupportedModelError,
 )
+from influence.lazy import lazy_package
 from influence.version import __version__
 
 # Every lazy public name -> the module that defines it.
@@ -218,20 +216,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        # `influence.metrics` after a bare `import influence`: the submodule, as when the package imported all.
-        try:
-            return importlib.import_module(f"{__name__}.{name}")
-        except ModuleNotFoundError as error:
-            if error.name != f"{__name__}.{name}":
-                raise
-        raise AttributeError(f"module 'influence' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value  # resolved once: later lookups skip this function
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__ = lazy_package(__name__, _LAZY, globals())

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+from collections.abc import Callable, Mapping
 from types import ModuleType
 from typing import Any
 
@@ -42,3 +43,30 @@ def is_tensor(value: Any) -> bool:
     """isinstance(value, torch.Tensor), without importing torch: no tensor exists before torch is imported."""
     torch = sys.modules.get("torch")
     return torch is not None and isinstance(value, torch.Tensor)
+
+
+def lazy_package(
+    name: str, table: Mapping[str, str], namespace: dict[str, Any]
+) -> tuple[Callable[[str], Any], Callable[[], list[str]]]:
+    """A package's PEP 562 `__getattr__` and `__dir__`: a public name is imported from the module `table` names
+    for it on first read, then kept in the package's `namespace` (its globals()), so later reads skip this; any
+    other name is read as a submodule (`influence.metrics` after a bare `import influence`), as when the package
+    imported them all."""
+
+    def __getattr__(attribute: str) -> Any:
+        module = table.get(attribute)
+        if module is None:
+            try:
+                return importlib.import_module(f"{name}.{attribute}")
+            except ModuleNotFoundError as error:
+                if error.name != f"{name}.{attribute}":
+                    raise
+            raise AttributeError(f"module {name!r} has no attribute {attribute!r}")
+        value = getattr(importlib.import_module(module), attribute)
+        namespace[attribute] = value
+        return value
+
+    def __dir__() -> list[str]:
+        return sorted(set(namespace) | set(table))
+
+    return __getattr__, __dir__

@@ -24,8 +24,7 @@ The package: units.py (Layer, the groups), discovery.py (finding and naming a mo
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from influence.lazy import lazy_package
 
 # Public names resolved on first access (PEP 562): importing the package, or one of its modules, loads no
 # other module of it than those imported above (torch and faiss come with the modules that use them).
@@ -72,19 +71,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        try:  # a submodule, as when the package imported them all
-            return importlib.import_module(f"{__name__}.{name}")
-        except ModuleNotFoundError as error:
-            if error.name != f"{__name__}.{name}":
-                raise
-        raise AttributeError(f"module 'influence.layers' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__ = lazy_package(__name__, _LAZY, globals())

@@ -15,9 +15,7 @@ composes them); results.py is what a report holds, defaults.py what a caller who
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
-
+from influence.lazy import lazy_package
 from influence.report.defaults import (
     CORRECT_SUFFIX,
     DEFAULT_AGGREGATIONS,
@@ -74,19 +72,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        try:  # a submodule, as when the package imported them all
-            return importlib.import_module(f"{__name__}.{name}")
-        except ModuleNotFoundError as error:
-            if error.name != f"{__name__}.{name}":
-                raise
-        raise AttributeError(f"module 'influence.report' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__ = lazy_package(__name__, _LAZY, globals())

@@ -50,9 +50,7 @@ depend on. The file-system primitives (atomic writes, locks, checksums) are infl
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
-
+from influence.lazy import lazy_package
 from influence.store.manifest import (
     DTYPES,
     LAYOUTS,
@@ -85,19 +83,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        try:  # a submodule, as when the package imported them all
-            return importlib.import_module(f"{__name__}.{name}")
-        except ModuleNotFoundError as error:
-            if error.name != f"{__name__}.{name}":
-                raise
-        raise AttributeError(f"module 'influence.store' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__ = lazy_package(__name__, _LAZY, globals())
