@@ -504,10 +504,10 @@ def e2e(shape: str, args) -> dict[str, Any]:
         "INFLUENCE_HEAD_CHUNK_TOKENS": str(HEAD_CHUNK_TOKENS),
         "INFLUENCE_COMPUTE_DTYPE": args.e2e_dtype,
         "INFLUENCE_MAX_LENGTH": str(ROW_TOKENS),
-        # The build's fidelity sample costs what index rows cost; 8 + 4 rows of 256 tokens are over the
-        # service's own limit for it (5.1 GiB of activations and gradients, 4 GiB allowed): it is skipped then.
+        # The build's fidelity sample (the service's defaults: 64 + 16 rows) costs what index rows cost; the
+        # service sizes it to its 4 GiB measurement limit (one training row per pass, fewer query rows).
         "INFLUENCE_FIDELITY_TRAIN_ROWS": str(args.fidelity_rows),
-        "INFLUENCE_FIDELITY_QUERY_ROWS": str(max(1, args.fidelity_rows // 2)),
+        "INFLUENCE_FIDELITY_QUERY_ROWS": str(args.fidelity_query_rows),
         "INFLUENCE_QUERY_TIMEOUT_S": "1800",
         "INFLUENCE_DATABASE_URL": None,
         "INFLUENCE_BROKER_URL": None,
@@ -633,7 +633,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--reference", type=int, default=4, help="e2e: reference examples of audit and report"
     )
-    parser.add_argument("--fidelity-rows", type=int, default=4, help="e2e: INFLUENCE_FIDELITY_TRAIN_ROWS")
+    parser.add_argument("--fidelity-rows", type=int, default=64, help="e2e: INFLUENCE_FIDELITY_TRAIN_ROWS")
+    parser.add_argument(
+        "--fidelity-query-rows", type=int, default=16, help="e2e: INFLUENCE_FIDELITY_QUERY_ROWS"
+    )
     parser.add_argument(
         "--cancellation-rows", type=int, default=4, help="e2e: the report's cancellation_rows"
     )

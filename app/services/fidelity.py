@@ -11,8 +11,10 @@ exact grad-dot scores on a sample. `measure_build_fidelity` runs it from the bui
      "units": {unit: {"projection": {"kind", "dim"}, "spearman", "spearman_min", "rel_error", "top10_overlap"}},
      "below_threshold": [units with spearman < threshold, lowest first]}
 
-or {"skipped": "<why>"} (disabled by settings, too few rows, a sample too large to hold, an error: a failed
-measurement never fails the build). The sample: `fidelity_train_rows` training rows and `fidelity_query_rows`
+or {"skipped": "<why>"} (disabled by settings, too few rows, a sample too large to hold even one row at a time,
+an error: a failed measurement never fails the build). A sample over FIDELITY_MEMORY_BYTES is measured smaller
+rather than skipped (`fit_sample`: one training row per pass, then fewer query rows; `sample.note` says so), which
+is what an LLM's vocabulary-wide head needs. The sample: `fidelity_train_rows` training rows and `fidelity_query_rows`
 OTHER rows of the index's dataset as queries, drawn with seed 0; a dataset with fewer rows shares what it has
 in the same proportion (at least 2 training rows and 1 query). The model is the worker's cached model, the one
 the features were computed with: for a model with checkpoints (TracIn-CP) that is its final state, which
@@ -40,6 +42,7 @@ from app.services.datasets import read_rows
 from influence import ProjectionSpec
 from influence.data import Example, encode_examples
 from influence.fidelity import FIDELITY_WARNING, measure_fidelity
+from influence.memory import format_bytes
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +117,28 @@ def _held_bytes(
     return tokens * width * 8
 
 
+def fit_sample(
+    layers: Sequence[Any],
+    query_lengths: Sequence[int],
+    train_lengths: Sequence[int],
+    rows: int,
+    limit: int | None = None,
+) -> tuple[int, int] | None:
+    """(query rows kept, training rows per pass) under which the measurement holds at most `limit` bytes, or None
+    when not even 1 and 1 fit. An LLM's vocabulary-wide head makes every token cost megabytes, so the sample
+    gives up its batching first (the training rows are all measured, one pass at a time) and then its last query
+    rows (each query is one column of every unit's comparison; the training rows are what the rankings rank).
+    `limit`: FIDELITY_MEMORY_BYTES unless given."""
+    limit = FIDELITY_MEMORY_BYTES if limit is None else limit
+    for batch in range(rows, 0, -1):
+        if _held_bytes(layers, query_lengths, train_lengths, batch) <= limit:
+            return len(query_lengths), batch
+    for kept in range(len(query_lengths) - 1, 0, -1):
+        if _held_bytes(layers, query_lengths[:kept], train_lengths, 1) <= limit:
+            return kept, 1
+    return None
+
+
 def measure_build_fidelity(ctx: Any, rows: Any, store: Any) -> dict[str, Any] | None:
     """The fidelity record of a build (module docstring), or None when the job was asked to stop meanwhile.
 
@@ -166,12 +191,21 @@ def _measure(ctx: Any, rows: Any, store: Any) -> dict[str, Any]:
         for part in (queries, train)
     ]
     rows_per_batch = batch_rows([*lengths[0], *lengths[1]], settings.max_tokens_per_batch)
-    held = _held_bytes(layers, lengths[0], lengths[1], rows_per_batch)
-    if held > FIDELITY_MEMORY_BYTES:
+    fitted = fit_sample(layers, lengths[0], lengths[1], rows_per_batch)
+    if fitted is None:
+        held = _held_bytes(layers, lengths[0][:1], lengths[1], 1)
         return {
-            "skipped": f"the sample would hold {held / 1024**3:.1f} GiB of activations and gradients (limit "
-            f"{FIDELITY_MEMORY_BYTES / 1024**3:.0f} GiB): lower fidelity_query_rows or max_length"
+            "skipped": f"even 1 query row and 1 training row per batch would hold {held / 1024**3:.1f} GiB of "
+            f"activations and gradients (limit {FIDELITY_MEMORY_BYTES / 1024**3:.0f} GiB): lower max_length"
         }
+    kept_queries, fitted_batch = fitted
+    fit_note = None
+    if (kept_queries, fitted_batch) != (len(queries), rows_per_batch):
+        fit_note = (
+            f"sized to the measurement's memory limit ({format_bytes(FIDELITY_MEMORY_BYTES)}): {kept_queries} "
+            f"of the {len(queries)} query rows, {fitted_batch} training row(s) per pass"
+        )
+        queries, rows_per_batch = queries[:kept_queries], fitted_batch
     spec = ProjectionSpec.from_dict(manifest.projection)
     started = time.perf_counter()
     with cached.lock:
@@ -207,9 +241,9 @@ def _measure(ctx: Any, rows: Any, store: Any) -> dict[str, Any]:
         "seed": FIDELITY_SEED,
         "dtype": manifest.dtype,
     }
-    note = _checkpoint_note(ctx, rows, manifest, RegisteredModel)
-    if note:
-        sample["note"] = note
+    notes = [fit_note, _checkpoint_note(ctx, rows, manifest, RegisteredModel)]
+    if any(notes):
+        sample["note"] = "; ".join(note for note in notes if note)
     return {
         "sample": sample,
         "threshold": limit,

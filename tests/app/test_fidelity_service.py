@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from app.jobs.steps import run_build_inline, run_job_inline
-from app.services.fidelity import sample_rows, sample_sizes
+from app.services.fidelity import _held_bytes, fit_sample, sample_rows, sample_sizes
 from tests.app.conftest import fresh_api
 from tests.worker.support import register_dataset, register_model
 
@@ -244,6 +244,38 @@ def test_disabled_failed_or_cancelled_measurements(
             "below_threshold": None,
         }
 
+        # A sample over the measurement's memory limit is measured smaller, and says so: a limit that holds the
+        # 32 training rows one per pass against 3 of the 8 query rows, not 4.
+        monkeypatch.undo()
+        from influence import discover_layers, load_model, select_layers
+        from influence.data import Example, encode_examples
+        from influence.memory import format_bytes
+
+        loaded = load_model(tiny_model_dir("bert", "classification", num_labels=2), num_labels=2)
+        (head,) = select_layers(discover_layers(loaded.model), ["head"])
+        train_ids, query_ids = sample_rows(40, 64, 16)
+        assert (len(train_ids), len(query_ids)) == (32, 8)
+
+        def lengths(ids):
+            examples = [Example(text=sst2_rows[i][0], label=sst2_rows[i][1]) for i in ids]
+            encoded = encode_examples(loaded.tokenizer, examples, "classification", api.settings.max_length)
+            return [len(e.input_ids) for e in encoded]
+
+        limit = _held_bytes([head], lengths(query_ids)[:3], lengths(train_ids), 1)
+        assert _held_bytes([head], lengths(query_ids)[:4], lengths(train_ids), 1) > limit
+        monkeypatch.setattr("app.services.fidelity.FIDELITY_MEMORY_BYTES", limit)
+        index = _build(api, model, dataset, layers=["head"])
+        assert index["fidelity"]["sample"] == {
+            "train_rows": 32,
+            "query_rows": 3,
+            "seed": 0,
+            "dtype": "float16",
+            "note": f"sized to the measurement's memory limit ({format_bytes(limit)}): 3 of the 8 query rows, 1 "
+            "training row(s) per pass",
+        }
+        assert set(index["fidelity"]["units"]) == {"head"}
+        monkeypatch.undo()
+
         # A cancel that comes in while the fidelity is measured ends the build as cancelled, never ready.
         from app.db import session_scope
         from app.models import Job
@@ -260,6 +292,26 @@ def test_disabled_failed_or_cancelled_measurements(
         assert index["fidelity"] is None
     finally:
         api.close()
+
+
+def test_a_sample_over_the_memory_limit_gives_up_batching_then_its_last_queries():
+    """fit_sample against brute force: the most training rows per pass that fit with every query row; failing
+    that, one per pass and the most query rows that fit; None when 1 and 1 do not fit."""
+    layers = [
+        types.SimpleNamespace(kind="linear", in_features=7, has_bias=True, out_features=5),
+        types.SimpleNamespace(kind="embedding", in_features=1, has_bias=False, out_features=3),
+    ]
+    queries, train = [9, 4, 7, 12, 3], [11, 6, 8, 2, 10, 5]
+    for limit in range(0, _held_bytes(layers, queries, train, 4) + 2000, 97):
+        fits = {
+            (q, b): _held_bytes(layers, queries[:q], train, b) <= limit
+            for q in range(1, len(queries) + 1)
+            for b in range(1, 5)
+        }
+        full = [b for b in range(1, 5) if fits[(len(queries), b)]]
+        fewer = [q for q in range(1, len(queries) + 1) if fits[(q, 1)]]
+        expected = (len(queries), max(full)) if full else ((max(fewer), 1) if fewer else None)
+        assert fit_sample(layers, queries, train, 4, limit) == expected, limit
 
 
 def test_the_sample_is_seeded_disjoint_and_shrinks_with_the_dataset():
