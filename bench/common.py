@@ -37,6 +37,38 @@ LORA_TARGETS = ("query", "value")
 # "LoRA and head": the 24 LoRA units (A and B of query and value in 6 blocks) and the classifier.
 LORA_HEAD_SELECTOR = ["role:lora", "head"]
 
+# Causal LMs in real shapes (random weights): a transformers config class and its arguments. bench/llm.py builds
+# and saves them, bench/gpu.py builds them on the GPU.
+LLM_SHAPES: dict[str, dict[str, Any]] = {
+    "qwen2-0.5b": {
+        "config": "Qwen2Config",
+        "vocab_size": 151_936,
+        "hidden_size": 896,
+        "intermediate_size": 4864,
+        "num_hidden_layers": 24,
+        "num_attention_heads": 14,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 32_768,
+        "rope_theta": 1_000_000.0,
+        "rms_norm_eps": 1e-6,
+        "tie_word_embeddings": True,
+    },
+    "llama-3.2-1b": {
+        "config": "LlamaConfig",
+        "vocab_size": 128_256,
+        "hidden_size": 2048,
+        "intermediate_size": 8192,
+        "num_hidden_layers": 16,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "head_dim": 64,
+        "max_position_embeddings": 131_072,
+        "rope_theta": 500_000.0,
+        "rms_norm_eps": 1e-5,
+        "tie_word_embeddings": True,
+    },
+}
+
 
 def set_threads(threads: int = DEFAULT_THREADS) -> None:
     import torch

@@ -63,37 +63,18 @@ LORA_TARGETS = ["q_proj", "v_proj"]
 UNITS = ["role:lora", "head"]  # the LoRA + head units
 REAL_CANDIDATES = ("Qwen/Qwen2-0.5B", "Qwen/Qwen2.5-0.5B", "meta-llama/Llama-3.2-1B", "unsloth/Llama-3.2-1B")
 
-SHAPES = {
-    "qwen2-0.5b-like": (
-        "qwen2",
-        {
-            "vocab_size": 151936, "hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24,
-            "num_attention_heads": 14, "num_key_value_heads": 2, "tie_word_embeddings": True,
-        },
-    ),
-    "llama-3.2-1b-like": (
-        "llama",
-        {
-            "vocab_size": 128256, "hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16,
-            "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 64, "tie_word_embeddings": True,
-        },
-    ),
-}  # fmt: skip
+# bench/llm.py's shapes, named as what they imitate (random weights, not the real models).
+SHAPES = {f"{name}-like": spec for name, spec in common.LLM_SHAPES.items()}
 TINY_SHAPES = {
-    "qwen2-tiny": (
-        "qwen2",
-        {
-            "vocab_size": 512, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-            "num_attention_heads": 4, "num_key_value_heads": 2, "tie_word_embeddings": True,
-        },
-    ),
-    "llama-tiny": (
-        "llama",
-        {
-            "vocab_size": 512, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-            "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8, "tie_word_embeddings": True,
-        },
-    ),
+    "qwen2-tiny": {
+        "config": "Qwen2Config", "vocab_size": 512, "hidden_size": 32, "intermediate_size": 64,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "tie_word_embeddings": True,
+    },
+    "llama-tiny": {
+        "config": "LlamaConfig", "vocab_size": 512, "hidden_size": 32, "intermediate_size": 64,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8,
+        "tie_word_embeddings": True,
+    },
 }  # fmt: skip
 
 
@@ -102,7 +83,7 @@ class Plan:
     """Sizes of one run: GPU_PLAN on a GPU, SMOKE_PLAN for --cpu-smoke (the same code, tiny)."""
 
     device: str
-    shapes: dict[str, tuple[str, dict[str, Any]]]
+    shapes: dict[str, dict[str, Any]]  # name -> {config: transformers config class, its arguments}
     dtypes: tuple[str, ...] = ("bfloat16", "float32")
     seq_len: int = 256
     batch_size: int = 8
@@ -199,11 +180,13 @@ def lora_model(model: Any, rank: int) -> Any:
     return get_peft_model(model, config).eval()
 
 
-def random_model(arch: str, sizes: dict[str, Any], dtype: str, plan: Plan) -> Any:
+def random_model(spec: dict[str, Any], dtype: str, plan: Plan) -> Any:
     import torch
-    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+    import transformers
+    from transformers import AutoModelForCausalLM
 
-    config = {"qwen2": Qwen2Config, "llama": LlamaConfig}[arch](**sizes, pad_token_id=0)
+    arguments = {key: value for key, value in spec.items() if key != "config"}
+    config = getattr(transformers, spec["config"])(**arguments, pad_token_id=0)
     torch.manual_seed(0)
     with torch.device(plan.device):  # initialised where it runs: a 1B model in seconds
         model = AutoModelForCausalLM.from_config(config)
@@ -318,8 +301,8 @@ def featurize_section(plan: Plan, smoke: bool) -> dict[str, Any]:
     cached = {} if smoke else cached_real_models()
     reals = {**cached, **{Path(folder).name: folder for folder in plan.real}}
     for dtype in plan.dtypes:
-        for name, (arch, sizes) in plan.shapes.items():
-            model = random_model(arch, sizes, dtype, plan)
+        for name, spec in plan.shapes.items():
+            model = random_model(spec, dtype, plan)
             results.append(measure_featurize(name, model, dtype, plan))
             del model
             free(plan.device)
@@ -475,8 +458,7 @@ def query_section(plan: Plan, folder: Path) -> dict[str, Any]:
     from influence.estimators import make_estimator
     from influence.scoring import score_layer
 
-    arch, sizes = next(iter(plan.shapes.values()))
-    model = random_model(arch, sizes, plan.dtypes[0], plan)
+    model = random_model(next(iter(plan.shapes.values())), plan.dtypes[0], plan)
     featurizer = featurizer_for(model, plan)
     names = [name for name, dim in featurizer.dims.items() if dim == plan.dim][: plan.layers]
     vocab = model.get_input_embeddings().num_embeddings
