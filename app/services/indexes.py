@@ -174,8 +174,7 @@ def create_index(
     layers = influence.select_layers(registered_layers(model), body.layers)  # UnknownLayerError -> 422
     chunk_size = body.chunk_size or settings.chunk_size
     max_length = body.max_length or settings.max_length
-    spec = fitting_projection(settings, body, layers, max_length)
-    dims = feature_dims(layers, spec.to_dict())
+    spec, dims = fitting_projection(settings, body, layers, max_length)
     # The settings may have changed since the model was registered: its estimate is held to today's budget.
     estimate = registered_estimate(settings, model, layers, projection=spec, max_length=max_length)
     refuse_over_budget(settings, model.name, estimate)
@@ -230,34 +229,38 @@ def create_index(
     return index
 
 
-def fitting_projection(settings: Settings, body: IndexCreate, layers: Sequence, max_length: int):
-    """The request's projection, checked against the budgets (422 naming `projection`). An `auto` projection
-    whose exact_max_params the request left at its default makes fewer units exact, the largest first, until the
-    feature and statistics budgets hold: the default must build on a billion-parameter model (Llama-3.2-1B's
-    16 value LoRA B units, exact at 4,096 numbers each, fit 2.2 GB of DataInf statistics, over the 2 GiB
-    default). The index records the threshold it got, and the fidelity record measures the units it projects."""
+def fitting_projection(
+    settings: Settings, body: IndexCreate, layers: Sequence, max_length: int
+) -> tuple[Any, dict[str, int]]:
+    """(the projection spec, feature size per layer) of a request, checked against the budgets (422 naming
+    `projection`). An `auto` projection whose exact_max_params the request left at its default makes fewer units
+    exact, the largest first, until the feature and statistics budgets hold: the default must build on a
+    billion-parameter model (docs/benchmarks.md, item 14). The index records the threshold it got."""
     spec = projection_spec(body.projection.spec_dict())
     check_projection_units(spec, layers)
     # InvalidInputError -> 422 (e.g. an identity projection too large)
     dims = feature_dims(layers, spec.to_dict())
-    chosen = spec.kind == "auto" and "exact_max_params" not in body.projection.model_fields_set
     try:
         check_feature_budget(settings, spec, layers, dims, body.dtype, max_length)
-        return spec
+        return spec, dims
     except Invalid as refusal:
-        if not chosen:
+        if spec.kind != "auto" or "exact_max_params" in body.projection.model_fields_set:
             raise
-        exact_sizes = {layer.num_params for layer in layers if spec.for_layer(layer).kind == "identity"}
+        # The units the threshold makes exact (a per-unit override is the caller's, and stays).
+        exact_sizes = {
+            layer.num_params
+            for layer in layers
+            if layer.name not in spec.units and spec.for_layer(layer).kind == "identity"
+        }
         for largest in sorted(exact_sizes, reverse=True):
             lowered = replace(spec, exact_max_params=largest - 1)
+            dims = feature_dims(layers, lowered.to_dict())
             try:
-                check_feature_budget(
-                    settings, lowered, layers, feature_dims(layers, lowered.to_dict()), body.dtype, max_length
-                )
+                check_feature_budget(settings, lowered, layers, dims, body.dtype, max_length)
             except Invalid:
                 continue
             log.info("auto projection: exact_max_params lowered to %d to fit the budgets", largest - 1)
-            return lowered
+            return lowered, dims
         raise refusal from None
 
 
