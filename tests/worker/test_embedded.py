@@ -72,40 +72,29 @@ def _heavy_libraries(pid: int) -> set[str]:
     return {library for library in HEAVY_LIBRARIES if library in maps}
 
 
-def _query_through_the_workers(client: httpx.Client, headers: dict, model_folder: Path, rows) -> dict:
-    """Register the model and rows, build an index on the worker child, query it on the query child."""
+def _query_through_the_workers(client: httpx.Client, model_folder: Path, rows) -> dict:
+    """Register the model and rows, build an index on the worker child, query it on the query child (`client`
+    sends the API key)."""
     body = {"name": "tiny-bert", "source": str(model_folder), "task": "classification", "num_labels": 2}
-    model = client.post("/v1/models", json=body, headers=headers)
+    model = client.post("/v1/models", json=body)
     assert model.status_code == 201, model.text
     dataset = client.post(
         "/v1/datasets",
         files={"file": ("rows.tsv", tsv(rows), "text/tab-separated-values")},
         data={"name": "rows", "text_column": "sentence", "label_column": "label"},
-        headers=headers,
     )
     assert dataset.status_code == 201, dataset.text
     created = client.post(
         "/v1/indexes",
         json={"model_id": model.json()["id"], "dataset_id": dataset.json()["id"], "chunk_size": 16},
-        headers=headers,
     )
     assert created.status_code == 202, created.text
-    job = wait_for_job(_Authorized(client, headers), created.json()["job"]["id"], timeout=180)
+    job = wait_for_job(client, created.json()["job"]["id"], timeout=180)
     assert job["status"] == "succeeded", job
     query = {"examples": [{"text": rows[0][0], "label": rows[0][1]}], "top_k": 3}
-    answer = client.post(f"/v1/indexes/{created.json()['id']}/query", json=query, headers=headers)
+    answer = client.post(f"/v1/indexes/{created.json()['id']}/query", json=query)
     assert answer.status_code == 200, answer.text
     return answer.json()
-
-
-class _Authorized:
-    """client.get with the key: what wait_for_job calls."""
-
-    def __init__(self, client: httpx.Client, headers: dict):
-        self._client, self._headers = client, headers
-
-    def get(self, path: str):
-        return self._client.get(path, headers=self._headers)
 
 
 def test_serve_migrates_runs_a_worker_restarts_it_and_stops_it(tmp_path, tiny_model_dir, sst2_rows):
@@ -149,7 +138,8 @@ def test_serve_migrates_runs_a_worker_restarts_it_and_stops_it(tmp_path, tiny_mo
             assert client.get("/v1/models", headers=headers).json()["total"] == 0
 
             # The API validates and forwards; the worker children compute: torch never enters its process.
-            answer = _query_through_the_workers(client, headers, model_folder, sst2_rows[:40])
+            client.headers.update(headers)
+            answer = _query_through_the_workers(client, model_folder, sst2_rows[:40])
             (result,) = answer["results"]
             assert result["candidates"] == 40 and len(result["helpful"]) == 3, answer
             assert client.get("/healthz").status_code == 200
