@@ -5,7 +5,10 @@ through the worker's own code (`run_job_inline`) in this process."""
 from __future__ import annotations
 
 import contextlib
+import io
+import json
 import logging
+import shlex
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,6 +16,7 @@ import httpx
 from fastapi.testclient import TestClient
 
 from influence_client import InfluenceClient
+from influence_client.cli import main
 from tests.app.conftest import Api, RecordingQueue, build_api, make_settings
 from tests.conftest import SST2
 
@@ -98,3 +102,23 @@ def client_for(api: Api, token: str | None = None) -> InfluenceClient:
     return InfluenceClient(
         BASE_URL, token if token is not None else api.token, transport=AppTransport(api.app)
     )
+
+
+class Cli:
+    """Runs `influence --url ... --api-key KEY ARGS` in this process, on the app: (exit status, stdout, stderr)."""
+
+    def __init__(self, api: Api):
+        self.api = api
+
+    def __call__(self, command: str, *extra: str, key: str | None = None) -> tuple[int, str, str]:
+        """`command` is split as a shell would; `extra` arguments are taken as they are; `key`: another API key."""
+        stdout, stderr = io.StringIO(), io.StringIO()
+        argv = ["--url", "http://testserver", "--api-key", key if key is not None else self.api.token]
+        argv += [*shlex.split(command), *extra]
+        code = main(argv, transport=AppTransport(self.api.app), stdout=stdout, stderr=stderr)
+        return code, stdout.getvalue(), stderr.getvalue()
+
+    def json(self, command: str, *extra: str, expect: int = 0):
+        code, out, err = self(command, *extra, "--json")
+        assert code == expect, err
+        return json.loads(out)  # exactly one document: json.loads refuses anything after it

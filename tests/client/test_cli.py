@@ -7,7 +7,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -16,28 +15,8 @@ import pytest
 
 from influence_client.cli import main, render_table, with_default_actions
 from tests.app.conftest import make_settings, make_tenant
-from tests.client import AppTransport, InlineQueue, start_api
+from tests.client import AppTransport, Cli, InlineQueue, start_api
 from tests.worker.support import ApiProcess, free_port, tsv
-
-
-class Cli:
-    """Runs `influence --url ... --api-key KEY ARGS` in this process, on the app; keeps stdout and stderr."""
-
-    def __init__(self, api):
-        self.api = api
-
-    def __call__(self, command: str, *extra: str, key: str | None = None) -> tuple[int, str, str]:
-        """`command` is split as a shell would; `extra` arguments are taken as they are."""
-        stdout, stderr = io.StringIO(), io.StringIO()
-        argv = ["--url", "http://testserver", "--api-key", key if key is not None else self.api.token]
-        argv += [*shlex.split(command), *extra]
-        code = main(argv, transport=AppTransport(self.api.app), stdout=stdout, stderr=stderr)
-        return code, stdout.getvalue(), stderr.getvalue()
-
-    def json(self, command: str, *extra: str):
-        code, out, err = self(command, *extra, "--json")
-        assert code == 0, err
-        return json.loads(out)  # exactly one document: json.loads refuses anything after it
 
 
 @pytest.fixture(scope="module")

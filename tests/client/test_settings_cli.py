@@ -10,7 +10,6 @@ ranking that report scores, so the recommended entry finds them first and clears
 
 from __future__ import annotations
 
-import io
 import json
 import shlex
 from dataclasses import dataclass
@@ -20,8 +19,7 @@ from typing import Any
 import pytest
 
 from influence_client import InfluenceAPIError, InfluenceClient
-from influence_client.cli import main
-from tests.client import AppTransport, InlineQueue, client_for, start_api
+from tests.client import Cli, InlineQueue, client_for, start_api
 from tests.worker.support import tsv
 
 ROWS = 80
@@ -30,24 +28,6 @@ INDEX_LAYERS = ["embed", "block.0.attn.v", "block.1.attn.v", "block.1.mlp.down",
 REPORT_LAYERS = ["block.1.attn.v", "block.2.attn.v", "head"]
 PLANTED = 16
 BATCH = 6
-
-
-class Cli:
-    """`influence --url ... --api-key KEY ARGS` in this process, on the app: (exit status, stdout, stderr)."""
-
-    def __init__(self, api):
-        self.api = api
-
-    def __call__(self, command: str, *extra: str) -> tuple[int, str, str]:
-        stdout, stderr = io.StringIO(), io.StringIO()
-        argv = ["--url", "http://testserver", "--api-key", self.api.token, *shlex.split(command), *extra]
-        code = main(argv, transport=AppTransport(self.api.app), stdout=stdout, stderr=stderr)
-        return code, stdout.getvalue(), stderr.getvalue()
-
-    def json(self, command: str, *extra: str, expect: int = 0) -> Any:
-        code, out, err = self(command, *extra, "--json")
-        assert code == expect, err
-        return json.loads(out)
 
 
 @dataclass

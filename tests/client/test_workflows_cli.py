@@ -5,38 +5,16 @@ code when it is created (tests.client.InlineQueue), so `create` + wait + print i
 from __future__ import annotations
 
 import csv
-import io
 import json
-import shlex
 
 import pytest
 
 from influence_client import InfluenceAPIError
-from influence_client.cli import main
-from tests.client import AppTransport, InlineQueue, client_for, start_api
+from tests.client import Cli, InlineQueue, client_for, start_api
 from tests.worker.support import tsv
 
 N_TRAIN = 40
 N_REFERENCE = 8
-
-
-class Cli:
-    """`influence --url ... --api-key KEY ARGS` in this process, on the app: (exit status, stdout, stderr)."""
-
-    def __init__(self, api):
-        self.api = api
-
-    def __call__(self, command: str, *extra: str) -> tuple[int, str, str]:
-        """`command` is split as a shell would; `extra` arguments are taken as they are."""
-        stdout, stderr = io.StringIO(), io.StringIO()
-        argv = ["--url", "http://testserver", "--api-key", self.api.token, *shlex.split(command), *extra]
-        code = main(argv, transport=AppTransport(self.api.app), stdout=stdout, stderr=stderr)
-        return code, stdout.getvalue(), stderr.getvalue()
-
-    def json(self, command: str, *extra: str, expect: int = 0):
-        code, out, err = self(command, *extra, "--json")
-        assert code == expect, err
-        return json.loads(out)  # exactly one document: json.loads refuses anything after it
 
 
 @pytest.fixture(scope="module")
